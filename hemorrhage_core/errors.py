@@ -1,0 +1,21 @@
+"""The project's exception types: every refusal a user can meet is one of these."""
+
+
+class HemorrhageError(Exception):
+    """Base class: a problem with the user's input or files, said in words a person understands."""
+
+
+class DicomReadError(HemorrhageError):
+    """A file or byte string is not a usable single-frame greyscale image slice."""
+
+
+class CheckpointError(HemorrhageError):
+    """A checkpoint is unsafe, malformed, for another architecture or holds non-finite weights."""
+
+
+class WeightsUnavailableError(HemorrhageError):
+    """Pretrained weights were asked for but are not on this machine (and nothing is downloaded)."""
+
+
+class InputRejectedError(HemorrhageError):
+    """The Predictor refuses an input it was not made for (not CT, not head-like HU content)."""

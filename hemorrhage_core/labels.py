@@ -1,0 +1,36 @@
+"""Label names and order: the single source for every module, file and plot."""
+
+from __future__ import annotations
+
+# RSNA 2019 order of meaning; ``any`` is the OR of the five subtypes.
+SUBTYPES: tuple[str, ...] = (
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+)
+LABELS: tuple[str, ...] = SUBTYPES + ("any",)
+
+# Stage 1 is multi-class: no hemorrhage, or exactly one subtype.
+STAGE1_CLASSES: tuple[str, ...] = ("none",) + SUBTYPES
+
+# Weights of the RSNA challenge metric (weighted multi-label log loss): ``any`` counts twice.
+LABEL_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
+
+
+def stage1_class(label_row: "dict[str, int] | list[int] | tuple[int, ...]") -> int | None:
+    """Return the stage-1 class index for one image's six labels, or None if it has 2+ subtypes.
+
+    ``label_row`` is a mapping by label name or a sequence in ``LABELS`` order.
+    """
+    if isinstance(label_row, dict):
+        flags = [int(label_row[name]) for name in SUBTYPES]
+    else:
+        flags = [int(v) for v in list(label_row)[: len(SUBTYPES)]]
+    positives = [i for i, v in enumerate(flags) if v]
+    if not positives:
+        return 0
+    if len(positives) == 1:
+        return positives[0] + 1
+    return None

@@ -1,0 +1,1 @@
+"""Command line for synthesising data, training, evaluating and predicting (``python -m training``)."""
