@@ -19,3 +19,7 @@ class WeightsUnavailableError(HemorrhageError):
 
 class InputRejectedError(HemorrhageError):
     """The Predictor refuses an input it was not made for (not CT, not head-like HU content)."""
+
+
+class DatasetError(HemorrhageError):
+    """A data-set folder, its label CSV or its index cannot be used as asked (missing, malformed, empty)."""

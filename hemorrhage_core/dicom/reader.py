@@ -1,0 +1,787 @@
+"""DICOM file or bytes -> CT slice in Hounsfield units plus a small metadata record.
+
+This is the project's only door from untrusted DICOM bytes to arrays, so it is built as a boundary:
+
+* every refusal is a :class:`DicomRefusal` (a :class:`~hemorrhage_core.errors.DicomReadError`) with a
+  machine-readable ``reason`` and a message a person understands; no other exception type escapes,
+  whatever the bytes (``KeyboardInterrupt`` still propagates; ``MemoryError`` becomes a refusal);
+* messages never quote header values that can identify a patient, refusals carry no chained
+  exception, and pydicom's own warnings and log records (which can quote raw header values) are
+  captured during every read and dropped;
+* sizes are checked from the header before anything is decoded: declared Rows/Columns, the file size,
+  the inflated size of a deflated data set and the size inside a JPEG / JPEG 2000 codestream;
+* only the elements the project needs are parsed (``specific_tags``), and header reads stop before
+  the pixel data, so a scan of 750k files never touches pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import mmap
+import os
+import re
+import struct
+import threading
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.uid import UID, RLELossless
+
+from hemorrhage_core.errors import DicomReadError
+
+log = logging.getLogger(__name__)
+
+
+def _drop_record(record: logging.LogRecord) -> bool:
+    return False
+
+
+# pydicom logs every validation warning (with the offending raw header value) besides raising it as a
+# Python warning. A filter on its loggers drops those records before any handler sees them, whoever
+# attached the handler (turning off propagation would not stop a handler put on "pydicom" itself).
+# pydicom is imported nowhere else in the project, so nothing else is silenced.
+for _name in ["pydicom"] + [n for n in logging.root.manager.loggerDict if n.startswith("pydicom.")]:
+    logging.getLogger(_name).addFilter(_drop_record)
+
+Source = str | os.PathLike | bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds checked before any allocation that depends on the file's claims."""
+
+    max_rows: int = 4096
+    max_columns: int = 4096
+    max_file_bytes: int = 128 * 1024**2  # a 4096 x 4096 16-bit slice is 32 MiB
+    max_inflated_bytes: int = 128 * 1024**2  # deflated data sets, checked before pydicom inflates
+    header_peek_bytes: int = 64 * 1024  # where the file meta group (and its transfer syntax) must lie
+
+
+LIMITS = ReadLimits()
+
+
+class RefusalReason(StrEnum):
+    """Why a file cannot be used; stable codes for counting (``inspect --summary``) and tests."""
+
+    UNREADABLE = "unreadable"
+    NOT_DICOM = "not_dicom"
+    MALFORMED = "malformed"
+    NOT_IMAGE = "not_image"
+    COLOUR = "colour"
+    MULTI_FRAME = "multi_frame"
+    EMPTY_IMAGE = "empty_image"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_BITS = "unsupported_bits"
+    NO_PIXEL_DATA = "no_pixel_data"
+    TRUNCATED = "truncated"
+    SHAPE_MISMATCH = "shape_mismatch"
+    NO_DECODER = "no_decoder"
+    UNDECODABLE = "undecodable"
+    OUT_OF_MEMORY = "out_of_memory"
+
+
+class DicomRefusal(DicomReadError):
+    """A :class:`DicomReadError` with a reason code and, when the header was parsed, what it declared."""
+
+    def __init__(
+        self,
+        reason: RefusalReason,
+        message: str,
+        *,
+        modality: str | None = None,
+        rows: int | None = None,
+        columns: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.modality = modality
+        self.rows = rows
+        self.columns = columns
+
+
+@dataclass(frozen=True)
+class SliceMeta:
+    """The header fields the project uses. No patient name, birth date or institution.
+
+    ``patient_id`` is the raw PatientID, kept for grouping: callers hash it before writing anything,
+    and it is left out of ``repr`` so that logging a record cannot leak it.
+    """
+
+    image_id: str
+    patient_id: str = field(repr=False)
+    study_uid: str
+    series_uid: str
+    z: float | None
+    pixel_spacing: tuple[float, float] | None
+    modality: str
+    rows: int
+    columns: int
+    window_center: float | None
+    window_width: float | None
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict of every field (including the raw ``patient_id``)."""
+        return {
+            "image_id": self.image_id,
+            "patient_id": self.patient_id,
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "z": self.z,
+            "pixel_spacing": list(self.pixel_spacing) if self.pixel_spacing is not None else None,
+            "modality": self.modality,
+            "rows": self.rows,
+            "columns": self.columns,
+            "window_center": self.window_center,
+            "window_width": self.window_width,
+        }
+
+
+@dataclass(frozen=True)
+class CtSlice:
+    """A decoded slice: ``hu`` is float32 (rows, columns) in Hounsfield units (modality LUT output)."""
+
+    hu: np.ndarray
+    meta: SliceMeta
+
+
+# Elements parsed from every file; everything else is skipped by seeking past it.
+_HEADER_TAGS: tuple[str, ...] = (
+    "SOPClassUID",
+    "Modality",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "ImagePositionPatient",
+    "PixelSpacing",
+    "WindowCenter",
+    "WindowWidth",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+)
+_PIXEL_TAGS: tuple[str, ...] = (
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "FloatPixelData",
+    "DoubleFloatPixelData",
+    "PixelData",
+)
+# Image Pixel module elements a decoder cannot do without.
+_IMAGE_PIXEL_TAGS = (
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+)
+_GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+_KNOWN_COLOUR = ("RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+_SUPPORTED_BITS_ALLOCATED = (8, 16)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_RLE_PADDING_WARNING = re.compile(r"non-conformant padding - (\d+) vs\. (\d+) bytes")
+_DEFLATED_UID = "1.2.840.10008.1.2.1.99"
+_J2K_UIDS = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    }
+)
+_JPEG_UIDS = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+    }
+)
+# Explicit-VR value representations whose length field is 4 bytes (after 2 reserved bytes).
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+
+# What a read lets through untouched: the user's interrupt and interpreter shutdown.
+_NEVER_CAUGHT = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+# warnings.catch_warnings swaps process-wide state; serialise reads so two threads (e.g. concurrent
+# dashboard sessions) cannot restore each other's filters and let a raw-valued warning through.
+_PYDICOM_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+
+def read_header(source: Source, *, image_id: str | None = None) -> SliceMeta:
+    """Read only the header of a DICOM file path or bytes; never reads or decodes pixel data.
+
+    Refuses (``DicomRefusal``) what the header alone shows is not a usable single-frame greyscale
+    slice. A header that passes can still be refused by :func:`read_slice` (e.g. truncated pixels).
+    """
+    name = _default_image_id(source, image_id)
+    with _guarded():
+        ds = _parse(source, with_pixels=False)
+        with _annotated(ds):
+            rows, columns = _check_image_header(ds)
+            return _meta(ds, name, rows, columns)
+
+
+def read_slice(source: Source, *, image_id: str | None = None) -> CtSlice:
+    """Decode a single-frame greyscale DICOM slice (file path or bytes) into HU and metadata.
+
+    HU = stored x RescaleSlope + RescaleIntercept (first value of multi-valued tags; a Modality LUT
+    Sequence is applied instead when present). MONOCHROME1 is inverted within the stored value range
+    so that, as for MONOCHROME2, higher means brighter. The RSNA 12-bit fix is applied to CT files
+    with BitsStored 12, PixelRepresentation 0 and RescaleIntercept > -100. Big-endian and compressed
+    transfer syntaxes are decoded by pydicom and the installed pylibjpeg / Pillow plugins.
+    """
+    name = _default_image_id(source, image_id)
+    with _guarded():
+        ds = _parse(source, with_pixels=True)
+        with _annotated(ds):
+            rows, columns = _check_image_header(ds)
+            meta = _meta(ds, name, rows, columns)
+            stored = _decode(ds, rows, columns)
+            return CtSlice(hu=_to_hu(ds, stored, meta.modality), meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# error handling
+
+
+@contextmanager
+def _guarded() -> Iterator[None]:
+    """Turn every failure inside a read into a DicomRefusal, with pydicom's warnings captured."""
+    with _PYDICOM_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # Refusals leave their cause behind ("from None"): pydicom's and the decoders' messages can
+        # quote raw header values, and a logged traceback would print a chained exception.
+        try:
+            yield
+        except DicomRefusal as exc:
+            exc.__cause__, exc.__suppress_context__ = None, True
+            raise
+        except MemoryError:
+            raise DicomRefusal(RefusalReason.OUT_OF_MEMORY, "not enough memory to read this file") from None
+        except RecursionError:
+            raise DicomRefusal(
+                RefusalReason.MALFORMED, "the DICOM header is nested too deeply to parse"
+            ) from None
+        except _NEVER_CAUGHT:
+            raise
+        except BaseException as exc:
+            # BaseException, because decoder plugins written in Rust report a panic as pyo3's
+            # PanicException, which is not an Exception. Name the failure, never repeat its text.
+            raise DicomRefusal(
+                RefusalReason.MALFORMED,
+                f"the DICOM data are damaged and cannot be parsed ({type(exc).__name__})",
+            ) from None
+        finally:
+            if caught:
+                log.debug("suppressed %d pydicom warning(s) while reading a file", len(caught))
+
+
+@contextmanager
+def _annotated(ds: Dataset) -> Iterator[None]:
+    """Attach what the header declared (modality, size) to a refusal raised after parsing."""
+    try:
+        yield
+    except DicomRefusal as exc:
+        if exc.modality is None:
+            exc.modality = _safe(lambda: _short(ds.get("Modality")))
+            exc.rows = _safe(lambda: _int_or_none(ds.get("Rows")))
+            exc.columns = _safe(lambda: _int_or_none(ds.get("Columns")))
+        raise
+
+
+def _safe(getter: Any) -> Any:
+    try:
+        return getter()
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# parsing
+
+
+def _default_image_id(source: Source, image_id: str | None) -> str:
+    if not isinstance(source, str | os.PathLike | bytes | bytearray | memoryview):
+        raise TypeError(f"expected a file path or bytes, got {type(source).__name__}")
+    if image_id is not None:
+        return str(image_id)
+    if isinstance(source, str | os.PathLike):
+        return Path(os.fsdecode(source)).stem
+    return ""
+
+
+@contextmanager
+def _opened(source: Source) -> Iterator[Any]:
+    """A read-only file-like over the source whose ``read(n)`` never allocates past the real data.
+
+    A path is memory-mapped: a declared element length of 4 GiB then yields the bytes that exist
+    instead of the 4 GiB buffer a plain ``file.read(n)`` would allocate first.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        if len(data) > LIMITS.max_file_bytes:
+            raise DicomRefusal(RefusalReason.TOO_LARGE, _file_too_large(len(data)))
+        yield io.BytesIO(data)
+        return
+    try:
+        fh = open(source, "rb")  # noqa: SIM115 - closed below, after the mapping
+    except FileNotFoundError as exc:
+        raise DicomRefusal(RefusalReason.UNREADABLE, "file not found") from exc
+    except IsADirectoryError as exc:
+        raise DicomRefusal(RefusalReason.UNREADABLE, "this is a folder, not a file") from exc
+    except PermissionError as exc:
+        raise DicomRefusal(RefusalReason.UNREADABLE, "permission denied") from exc
+    except OSError as exc:
+        raise DicomRefusal(
+            RefusalReason.UNREADABLE, f"the file cannot be opened ({type(exc).__name__})"
+        ) from exc
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            raise DicomRefusal(RefusalReason.NOT_DICOM, "not a DICOM file (the file is empty)")
+        if size > LIMITS.max_file_bytes:
+            raise DicomRefusal(RefusalReason.TOO_LARGE, _file_too_large(size))
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise DicomRefusal(
+                RefusalReason.UNREADABLE, f"the file cannot be read ({type(exc).__name__})"
+            ) from exc
+        with mapped:
+            yield mapped
+
+
+def _file_too_large(size: int) -> str:
+    return (
+        f"the file is {size / 1024**2:.0f} MiB, more than the {LIMITS.max_file_bytes // 1024**2} MiB accepted"
+    )
+
+
+def _parse(source: Source, *, with_pixels: bool) -> Dataset:
+    tags = list(_HEADER_TAGS + _PIXEL_TAGS) if with_pixels else list(_HEADER_TAGS)
+    with _opened(source) as fp:
+        _check_deflated_size(fp)
+        fp.seek(0)
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=not with_pixels, specific_tags=tags)
+        except InvalidDicomError as exc:
+            raise DicomRefusal(
+                RefusalReason.NOT_DICOM, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
+            ) from exc
+    return ds
+
+
+def _check_deflated_size(fp: Any) -> None:
+    """Refuse a deflated data set that would inflate past the limit (pydicom inflates it unbounded)."""
+    fp.seek(0)
+    head = fp.read(LIMITS.header_peek_bytes)
+    transfer_syntax, dataset_offset = _peek_file_meta(head)
+    if transfer_syntax != _DEFLATED_UID:
+        return
+    fp.seek(dataset_offset)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(fp.read(), LIMITS.max_inflated_bytes + 1)
+    except zlib.error as exc:
+        raise DicomRefusal(RefusalReason.MALFORMED, "the deflated data set is corrupt") from exc
+    if len(inflated) > LIMITS.max_inflated_bytes:
+        raise DicomRefusal(
+            RefusalReason.TOO_LARGE,
+            f"the deflated data set expands to more than {LIMITS.max_inflated_bytes // 1024**2} MiB",
+        )
+
+
+def _peek_file_meta(head: bytes) -> tuple[str | None, int]:
+    """(TransferSyntaxUID, offset of the data set) from the Part 10 file meta group, if present."""
+    if head[128:132] != b"DICM":
+        return None, 0
+    offset, transfer_syntax = 132, None
+    while offset + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, offset)
+        if group != 0x0002:
+            break
+        vr = head[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            if offset + 12 > len(head):
+                break
+            (length,) = struct.unpack_from("<I", head, offset + 8)
+            value_at = offset + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, offset + 6)
+            value_at = offset + 8
+        if element == 0x0010:
+            transfer_syntax = head[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        offset = value_at + length
+    else:
+        if len(head) >= LIMITS.header_peek_bytes:  # still in group 0002 where the window ends
+            raise DicomRefusal(RefusalReason.MALFORMED, "the file meta information is implausibly large")
+    return transfer_syntax, offset
+
+
+# --------------------------------------------------------------------------------------------------
+# header checks and metadata
+
+
+def _check_image_header(ds: Dataset) -> tuple[int, int]:
+    """Refuse what is not a single-frame greyscale image of a supported size and bit depth."""
+    sop_class = _uid_name(ds.get("SOPClassUID"))
+    if sop_class is not None and "Image" not in sop_class:
+        raise DicomRefusal(RefusalReason.NOT_IMAGE, f"not an image: this is a '{sop_class}' object")
+    if "Rows" not in ds or "Columns" not in ds:
+        what = f"a '{sop_class}' object" if sop_class else "an object"
+        raise DicomRefusal(RefusalReason.NOT_IMAGE, f"not an image: {what} without Rows/Columns")
+    rows, columns = _int_or_none(ds.Rows), _int_or_none(ds.Columns)
+    if rows is None or columns is None:
+        raise DicomRefusal(RefusalReason.MALFORMED, "Rows/Columns are not valid numbers")
+    if rows == 0 or columns == 0:
+        raise DicomRefusal(RefusalReason.EMPTY_IMAGE, f"the image is empty ({rows} x {columns} pixels)")
+    if rows > LIMITS.max_rows or columns > LIMITS.max_columns:
+        raise DicomRefusal(
+            RefusalReason.TOO_LARGE,
+            f"the image declares {rows} x {columns} pixels, more than the "
+            f"{LIMITS.max_rows} x {LIMITS.max_columns} accepted",
+        )
+    raw_frames = ds.get("NumberOfFrames")
+    frames = 1 if raw_frames is None or raw_frames == "" else _int_or_none(raw_frames)
+    if frames is None:
+        raise DicomRefusal(RefusalReason.MALFORMED, "NumberOfFrames is not a valid number")
+    if frames > 1:
+        raise DicomRefusal(
+            RefusalReason.MULTI_FRAME, f"multi-frame object ({frames} frames); one slice per file is expected"
+        )
+    missing = [kw for kw in _IMAGE_PIXEL_TAGS if ds.get(kw) is None]
+    if missing:
+        raise DicomRefusal(
+            RefusalReason.MALFORMED, f"the image header is incomplete: {', '.join(missing)} missing"
+        )
+    samples = _int_or_none(ds.SamplesPerPixel)
+    photometric = _short(ds.get("PhotometricInterpretation"))
+    if samples != 1 or (photometric in _KNOWN_COLOUR):
+        shown = photometric if photometric in _KNOWN_COLOUR else f"{samples} samples per pixel"
+        raise DicomRefusal(
+            RefusalReason.COLOUR, f"colour image ({shown}); only greyscale slices are supported"
+        )
+    if photometric not in _GREYSCALE:
+        raise DicomRefusal(
+            RefusalReason.MALFORMED,
+            "PhotometricInterpretation is missing or unknown; MONOCHROME1 or MONOCHROME2 is expected",
+        )
+    bits_allocated = _int_or_none(ds.BitsAllocated)
+    bits_stored = _int_or_none(ds.BitsStored)
+    pixel_representation = _int_or_none(ds.PixelRepresentation)
+    if (
+        bits_allocated not in _SUPPORTED_BITS_ALLOCATED
+        or bits_stored is None
+        or not 1 <= bits_stored <= bits_allocated
+        or pixel_representation not in (0, 1)
+    ):
+        raise DicomRefusal(
+            RefusalReason.UNSUPPORTED_BITS,
+            f"unsupported pixel format (BitsAllocated {bits_allocated}, BitsStored {bits_stored}, "
+            f"PixelRepresentation {pixel_representation}); 8- or 16-bit integer pixels are supported",
+        )
+    return rows, columns
+
+
+def _meta(ds: Dataset, image_id: str, rows: int, columns: int) -> SliceMeta:
+    position = _floats(ds.get("ImagePositionPatient"))
+    spacing = _floats(ds.get("PixelSpacing"))
+    return SliceMeta(
+        image_id=image_id,
+        patient_id=_text(ds.get("PatientID")),
+        study_uid=_text(ds.get("StudyInstanceUID")),
+        series_uid=_text(ds.get("SeriesInstanceUID")),
+        z=position[2] if position is not None and len(position) >= 3 else None,
+        pixel_spacing=(spacing[0], spacing[1]) if spacing is not None and len(spacing) >= 2 else None,
+        modality=_short(ds.get("Modality")) or "",
+        rows=rows,
+        columns=columns,
+        window_center=_first_float(ds.get("WindowCenter")),
+        window_width=_first_float(ds.get("WindowWidth")),
+    )
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _short(value: Any, limit: int = 16) -> str | None:
+    """A short code string (Modality, PhotometricInterpretation), upper-cased; None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = _first(value)
+    text = str(value).strip().upper()
+    return text[:limit] if text else None
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, list | tuple | MultiValue):
+        return value[0] if len(value) else None
+    return value
+
+
+def _to_float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _first_float(value: Any) -> float | None:
+    return None if value is None else _to_float(_first(value))
+
+
+def _floats(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, list | tuple | MultiValue) else [value]
+    numbers = [_to_float(v) for v in items]
+    return None if any(n is None for n in numbers) else numbers  # type: ignore[return-value]
+
+
+def _int_or_none(value: Any) -> int | None:
+    value = _first(value)
+    if value is None or isinstance(value, bytes | bytearray):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(number) if math.isfinite(number) and number == int(number) else None
+
+
+def _uid_name(value: Any) -> str | None:
+    """The registered name of a UID (e.g. 'RT Plan Storage'); None when absent or unregistered."""
+    if value is None:
+        return None
+    uid = UID(str(value))
+    name = uid.name
+    return name if name != str(uid) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# pixel data
+
+
+def _decode(ds: Dataset, rows: int, columns: int) -> np.ndarray:
+    """The stored values (rows, columns) as pydicom decodes them (unused high bits cleared)."""
+    raw = ds.get_item("PixelData")  # still the raw element: it keeps the declared length
+    declared = getattr(raw, "length", None)
+    pixel_data = ds.get("PixelData")
+    if pixel_data is None:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise DicomRefusal(RefusalReason.UNSUPPORTED_BITS, "floating-point pixel data are not supported")
+        raise DicomRefusal(RefusalReason.NO_PIXEL_DATA, "the file has no pixel data (missing or cut off)")
+    file_meta = getattr(ds, "file_meta", None)
+    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if transfer_syntax is None:
+        raise DicomRefusal(RefusalReason.MALFORMED, "the file meta information has no transfer syntax")
+    transfer_syntax = UID(str(transfer_syntax))
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError as exc:
+        raise DicomRefusal(
+            RefusalReason.NO_DECODER, f"unsupported transfer syntax '{_printable(transfer_syntax.name)}'"
+        ) from exc
+    if not decoder.is_available:
+        raise DicomRefusal(
+            RefusalReason.NO_DECODER,
+            f"no decoder is installed for '{_printable(transfer_syntax.name)}' pixel data",
+        )
+    if declared is not None and declared != _UNDEFINED_LENGTH and declared > len(pixel_data):
+        raise DicomRefusal(
+            RefusalReason.TRUNCATED,
+            f"the pixel data are truncated (the file ends after {len(pixel_data)} of {declared} bytes)",
+        )
+    if transfer_syntax.is_encapsulated:
+        _check_codestream_size(pixel_data, str(transfer_syntax), rows, columns)
+    else:
+        expected = rows * columns * (int(ds.BitsAllocated) // 8)
+        if len(pixel_data) < expected:
+            raise DicomRefusal(
+                RefusalReason.TRUNCATED,
+                f"the pixel data are truncated ({len(pixel_data)} of {expected} bytes)",
+            )
+    if transfer_syntax == RLELossless:
+        # pydicom's own RLE decoder: the Rust plugin (pylibjpeg-rle) panics on malformed segments and
+        # its panic hook writes to stderr, outside our control.
+        ds.pixel_array_options(decoding_plugin="pydicom")
+    try:
+        with warnings.catch_warnings(record=True) as decode_warnings:
+            warnings.simplefilter("always")
+            stored = ds.pixel_array
+    except (MemoryError, RecursionError, *_NEVER_CAUGHT):
+        raise  # _guarded words these
+    except BaseException as exc:  # see _guarded: plugin panics are BaseExceptions
+        what = "the pixel data cannot be decoded"
+        if transfer_syntax.is_encapsulated:
+            what = "the compressed pixel data cannot be decoded (damaged, truncated, or a variant no decoder handles)"
+        raise DicomRefusal(RefusalReason.UNDECODABLE, f"{what} ({type(exc).__name__})") from exc
+    excess = _rle_excess_bytes(decode_warnings)
+    if excess >= columns:
+        raise DicomRefusal(
+            RefusalReason.SHAPE_MISMATCH,
+            f"the RLE segments hold {excess} bytes more than Rows x Columns ({rows} x {columns}) allow",
+        )
+    if stored.shape != (rows, columns):
+        raise DicomRefusal(
+            RefusalReason.SHAPE_MISMATCH,
+            f"decoded pixels have shape {stored.shape}, but Rows x Columns is {rows} x {columns}",
+        )
+    return stored
+
+
+def _rle_excess_bytes(caught: list[warnings.WarningMessage]) -> int:
+    """Bytes beyond Rows x Columns in a decoded RLE segment, from pydicom's padding warning.
+
+    pydicom crops over-long segments as "non-conformant padding"; a row or more of surplus means
+    the encoded image is larger than the header says, not padding.
+    """
+    excess = 0
+    for warning in caught:
+        match = _RLE_PADDING_WARNING.search(str(warning.message))
+        if match:
+            excess = max(excess, int(match.group(1)) - int(match.group(2)))
+    return excess
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def _check_codestream_size(pixel_data: bytes, transfer_syntax: str, rows: int, columns: int) -> None:
+    """Compare the size inside a JPEG / JPEG 2000 codestream with Rows/Columns before decoding.
+
+    The decoders allocate what the codestream declares, so a 60000 x 60000 codestream under a
+    512 x 512 header would be an allocation bomb.
+    """
+    if transfer_syntax not in _J2K_UIDS and transfer_syntax not in _JPEG_UIDS:
+        return
+    fragments = list(islice(generate_fragments(pixel_data), 2))  # basic offset table, first fragment
+    if len(fragments) < 2 or not fragments[1]:
+        raise DicomRefusal(RefusalReason.NO_PIXEL_DATA, "the compressed pixel data hold no image fragment")
+    codestream = fragments[1]
+    size = _j2k_size(codestream) if transfer_syntax in _J2K_UIDS else _jpeg_size(codestream)
+    if size is not None and size != (rows, columns):
+        raise DicomRefusal(
+            RefusalReason.SHAPE_MISMATCH,
+            f"the compressed image is {size[0]} x {size[1]} pixels, but Rows x Columns is {rows} x {columns}",
+        )
+
+
+def _j2k_size(codestream: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the SIZ segment of a JPEG 2000 codestream (optionally inside JP2 boxes)."""
+    start = codestream.find(b"\xff\x4f\xff\x51", 0, 4096)
+    if start < 0 or start + 24 > len(codestream):
+        return None
+    xsiz, ysiz, x_offset, y_offset = struct.unpack_from(">IIII", codestream, start + 8)
+    return ysiz - y_offset, xsiz - x_offset
+
+
+def _jpeg_size(codestream: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the first SOF segment of a JPEG / JPEG-LS codestream."""
+    offset = 2 if codestream[:2] == b"\xff\xd8" else None
+    if offset is None:
+        return None
+    for _ in range(256):  # a real header has a handful of segments before SOF
+        if offset + 4 > len(codestream) or codestream[offset] != 0xFF:
+            return None
+        marker = codestream[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        (length,) = struct.unpack_from(">H", codestream, offset + 2)
+        is_sof = 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)
+        if is_sof or marker == 0xF7:  # 0xF7: JPEG-LS SOF55
+            if offset + 9 > len(codestream):
+                return None
+            rows, columns = struct.unpack_from(">HH", codestream, offset + 5)
+            return (rows, columns) if rows else None  # rows 0: defined later by a DNL segment
+        offset += 2 + length
+    return None
+
+
+def _to_hu(ds: Dataset, stored: np.ndarray, modality: str) -> np.ndarray:
+    bits_stored = int(ds.BitsStored)
+    signed = int(ds.PixelRepresentation) == 1
+    if _short(ds.PhotometricInterpretation) == "MONOCHROME1":
+        # Invert within the representable stored range (not the image's own min/max) so the
+        # mapping is the same for every slice of a series.
+        wide = stored.astype(np.int32)
+        stored = (-1 - wide) if signed else ((1 << bits_stored) - 1 - wide)
+    if ds.get("ModalityLUTSequence"):
+        return np.ascontiguousarray(apply_modality_lut(stored, ds), dtype=np.float32)
+
+    slope = _rescale_value(ds, "RescaleSlope", default=1.0)
+    intercept = _rescale_value(ds, "RescaleIntercept", default=0.0)
+    if modality == "CT" and bits_stored == 12 and not signed and intercept > -100:
+        stored, intercept = _rsna_12bit_fix(stored), -1000.0
+
+    if slope == 1.0 and intercept == int(intercept) and abs(intercept) < 2**23:
+        # Exact in float32 (integers below 2**24): skips a float64 temporary on the hot path.
+        hu = stored.astype(np.float32)
+        hu += np.float32(intercept)
+        return hu
+    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _rescale_value(ds: Dataset, keyword: str, *, default: float) -> float:
+    """First value of a rescale tag; ``default`` when absent or empty, a refusal when not a number."""
+    raw = ds.get(keyword)
+    if raw is None or raw == "":
+        return default
+    value = _first_float(raw)
+    if value is None:
+        raise DicomRefusal(RefusalReason.MALFORMED, f"{keyword} is not a valid number")
+    return value
+
+
+def _rsna_12bit_fix(stored: np.ndarray) -> np.ndarray:
+    """RSNA 2019 pixel bug (rsna-notes.md): add 1000, subtract 4096 from values >= 4096.
+
+    The public kernels' form (J. Howard, "cleaning the data for rapid prototyping", widely copied):
+    ``x = dcm.pixel_array + 1000; x[x >= 4096] -= 4096; dcm.RescaleIntercept = -1000``. pydicom >= 3
+    clears the unused high bits, so stored values lie in [0, 4095] and the uint16 arithmetic of those
+    kernels has no wrap-around to reproduce; int32 keeps the sum exact.
+    """
+    fixed = stored.astype(np.int32) + 1000
+    fixed[fixed >= 4096] -= 4096
+    return fixed
