@@ -1,7 +1,7 @@
 """The deterministic slice preprocessing shared by the Dataset, its cache and the Predictor.
 
-HU slice -> window stack -> resize to ``image_size`` -> uint8 (C, S, S). Quantising to uint8 in both
-the cached and the uncached path makes them return identical tensors; the model then resamples
+HU slice -> window stack -> uint8 -> resize to ``image_size`` -> uint8 (C, S, S). The cached and the
+uncached path both run exactly this, so they return identical tensors; the model then resamples
 (through the STN) to its backbone's input size and normalises inside itself.
 """
 
@@ -13,21 +13,27 @@ import torch.nn.functional as F
 
 from hemorrhage_core.windowing import DEFAULT_STACK, WindowStack
 
+# Bump when the output of prepare_slice changes, so preprocessed caches built earlier are rebuilt.
+PREPROCESS_VERSION = 2
+
 
 def prepare_slice(hu: np.ndarray, image_size: int, windows: WindowStack = DEFAULT_STACK) -> np.ndarray:
     """HU slice (H, W) -> uint8 array (C, image_size, image_size), windowed then resized.
 
-    Windowing first keeps the resize from blending air and bone into brain-window values.
+    Windowing first keeps the resize from blending air and bone into brain-window values. The resize
+    runs on channels-last uint8, torch's fastest antialiased path (about 6x a float32 resize).
     """
     if hu.ndim != 2:
         raise ValueError(f"expected a 2-D HU slice, got shape {hu.shape}")
-    stacked = windows.apply(hu)  # (C, H, W) float32 in [0, 1]
-    if stacked.shape[1:] != (image_size, image_size):
-        t = torch.from_numpy(stacked).unsqueeze(0)
-        # antialias matters when shrinking 512 -> 128: without it thin SAH lines alias away.
-        t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-        stacked = t.squeeze(0).numpy()
-    return np.rint(np.clip(stacked, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    hwc = windows.apply_uint8(hu, channels_last=True)
+    if hwc.shape[:2] == (image_size, image_size):
+        return np.ascontiguousarray(np.moveaxis(hwc, -1, 0))
+    x = torch.from_numpy(hwc).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), channels-last strides
+    # antialias matters when shrinking 512 -> 128: without it thin SAH lines alias away.
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    return np.ascontiguousarray(x[0].numpy())
 
 
 def to_tensor(prepared: np.ndarray) -> torch.Tensor:

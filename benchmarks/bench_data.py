@@ -1,0 +1,242 @@
+"""Slices per second per core of the data path, against a naive baseline measured in the same run.
+
+(a) naive: pydicom dcmread + apply_modality_lut + three windows + PIL resize to 224
+(b) the project's uncached path: SliceDataset without a cache (read_slice + prepare_slice + to_tensor)
+(c) the cached path: SliceDataset over the memory-mapped uint8 cache
+
+Every variant runs in this process on one thread (torch and BLAS limited to 1), over the same files,
+after one warm-up pass that puts the files in the page cache, so the ratios compare CPU work per core.
+Timed passes interleave the variants (a, b, c, a, b, c, ...) and the median pass counts, so load
+from other processes on a shared machine affects every variant alike.
+
+    python benchmarks/bench_data.py                 # writes a synthetic set of --n slices to a temp dir
+    python benchmarks/bench_data.py --data DATA     # uses DATA/stage_2_train/*.dcm
+    python benchmarks/bench_data.py --profile       # also prints the top of a cProfile of (b)
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # one core per variant
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from hemorrhage_core.windowing import DEFAULT_STACK  # noqa: E402
+
+TARGET_UNCACHED = 3.0
+TARGET_CACHED = 40.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=200, help="slices to time (default 200)")
+    parser.add_argument("--size", type=int, default=512, help="side of generated slices (default 512)")
+    parser.add_argument("--data", type=Path, default=None, help="existing RSNA-layout data set")
+    parser.add_argument("--image-size", type=int, default=224, help="model input side (default 224)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes per variant; the median counts")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the uncached path")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        data = args.data if args.data is not None else _make_data(Path(tmp) / "data", args.n, args.size)
+        paths = sorted((data / "stage_2_train").glob("*.dcm"))[: args.n]
+        if not paths:
+            print(f"no .dcm files in {data / 'stage_2_train'}", file=sys.stderr)
+            return 2
+        cache_dir = Path(tmp) / "cache"
+        results = run(paths, data, args.image_size, args.repeat, cache_dir)
+        print_report(results, args, len(paths))
+        if args.profile:
+            _profile(paths, data, args.image_size)
+    return 0
+
+
+def _make_data(out: Path, n: int, size: int) -> Path:
+    """A synthetic RSNA-layout set: the phantom generator when present, else random CT slices."""
+    try:
+        from hemorrhage_core.synthetic import write_dataset
+    except ImportError:
+        write_dataset = None
+    if write_dataset is not None:
+        import inspect
+
+        slices = 10
+        quiet = {"progress": False} if "progress" in inspect.signature(write_dataset).parameters else {}
+        write_dataset(out, patients=math.ceil(n / slices), slices_per_patient=slices, size=size, seed=0, **quiet)
+        return out
+    from hemorrhage_core.dicom import new_uid, write_ct_slice
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2) / (size / 2)
+    # A crude head: air outside, bone ring, brain with noise; HU + 1024 stored as int16.
+    head = np.where(r > 0.9, -1000, np.where(r > 0.8, 1200, 35)).astype(np.int16)
+    for i in range(n):
+        stored = (head + rng.normal(0, 8, head.shape).astype(np.int16) + 1024).clip(0, 4095).astype(np.int16)
+        image_id = f"ID_{i:09x}"
+        write_ct_slice(
+            out / "stage_2_train" / f"{image_id}.dcm",
+            stored,
+            patient_id=f"P{i // 10}",
+            study_uid=new_uid(f"study{i // 10}"),
+            series_uid=new_uid(f"series{i // 10}"),
+            sop_uid=new_uid(image_id),
+            z=5.0 * (i % 10),
+            instance_number=i % 10 + 1,
+        )
+    return out
+
+
+def naive_slice(path: Path, image_size: int) -> torch.Tensor:
+    """The baseline a first script would write (pydicom is imported here: benchmarks are outside the library)."""
+    import pydicom
+    from PIL import Image
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(path)
+    hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    channels = [np.clip((hu - w.low) / w.width, 0.0, 1.0) for w in DEFAULT_STACK.windows]
+    rgb = (np.stack(channels, axis=-1) * 255.0).astype(np.uint8)
+    resized = Image.fromarray(rgb).resize((image_size, image_size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def run(paths: list[Path], data: Path, image_size: int, repeat: int, cache_dir: Path) -> dict:
+    import pandas as pd
+
+    from hemorrhage_core.data.cache import SliceCache
+    from hemorrhage_core.data.dataset import SliceDataset
+
+    index = pd.DataFrame(
+        {
+            "image_id": [p.stem for p in paths],
+            "path": [p.relative_to(data).as_posix() for p in paths],
+            **{name: np.zeros(len(paths), dtype=np.int8) for name in ("epidural", "intraparenchymal",
+                                                                       "intraventricular", "subarachnoid",
+                                                                       "subdural", "any")},
+            "stage1_class": np.zeros(len(paths), dtype=np.int8),
+        }
+    )
+    for p in paths:  # warm the page cache: every variant then reads from memory
+        p.read_bytes()
+
+    uncached = SliceDataset(index, data, stage=2, image_size=image_size, on_error="raise")
+    start = time.perf_counter()
+    cache = SliceCache.build(index, data, image_size=image_size, cache_dir=cache_dir, progress=False)
+    build_s = time.perf_counter() - start
+    cached = SliceDataset(index, data, stage=2, image_size=image_size, cache=cache)
+    cached[0]  # open the memory map outside the timing
+
+    from hemorrhage_core.dicom import read_slice
+    from hemorrhage_core.preprocess import prepare_slice
+
+    hu = [read_slice(p).hu for p in paths[: min(len(paths), 50)]]
+
+    def over(fn: Callable[[int], object], n: int = len(paths)) -> Callable[[], float]:
+        def timed() -> float:
+            start = time.perf_counter()
+            for i in range(n):
+                fn(i)
+            return (time.perf_counter() - start) / n
+
+        return timed
+
+    variants = {
+        "a_naive": over(lambda i: naive_slice(paths[i], image_size)),
+        "b_uncached": over(lambda i: uncached[i]),
+        "c_cached": over(lambda i: cached[i]),
+        # where (b) spends its time
+        "b1_read_slice": over(lambda i: read_slice(paths[i])),
+        "b2_prepare_slice": over(lambda i: prepare_slice(hu[i], image_size, DEFAULT_STACK), len(hu)),
+    }
+    for fn in variants.values():
+        fn()  # warm-up (imports, allocator)
+    # Passes interleave the variants, so load from other processes hits them alike.
+    per_slice: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeat):
+        for name, fn in variants.items():
+            per_slice[name].append(fn())
+    timings = {name: statistics.median(runs) for name, runs in per_slice.items()}
+    # the cached tensors must be the uncached ones, else the speed-up means nothing
+    assert all(torch.equal(cached[i][0], uncached[i][0]) for i in range(min(len(paths), 20)))
+    return {
+        "rates": {name: 1.0 / seconds for name, seconds in timings.items()},
+        "build_rate": len(paths) / build_s,
+        "build_workers": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def print_report(results: dict, args: argparse.Namespace, n: int) -> None:
+    rates = results["rates"]
+    base = rates["a_naive"]
+    rows = [
+        ("(a) naive: pydicom + modality LUT + 3 windows + PIL resize", rates["a_naive"], 1.0, None),
+        ("(b) uncached: read_slice + prepare_slice + to_tensor", rates["b_uncached"], rates["b_uncached"] / base, TARGET_UNCACHED),
+        ("(c) cached: memmap uint8 -> tensor", rates["c_cached"], rates["c_cached"] / base, TARGET_CACHED),
+    ]
+    print(f"date: {datetime.date.today().isoformat()}")
+    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores visible; torch {torch.__version__}, 1 thread")
+    print(f"command: python benchmarks/bench_data.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"slices: {n} at {args.size if args.data is None else 'their own'} px -> {args.image_size} px, median of {args.repeat}")
+    print()
+    print(f"| {'path':<62} | {'slices/s/core':>13} | {'x (a)':>7} | {'target':>6} |")
+    print(f"| {'-' * 62} | {'-' * 13}:| {'-' * 6}:| {'-' * 5}:|")
+    for label, rate, ratio, target in rows:
+        mark = "" if target is None else (" ok" if ratio >= target else " MISS")
+        target_text = "" if target is None else f">={target:g}x"
+        print(f"| {label:<62} | {rate:>13.0f} | {ratio:>6.1f}x | {target_text:>6} |{mark}")
+    print()
+    print(
+        f"(b) breakdown, ms per slice: read_slice {1e3 / rates['b1_read_slice']:.2f}, "
+        f"prepare_slice {1e3 / rates['b2_prepare_slice']:.2f}; (a) total {1e3 / base:.2f}"
+    )
+    print(f"ratio b/a = {rates['b_uncached'] / base:.2f}x (target >= {TARGET_UNCACHED:g}x)")
+    print(f"ratio c/a = {rates['c_cached'] / base:.1f}x (target >= {TARGET_CACHED:g}x)")
+    print(f"cache build: {results['build_rate']:.0f} slices/s with {results['build_workers']} worker processes")
+
+
+def _profile(paths: list[Path], data: Path, image_size: int) -> None:
+    import cProfile
+    import pstats
+
+    from hemorrhage_core.dicom import read_slice
+    from hemorrhage_core.preprocess import prepare_slice, to_tensor
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for p in paths:
+        to_tensor(prepare_slice(read_slice(p).hu, image_size, DEFAULT_STACK))
+    profiler.disable()
+    print("\nprofile of (b), by own time:")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Patient-grouped splits, folds and subsets (hemorrhage_core.data.splits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from data_fixtures import fake_index
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hemorrhage_core.data.splits import (
+    assign_folds,
+    fold_split,
+    patient_strata,
+    patient_table,
+    split_train_val,
+    subset_patients,
+)
+from hemorrhage_core.errors import DatasetError
+from hemorrhage_core.labels import LABELS, SUBTYPES
+
+
+@pytest.fixture(scope="module")
+def index() -> pd.DataFrame:
+    return fake_index(200, seed=1)
+
+
+def _patients(rows: pd.DataFrame) -> set[str]:
+    return set(rows["patient_id"])
+
+
+def test_rarest_label_is_the_stratum():
+    index = fake_index(60, seed=3)
+    table = patient_table(index)
+    counts = table[list(SUBTYPES)].sum()
+    for patient, row in table.iterrows():
+        positives = [name for name in SUBTYPES if row[name]]
+        expected = min(positives, key=lambda n: (counts[n], SUBTYPES.index(n))) if positives else "none"
+        assert row["stratum"] == expected, patient
+    # n_images adds up to the rows of the index
+    assert table["n_images"].sum() == len(index)
+
+
+def test_train_val_split_is_patient_disjoint_and_complete(index):
+    train, val = split_train_val(index, val_fraction=0.2, seed=0)
+    assert _patients(train).isdisjoint(_patients(val))
+    assert _patients(train) | _patients(val) == _patients(index)
+    assert len(train) + len(val) == len(index)
+    share = len(_patients(val)) / len(_patients(index))
+    assert 0.15 <= share <= 0.25
+
+
+def test_split_is_seeded(index):
+    a = split_train_val(index, val_fraction=0.2, seed=7)[1]
+    b = split_train_val(index, val_fraction=0.2, seed=7)[1]
+    c = split_train_val(index, val_fraction=0.2, seed=8)[1]
+    assert _patients(a) == _patients(b)
+    assert _patients(a) != _patients(c)
+
+
+def test_every_label_on_both_sides_when_possible(index):
+    for seed in range(3):
+        train, val = split_train_val(index, val_fraction=0.2, seed=seed)
+        for name in LABELS:
+            assert train[name].any() and val[name].any(), (seed, name)
+
+
+def test_folds_are_patient_disjoint_and_stratified(index):
+    n_folds = 5
+    folds = assign_folds(index, n_folds=n_folds, seed=0)
+    assert sorted(folds.unique()) == list(range(n_folds))
+    # every slice of a patient is in the same fold
+    assert (folds.groupby(index["patient_id"]).nunique() == 1).all()
+    strata = patient_strata(index)
+    fold_of_patient = folds.groupby(index["patient_id"]).first()
+    crosstab = pd.crosstab(strata, fold_of_patient.reindex(strata.index))
+    for stratum, row in crosstab.iterrows():
+        if strata.eq(stratum).sum() >= n_folds:
+            assert (row > 0).all(), f"stratum {stratum} missing from a fold: {row.to_dict()}"
+    for k in range(n_folds):
+        train, val = fold_split(index, folds, k)
+        assert _patients(train).isdisjoint(_patients(val))
+        assert len(train) + len(val) == len(index)
+
+
+def test_subset_keeps_whole_patients_and_the_class_mix(index):
+    subset = subset_patients(index, fraction=0.3, seed=0)
+    chosen = _patients(subset)
+    assert len(chosen) == round(0.3 * len(_patients(index)))
+    # whole patients: every slice of a chosen patient is kept
+    assert len(subset) == index["patient_id"].isin(chosen).sum()
+    full_mix = patient_strata(index).value_counts(normalize=True)
+    sub_mix = patient_strata(subset).value_counts(normalize=True).reindex(full_mix.index, fill_value=0.0)
+    assert np.abs(full_mix - sub_mix).max() <= 1.0 / len(chosen) + 0.01
+    # the rare stratum survives even a small subset
+    small = subset_patients(index, n_patients=12, seed=0)
+    assert "epidural" in set(patient_strata(small))
+    assert subset_patients(index, n_patients=12, seed=0).equals(small)
+
+
+def test_refusals(index):
+    with pytest.raises(DatasetError):
+        assign_folds(index.head(10), n_folds=50, seed=0)
+    with pytest.raises(DatasetError):
+        split_train_val(index, val_fraction=0.8)
+    with pytest.raises(DatasetError):
+        subset_patients(index)
+    unlabeled = index.astype({name: "float32" for name in LABELS})
+    unlabeled.loc[:, "any"] = np.nan
+    with pytest.raises(DatasetError):
+        split_train_val(unlabeled)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_patients=st.integers(min_value=6, max_value=40),
+    seed=st.integers(min_value=0, max_value=2**16),
+    n_folds=st.integers(min_value=2, max_value=6),
+)
+def test_folds_never_share_a_patient(n_patients, seed, n_folds):
+    index = fake_index(n_patients, seed=seed, slices=(1, 4))
+    folds = assign_folds(index, n_folds=n_folds, seed=seed)
+    assert sorted(folds.unique()) == list(range(n_folds))  # every row in a fold, no fold empty
+    assert (folds.groupby(index["patient_id"]).nunique() == 1).all()
