@@ -1,0 +1,72 @@
+"""``python -m training synth``: exit codes, the files it writes, and its refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from hemorrhage_core.labels import LABELS
+from training.cli import main
+
+
+def _args(out, *extra: str) -> list[str]:
+    return [
+        "synth",
+        "--out",
+        str(out),
+        "--patients",
+        "2",
+        "--slices-per-patient",
+        "3",
+        "--size",
+        "64",
+        "--workers",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_synth_writes_the_rsna_layout(tmp_path, capsys):
+    assert main(_args(tmp_path, "--json")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    files = sorted((tmp_path / "stage_2_train").glob("ID_*.dcm"))
+    assert len(files) == printed["n_images"] == 6 and printed["n_patients"] == 2
+    with open(tmp_path / "stage_2_train.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["ID", "Label"] and len(rows) == 1 + 6 * 6
+    assert {r[0].rsplit("_", 1)[0] for r in rows[1:]} == {f.stem for f in files}
+    assert printed["counts"] == {
+        n: sum(int(r[1]) for r in rows[1:] if r[0].endswith(f"_{n}")) for n in LABELS
+    }
+    record = json.loads((tmp_path / "synth.json").read_text())
+    assert record["format_version"] == 1
+    assert record["parameters"] == {"patients": 2, "slices_per_patient": 3, "size": 64, "seed": 0}
+    assert record["summary"]["counts"] == printed["counts"]
+
+
+def test_synth_prints_a_table_and_a_contact_sheet(tmp_path, capsys):
+    sheet = tmp_path / "sheet.png"
+    assert main(_args(tmp_path / "set", "--seed", "3", "--contact-sheet", str(sheet))) == 0
+    out = capsys.readouterr().out
+    assert "wrote 6 slices of 2 patients" in out and "contact sheet" in out
+    assert all(name in out for name in LABELS)
+    assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sheet.stat().st_size > 10_000
+
+
+def test_synth_refuses_with_exit_2(tmp_path, capsys):
+    assert main(_args(tmp_path)) == 0
+    capsys.readouterr()
+    # Another seed into the same folder would mix two data sets: refused, nothing deleted.
+    assert main(_args(tmp_path, "--seed", "1")) == 2
+    assert "not part of this data set" in capsys.readouterr().err
+    assert len(list((tmp_path / "stage_2_train").glob("*.dcm"))) == 6
+    assert main(_args(tmp_path, "--seed", "1", "--overwrite")) == 0
+    assert len(list((tmp_path / "stage_2_train").glob("*.dcm"))) == 6
+    assert main(["synth", "--out", str(tmp_path / "x"), "--size", "8", "--no-progress"]) == 2
+    assert "size" in capsys.readouterr().err
+    # A file where the folder should be: a clear refusal, not a traceback.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    assert main(_args(blocker)) == 2
+    assert "cannot write" in capsys.readouterr().err and blocker.read_text() == "keep me"
