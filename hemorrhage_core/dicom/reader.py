@@ -12,6 +12,12 @@ This is the project's only door from untrusted DICOM bytes to arrays, so it is b
   the inflated size of a deflated data set and the size inside a JPEG / JPEG 2000 codestream;
 * only the elements the project needs are parsed (``specific_tags``), and header reads stop before
   the pixel data, so a scan of 750k files never touches pixels.
+
+Speed (the uncached training path reads every slice every epoch): the file meta group is parsed once,
+here, and for the uncompressed syntaxes the data set goes straight to pydicom's ``read_dataset``;
+each element is converted once (:class:`_Header`); uncompressed pixels are read in place with
+pydicom's rules rather than through ``pixel_array``'s machinery. Compressed syntaxes and anything
+unusual take pydicom's full path, so results and refusals are the same either way.
 """
 
 from __future__ import annotations
@@ -32,16 +38,20 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, RLELossless
+from pydicom.valuerep import IS, VR
 
 from hemorrhage_core.errors import DicomReadError
 
@@ -193,6 +203,10 @@ _PIXEL_TAGS: tuple[str, ...] = (
     "DoubleFloatPixelData",
     "PixelData",
 )
+# Keyword -> tag, resolved once: pydicom resolves a keyword on every access and every dcmread call.
+_TAGS: dict[str, BaseTag] = {kw: BaseTag(tag_for_keyword(kw)) for kw in _HEADER_TAGS + _PIXEL_TAGS}
+_HEADER_TAG_LIST = [_TAGS[kw] for kw in _HEADER_TAGS]
+_ALL_TAG_LIST = [_TAGS[kw] for kw in _HEADER_TAGS + _PIXEL_TAGS]
 # Image Pixel module elements a decoder cannot do without.
 _IMAGE_PIXEL_TAGS = (
     "SamplesPerPixel",
@@ -202,11 +216,28 @@ _IMAGE_PIXEL_TAGS = (
     "PixelRepresentation",
 )
 _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# Image Pixel values the native path reads; pydicom's decoder needs each to be a single integer.
+_NATIVE_INT_TAGS = (
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+)
 _KNOWN_COLOUR = ("RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
 _SUPPORTED_BITS_ALLOCATED = (8, 16)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _RLE_PADDING_WARNING = re.compile(r"non-conformant padding - (\d+) vs\. (\d+) bytes")
 _DEFLATED_UID = "1.2.840.10008.1.2.1.99"
+# Native (uncompressed) transfer syntaxes whose pixels are read straight from the element's bytes,
+# with their byte order. Deflate compresses the whole data set, so its PixelData arrive inflated.
+_NATIVE_BYTE_ORDER = {
+    "1.2.840.10008.1.2": "<",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1": "<",  # Explicit VR Little Endian
+    _DEFLATED_UID: "<",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2": ">",  # Explicit VR Big Endian
+}
 _J2K_UIDS = frozenset(
     {
         "1.2.840.10008.1.2.4.90",
@@ -226,6 +257,15 @@ _JPEG_UIDS = frozenset(
         "1.2.840.10008.1.2.4.81",
     }
 )
+# Transfer syntax -> (implicit VR, little endian) of the syntaxes whose data set _parse hands to
+# pydicom's read_dataset directly, as dcmread would after reading the file meta group.
+_DIRECT_ENCODINGS: dict[str | None, tuple[bool, bool]] = {
+    "1.2.840.10008.1.2": (True, True),
+    "1.2.840.10008.1.2.1": (False, True),
+    "1.2.840.10008.1.2.2": (False, False),
+}
+_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_STANDARD_VRS = frozenset(vr.value.encode("ascii") for vr in VR if len(vr.value) == 2)
 # Explicit-VR value representations whose length field is 4 bytes (after 2 reserved bytes).
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -251,10 +291,11 @@ def read_header(source: Source, *, image_id: str | None = None) -> SliceMeta:
     """
     name = _default_image_id(source, image_id)
     with _guarded():
-        ds = _parse(source, with_pixels=False)
+        ds, _ = _parse(source, with_pixels=False)
         with _annotated(ds):
-            rows, columns = _check_image_header(ds)
-            return _meta(ds, name, rows, columns)
+            header = _Header(ds)
+            rows, columns = _check_image_header(header)
+            return _meta(header, name, rows, columns)
 
 
 def read_slice(source: Source, *, image_id: str | None = None) -> CtSlice:
@@ -268,12 +309,13 @@ def read_slice(source: Source, *, image_id: str | None = None) -> CtSlice:
     """
     name = _default_image_id(source, image_id)
     with _guarded():
-        ds = _parse(source, with_pixels=True)
+        ds, transfer_syntax = _parse(source, with_pixels=True)
         with _annotated(ds):
-            rows, columns = _check_image_header(ds)
-            meta = _meta(ds, name, rows, columns)
-            stored = _decode(ds, rows, columns)
-            return CtSlice(hu=_to_hu(ds, stored, meta.modality), meta=meta)
+            header = _Header(ds)
+            rows, columns = _check_image_header(header)
+            meta = _meta(header, name, rows, columns)
+            stored = _decode(ds, header, transfer_syntax, rows, columns)
+            return CtSlice(hu=_to_hu(ds, header, stored, meta.modality), meta=meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,10 +435,23 @@ def _file_too_large(size: int) -> str:
     )
 
 
-def _parse(source: Source, *, with_pixels: bool) -> Dataset:
-    tags = list(_HEADER_TAGS + _PIXEL_TAGS) if with_pixels else list(_HEADER_TAGS)
+def _parse(source: Source, *, with_pixels: bool) -> tuple[Dataset, str | None]:
+    """The parsed data set (only the elements the reader uses) and its transfer syntax UID."""
+    tags = _ALL_TAG_LIST if with_pixels else _HEADER_TAG_LIST
+    stop_when = None if with_pixels else _at_pixel_data
     with _opened(source) as fp:
-        _check_deflated_size(fp)
+        head = fp.read(LIMITS.header_peek_bytes)
+        meta = _peek_file_meta(head)
+        if meta.transfer_syntax == _DEFLATED_UID:
+            _check_deflated_size(fp, meta.dataset_offset)
+        encoding = _DIRECT_ENCODINGS.get(meta.transfer_syntax) if meta.plain else None
+        if encoding is not None and head[meta.dataset_offset : meta.dataset_offset + 2] != b"\0\0":
+            # The file meta group was just parsed, and for these syntaxes all that dcmread adds is
+            # parsing it again (about a third of a header read); pydicom's own data set reader
+            # takes it from there. Anything unusual (no preamble, a command set, deflate, odd
+            # meta elements) still goes through dcmread.
+            fp.seek(meta.dataset_offset)
+            return read_dataset(fp, *encoding, stop_when=stop_when, specific_tags=tags), meta.transfer_syntax
         fp.seek(0)
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=not with_pixels, specific_tags=tags)
@@ -404,16 +459,18 @@ def _parse(source: Source, *, with_pixels: bool) -> Dataset:
             raise DicomRefusal(
                 RefusalReason.NOT_DICOM, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
             ) from exc
-    return ds
+    file_meta = getattr(ds, "file_meta", None)
+    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    return ds, None if transfer_syntax is None else str(transfer_syntax)
 
 
-def _check_deflated_size(fp: Any) -> None:
+def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+    """Where ``dcmread(stop_before_pixels=True)`` stops: the first of the pixel data elements."""
+    return tag in _PIXEL_DATA_TAGS
+
+
+def _check_deflated_size(fp: Any, dataset_offset: int) -> None:
     """Refuse a deflated data set that would inflate past the limit (pydicom inflates it unbounded)."""
-    fp.seek(0)
-    head = fp.read(LIMITS.header_peek_bytes)
-    transfer_syntax, dataset_offset = _peek_file_meta(head)
-    if transfer_syntax != _DEFLATED_UID:
-        return
     fp.seek(dataset_offset)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
@@ -427,16 +484,25 @@ def _check_deflated_size(fp: Any) -> None:
         )
 
 
-def _peek_file_meta(head: bytes) -> tuple[str | None, int]:
-    """(TransferSyntaxUID, offset of the data set) from the Part 10 file meta group, if present."""
+class _FileMeta(NamedTuple):
+    transfer_syntax: str | None
+    dataset_offset: int
+    # a preamble, and every group 0002 element with a standard VR and a defined length: pydicom
+    # reads such a group exactly as this parser does, and the data set starts at dataset_offset
+    plain: bool
+
+
+def _peek_file_meta(head: bytes) -> _FileMeta:
+    """TransferSyntaxUID and the offset of the data set from the Part 10 file meta group, if present."""
     if head[128:132] != b"DICM":
-        return None, 0
-    offset, transfer_syntax = 132, None
+        return _FileMeta(None, 0, plain=False)
+    offset, transfer_syntax, plain = 132, None, True
     while offset + 8 <= len(head):
         group, element = struct.unpack_from("<HH", head, offset)
         if group != 0x0002:
             break
         vr = head[offset + 4 : offset + 6]
+        plain = plain and vr in _STANDARD_VRS
         if vr in _LONG_VRS:
             if offset + 12 > len(head):
                 break
@@ -447,18 +513,49 @@ def _peek_file_meta(head: bytes) -> tuple[str | None, int]:
             value_at = offset + 8
         if element == 0x0010:
             transfer_syntax = head[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        plain = plain and length != _UNDEFINED_LENGTH
         offset = value_at + length
     else:
         if len(head) >= LIMITS.header_peek_bytes:  # still in group 0002 where the window ends
             raise DicomRefusal(RefusalReason.MALFORMED, "the file meta information is implausibly large")
-    return transfer_syntax, offset
+        plain = False  # the file ends inside (or right after) the file meta group
+    return _FileMeta(transfer_syntax, offset, plain)
 
 
 # --------------------------------------------------------------------------------------------------
 # header checks and metadata
 
 
-def _check_image_header(ds: Dataset) -> tuple[int, int]:
+class _Header:
+    """The parsed elements' values by keyword, each looked up (and converted by pydicom) once.
+
+    Every ``Dataset`` access resolves the keyword and walks pydicom's element machinery again; a read
+    uses some elements several times, and this memo makes the header checks a handful of dict hits.
+    Values are still converted lazily, in the order the checks ask for them.
+    """
+
+    __slots__ = ("_ds", "_values")
+
+    def __init__(self, ds: Dataset) -> None:
+        self._ds = ds
+        self._values: dict[str, Any] = {}
+
+    def get(self, keyword: str) -> Any:
+        """The element's value; None when the element is absent (or its value is empty)."""
+        try:
+            return self._values[keyword]
+        except KeyError:
+            pass
+        element = self._ds.get(_TAGS[keyword])
+        value = None if element is None else element.value
+        self._values[keyword] = value
+        return value
+
+    def __contains__(self, keyword: str) -> bool:
+        return _TAGS[keyword] in self._ds
+
+
+def _check_image_header(ds: _Header) -> tuple[int, int]:
     """Refuse what is not a single-frame greyscale image of a supported size and bit depth."""
     sop_class = _uid_name(ds.get("SOPClassUID"))
     if sop_class is not None and "Image" not in sop_class:
@@ -466,7 +563,7 @@ def _check_image_header(ds: Dataset) -> tuple[int, int]:
     if "Rows" not in ds or "Columns" not in ds:
         what = f"a '{sop_class}' object" if sop_class else "an object"
         raise DicomRefusal(RefusalReason.NOT_IMAGE, f"not an image: {what} without Rows/Columns")
-    rows, columns = _int_or_none(ds.Rows), _int_or_none(ds.Columns)
+    rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
     if rows is None or columns is None:
         raise DicomRefusal(RefusalReason.MALFORMED, "Rows/Columns are not valid numbers")
     if rows == 0 or columns == 0:
@@ -490,7 +587,7 @@ def _check_image_header(ds: Dataset) -> tuple[int, int]:
         raise DicomRefusal(
             RefusalReason.MALFORMED, f"the image header is incomplete: {', '.join(missing)} missing"
         )
-    samples = _int_or_none(ds.SamplesPerPixel)
+    samples = _int_or_none(ds.get("SamplesPerPixel"))
     photometric = _short(ds.get("PhotometricInterpretation"))
     if samples != 1 or (photometric in _KNOWN_COLOUR):
         shown = photometric if photometric in _KNOWN_COLOUR else f"{samples} samples per pixel"
@@ -502,9 +599,9 @@ def _check_image_header(ds: Dataset) -> tuple[int, int]:
             RefusalReason.MALFORMED,
             "PhotometricInterpretation is missing or unknown; MONOCHROME1 or MONOCHROME2 is expected",
         )
-    bits_allocated = _int_or_none(ds.BitsAllocated)
-    bits_stored = _int_or_none(ds.BitsStored)
-    pixel_representation = _int_or_none(ds.PixelRepresentation)
+    bits_allocated = _int_or_none(ds.get("BitsAllocated"))
+    bits_stored = _int_or_none(ds.get("BitsStored"))
+    pixel_representation = _int_or_none(ds.get("PixelRepresentation"))
     if (
         bits_allocated not in _SUPPORTED_BITS_ALLOCATED
         or bits_stored is None
@@ -519,7 +616,7 @@ def _check_image_header(ds: Dataset) -> tuple[int, int]:
     return rows, columns
 
 
-def _meta(ds: Dataset, image_id: str, rows: int, columns: int) -> SliceMeta:
+def _meta(ds: _Header, image_id: str, rows: int, columns: int) -> SliceMeta:
     position = _floats(ds.get("ImagePositionPatient"))
     spacing = _floats(ds.get("PixelSpacing"))
     return SliceMeta(
@@ -601,31 +698,31 @@ def _uid_name(value: Any) -> str | None:
 # pixel data
 
 
-def _decode(ds: Dataset, rows: int, columns: int) -> np.ndarray:
+def _decode(ds: Dataset, header: _Header, transfer_syntax: str | None, rows: int, columns: int) -> np.ndarray:
     """The stored values (rows, columns) as pydicom decodes them (unused high bits cleared)."""
-    raw = ds.get_item("PixelData")  # still the raw element: it keeps the declared length
+    raw = ds.get_item(_TAGS["PixelData"])  # still the raw element: it keeps the declared length
     declared = getattr(raw, "length", None)
-    pixel_data = ds.get("PixelData")
+    pixel_data = header.get("PixelData")
     if pixel_data is None:
-        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        if "FloatPixelData" in header or "DoubleFloatPixelData" in header:
             raise DicomRefusal(RefusalReason.UNSUPPORTED_BITS, "floating-point pixel data are not supported")
         raise DicomRefusal(RefusalReason.NO_PIXEL_DATA, "the file has no pixel data (missing or cut off)")
-    file_meta = getattr(ds, "file_meta", None)
-    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if transfer_syntax is None:
         raise DicomRefusal(RefusalReason.MALFORMED, "the file meta information has no transfer syntax")
-    transfer_syntax = UID(str(transfer_syntax))
-    try:
-        decoder = get_decoder(transfer_syntax)
-    except NotImplementedError as exc:
-        raise DicomRefusal(
-            RefusalReason.NO_DECODER, f"unsupported transfer syntax '{_printable(transfer_syntax.name)}'"
-        ) from exc
-    if not decoder.is_available:
-        raise DicomRefusal(
-            RefusalReason.NO_DECODER,
-            f"no decoder is installed for '{_printable(transfer_syntax.name)}' pixel data",
-        )
+    transfer_syntax = UID(transfer_syntax)
+    byte_order = _NATIVE_BYTE_ORDER.get(str(transfer_syntax))
+    if byte_order is None:  # pydicom's native decoder is always there
+        try:
+            decoder = get_decoder(transfer_syntax)
+        except NotImplementedError as exc:
+            raise DicomRefusal(
+                RefusalReason.NO_DECODER, f"unsupported transfer syntax '{_printable(transfer_syntax.name)}'"
+            ) from exc
+        if not decoder.is_available:
+            raise DicomRefusal(
+                RefusalReason.NO_DECODER,
+                f"no decoder is installed for '{_printable(transfer_syntax.name)}' pixel data",
+            )
     if declared is not None and declared != _UNDEFINED_LENGTH and declared > len(pixel_data):
         raise DicomRefusal(
             RefusalReason.TRUNCATED,
@@ -634,12 +731,23 @@ def _decode(ds: Dataset, rows: int, columns: int) -> np.ndarray:
     if transfer_syntax.is_encapsulated:
         _check_codestream_size(pixel_data, str(transfer_syntax), rows, columns)
     else:
-        expected = rows * columns * (int(ds.BitsAllocated) // 8)
+        expected = rows * columns * (int(header.get("BitsAllocated")) // 8)
         if len(pixel_data) < expected:
             raise DicomRefusal(
                 RefusalReason.TRUNCATED,
                 f"the pixel data are truncated ({len(pixel_data)} of {expected} bytes)",
             )
+    if (
+        byte_order is not None
+        and isinstance(pixel_data, bytes)
+        and _as_pydicom_decodes(header)
+        # 8-bit big-endian OW data are byte-swapped in pairs: left to pydicom
+        and (byte_order == "<" or header.get("BitsAllocated") == 16)
+    ):
+        return _native_pixels(pixel_data, header, byte_order, rows, columns)
+    if getattr(ds, "file_meta", None) is None:  # read by _parse without dcmread: pydicom needs it
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
     if transfer_syntax == RLELossless:
         # pydicom's own RLE decoder: the Rust plugin (pylibjpeg-rle) panics on malformed segments and
         # its panic hook writes to stderr, outside our control.
@@ -666,6 +774,59 @@ def _decode(ds: Dataset, rows: int, columns: int) -> np.ndarray:
             RefusalReason.SHAPE_MISMATCH,
             f"decoded pixels have shape {stored.shape}, but Rows x Columns is {rows} x {columns}",
         )
+    return stored
+
+
+def _as_pydicom_decodes(header: _Header) -> bool:
+    """Whether pydicom's decoder takes the Image Pixel values as they are.
+
+    It refuses what the header checks are lenient about (multi-valued or non-integer numbers, a
+    PhotometricInterpretation spelt otherwise than the standard, float pixel data beside the
+    integer ones); such files still go to it, so that they are refused exactly as before.
+    """
+    frames = header.get("NumberOfFrames")
+    return (
+        "FloatPixelData" not in header
+        and "DoubleFloatPixelData" not in header
+        and all(type(header.get(keyword)) in (int, IS) for keyword in _NATIVE_INT_TAGS)
+        and header.get("PhotometricInterpretation") in _GREYSCALE
+        and (frames is None or frames == "" or (type(frames) in (int, IS) and frames == 1))
+    )
+
+
+def _native_pixels(
+    pixel_data: bytes, header: _Header, byte_order: str, rows: int, columns: int
+) -> np.ndarray:
+    """Uncompressed pixels read in place, exactly as pydicom's native decoder returns them.
+
+    pydicom's ``pixel_array`` spends most of a millisecond a slice on option handling and element
+    look-ups before the same ``frombuffer``; the header checks it would repeat are done already (a
+    greyscale single frame, 8/16 bits allocated, 1 <= BitsStored <= BitsAllocated, enough bytes).
+    The result may be a read-only view on ``pixel_data``: the HU conversion always makes a new array.
+    """
+    bits_allocated = _int_or_none(header.get("BitsAllocated"))
+    bits_stored = _int_or_none(header.get("BitsStored"))
+    signed = _int_or_none(header.get("PixelRepresentation")) == 1
+    itemsize = bits_allocated // 8
+    expected = rows * columns * itemsize
+    if len(pixel_data) > expected + expected % 2 and len(pixel_data) // expected > 1:
+        # pydicom reads surplus whole frames as extra frames; a single-frame header cannot hold them.
+        raise DicomRefusal(
+            RefusalReason.SHAPE_MISMATCH,
+            f"the pixel data hold {len(pixel_data) // expected} frames of Rows x Columns "
+            f"({rows} x {columns}), but the header declares one",
+        )
+    dtype = np.dtype(f"{byte_order}{'i' if signed else 'u'}{itemsize}")
+    stored = np.frombuffer(pixel_data, dtype=dtype, count=rows * columns).reshape(rows, columns)
+    unused = bits_allocated - bits_stored
+    if unused:
+        # As pydicom (PS3.5 8.1.1): bits above BitsStored are not part of the value; clear them, or
+        # sign-extend from the stored sign bit.
+        if signed:
+            stored = np.left_shift(stored, unused)
+            np.right_shift(stored, unused, out=stored)
+        else:
+            stored = np.bitwise_and(stored, dtype.type((1 << bits_stored) - 1))
     return stored
 
 
@@ -739,19 +900,19 @@ def _jpeg_size(codestream: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _to_hu(ds: Dataset, stored: np.ndarray, modality: str) -> np.ndarray:
-    bits_stored = int(ds.BitsStored)
-    signed = int(ds.PixelRepresentation) == 1
-    if _short(ds.PhotometricInterpretation) == "MONOCHROME1":
+def _to_hu(ds: Dataset, header: _Header, stored: np.ndarray, modality: str) -> np.ndarray:
+    bits_stored = _int_or_none(header.get("BitsStored"))
+    signed = _int_or_none(header.get("PixelRepresentation")) == 1
+    if _short(header.get("PhotometricInterpretation")) == "MONOCHROME1":
         # Invert within the representable stored range (not the image's own min/max) so the
         # mapping is the same for every slice of a series.
         wide = stored.astype(np.int32)
         stored = (-1 - wide) if signed else ((1 << bits_stored) - 1 - wide)
-    if ds.get("ModalityLUTSequence"):
+    if header.get("ModalityLUTSequence"):
         return np.ascontiguousarray(apply_modality_lut(stored, ds), dtype=np.float32)
 
-    slope = _rescale_value(ds, "RescaleSlope", default=1.0)
-    intercept = _rescale_value(ds, "RescaleIntercept", default=0.0)
+    slope = _rescale_value(header, "RescaleSlope", default=1.0)
+    intercept = _rescale_value(header, "RescaleIntercept", default=0.0)
     if modality == "CT" and bits_stored == 12 and not signed and intercept > -100:
         stored, intercept = _rsna_12bit_fix(stored), -1000.0
 
@@ -763,7 +924,7 @@ def _to_hu(ds: Dataset, stored: np.ndarray, modality: str) -> np.ndarray:
     return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
-def _rescale_value(ds: Dataset, keyword: str, *, default: float) -> float:
+def _rescale_value(ds: _Header, keyword: str, *, default: float) -> float:
     """First value of a rescale tag; ``default`` when absent or empty, a refusal when not a number."""
     raw = ds.get(keyword)
     if raw is None or raw == "":
@@ -781,7 +942,14 @@ def _rsna_12bit_fix(stored: np.ndarray) -> np.ndarray:
     ``x = dcm.pixel_array + 1000; x[x >= 4096] -= 4096; dcm.RescaleIntercept = -1000``. pydicom >= 3
     clears the unused high bits, so stored values lie in [0, 4095] and the uint16 arithmetic of those
     kernels has no wrap-around to reproduce; int32 keeps the sum exact.
+
+    On values in [0, 4095] (all that a decoder clearing the unused bits returns) the rule is
+    ``(x + 1000) mod 4096``: a mask, several times faster than a boolean-indexed subtraction.
     """
+    if stored.dtype == np.uint16 and stored.size and int(stored.max()) <= 4095:
+        fixed = stored + np.uint16(1000)  # at most 5095: no uint16 wrap-around
+        fixed &= np.uint16(0x0FFF)
+        return fixed
     fixed = stored.astype(np.int32) + 1000
     fixed[fixed >= 4096] -= 4096
     return fixed
