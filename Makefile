@@ -14,6 +14,7 @@ $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(BIN)/.installed
@@ -32,7 +33,7 @@ $(DATA)/stage_2_train.csv: | venv
 	$(BIN)/python -m training synth --out $(DATA) --patients $(SYNTH_PATIENTS) --slices-per-patient $(SYNTH_SLICES) --seed 0
 
 demo: venv $(DATA)/stage_2_train.csv
-	$(BIN)/python -m training inspect --summary $(DATA)/stage_2_train
+	$(BIN)/python -m training index --data $(DATA)
 
 test: test-deps
 	$(BIN)/python -m pytest
@@ -42,3 +43,4 @@ lint: test-deps
 
 bench: venv
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_inference.py

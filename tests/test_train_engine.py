@@ -1,0 +1,199 @@
+"""The loop's parts: losses against the metric, the schedule, parameter groups, batch norm handling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from hemorrhage_core import metrics
+from hemorrhage_core.labels import STAGE1_CLASSES
+from hemorrhage_core.models import ModelSpec, build_model
+from training.config import TrainConfig
+from training.engine import (
+    LoopSettings,
+    LrSchedule,
+    NonFiniteLossError,
+    Stage1Loss,
+    Stage2Loss,
+    TrainView,
+    class_weights_for,
+    improved,
+    make_optimizer,
+    make_scheduler,
+    predict_loader,
+    set_batchnorm_eval,
+    train_one_epoch,
+)
+
+
+def test_stage2_loss_is_the_rsna_weighted_log_loss():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 6, generator=gen) * 3
+    target = (torch.rand(32, 6, generator=gen) > 0.6).float()
+    ours = float(Stage2Loss()(logits, target))
+    reference = metrics.weighted_log_loss(target.numpy().astype(int), torch.sigmoid(logits).double().numpy())
+    assert ours == pytest.approx(reference, rel=1e-5)
+
+
+def test_stage1_loss_weights_samples_by_class_and_divides_by_n():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(12, 6, generator=gen)
+    target = torch.arange(12) % 6
+    weights = torch.tensor([0.5, 1, 2, 3, 4, 5.0])
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    assert float(Stage1Loss(weights)(logits, target)) == pytest.approx(float((weights[target] * ce).mean()), rel=1e-6)
+    # Without weights it is plain cross-entropy.
+    assert float(Stage1Loss()(logits, target)) == pytest.approx(float(ce.mean()), rel=1e-6)
+
+
+def test_stage1_loss_of_a_split_batch_is_the_mean_of_the_halves():
+    # What DDP's gradient averaging assumes of a loss.
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(8, 6, generator=gen)
+    target = torch.tensor([0, 0, 0, 1, 2, 3, 4, 5])
+    loss = Stage1Loss(torch.tensor([0.2, 1, 1, 3, 1, 1.0]))
+    halves = (loss(logits[:4], target[:4]) + loss(logits[4:], target[4:])) / 2
+    assert float(loss(logits, target)) == pytest.approx(float(halves), rel=1e-6)
+
+
+def test_balanced_class_weights():
+    classes = np.array([0] * 6 + [1] * 2 + [2] * 4 + [-1] * 3)  # -1: several subtypes, ignored
+    weights = class_weights_for(TrainConfig(class_weights="balanced"), classes).numpy()
+    n = 12
+    assert weights[0] == pytest.approx(n / (6 * 6)) and weights[1] == pytest.approx(n / (6 * 2))
+    assert weights[5] == 1.0  # absent class
+    assert class_weights_for(TrainConfig(), classes) is None
+
+
+def test_schedule_warms_up_then_follows_a_cosine_to_the_floor():
+    s = LrSchedule(total_steps=100, warmup_steps=10, kind="cosine", steps_per_epoch=10, step_epochs=3, step_gamma=0.1, min_ratio=0.01)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(1.0)
+    assert s(55) == pytest.approx(0.01 + 0.99 * 0.5)  # half way through the cosine
+    assert s(100) == pytest.approx(0.01)
+    values = [s(i) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_step_schedule_decays_every_step_epochs():
+    s = LrSchedule(total_steps=90, warmup_steps=0, kind="step", steps_per_epoch=10, step_epochs=3, step_gamma=0.1, min_ratio=0.0)
+    assert s(0) == 1.0 and s(29) == 1.0 and s(30) == pytest.approx(0.1) and s(60) == pytest.approx(0.01)
+
+
+def _tiny_model(backbone: str = "resnet18", stage: int = 1):
+    torch.manual_seed(0)
+    return build_model(ModelSpec(backbone, stage, input_size=32))
+
+
+def test_stn_localisation_net_gets_its_own_smaller_learning_rate():
+    net = _tiny_model()
+    config = TrainConfig(lr=1e-3, stn_lr_scale=0.1, weight_decay=0.05)
+    optimizer = make_optimizer(net, config)
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    stn_ids = {id(p) for p in net.parameter_groups()["stn"]}
+    assert {id(p) for g in optimizer.param_groups if g["name"].startswith("stn") for p in g["params"]} == stn_ids
+    assert by_name["stn"]["lr"] == pytest.approx(1e-4) and by_name["head"]["lr"] == pytest.approx(1e-3)
+    assert by_name["head_no_decay"]["weight_decay"] == 0.0 and by_name["head"]["weight_decay"] == 0.05
+    # Every trainable parameter is optimised exactly once.
+    ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters() if p.requires_grad)
+
+
+def test_scheduler_scales_every_group_from_its_own_base():
+    net = _tiny_model()
+    optimizer = make_optimizer(net, TrainConfig(lr=1e-3, stn_lr_scale=0.1, warmup_epochs=1.0))
+    make_scheduler(optimizer, TrainConfig(lr=1e-3, warmup_epochs=1.0, epochs=2), steps_per_epoch=4)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs["head"] == pytest.approx(1e-3 / 4) and lrs["stn"] == pytest.approx(1e-4 / 4)
+
+
+def _loader(n: int = 8, stage: int = 1, size: int = 32, batch: int = 4):
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(n, 3, size, size, generator=gen)
+    if stage == 1:
+        target = torch.arange(n) % len(STAGE1_CLASSES)
+    else:
+        target = (torch.rand(n, 6, generator=gen) > 0.5).float()
+    ids = [f"ID_{i:09x}" for i in range(n)]
+
+    class WithIds(TensorDataset):
+        def __getitem__(self, i):
+            image, t = super().__getitem__(i)
+            return image, t, ids[i]
+
+    return DataLoader(WithIds(images, target), batch_size=batch)
+
+
+def test_evaluation_runs_batch_norm_on_running_statistics():
+    net = _tiny_model()
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    settings = LoopSettings(stage=1, device=torch.device("cpu"), progress=False)
+    loader = _loader(stage=2)
+    first = predict_loader(net, loader, settings)
+    second = predict_loader(net, _loader(stage=2, batch=3), settings)  # other batch composition
+    np.testing.assert_allclose(first["probs"], second["probs"], rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert first["probs"].shape == (8, 6) and np.all((first["probs"] >= 0) & (first["probs"] <= 1))
+
+
+def test_freeze_bn_keeps_running_statistics_while_weights_learn():
+    net = _tiny_model()
+    set_batchnorm_eval(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    config = TrainConfig(lr=1e-2, warmup_epochs=0, freeze_bn=True)
+    settings = LoopSettings(stage=1, device=torch.device("cpu"), freeze_bn=True, progress=False)
+    optimizer = make_optimizer(net, config)
+    train_one_epoch(TrainView(net), _loader(), optimizer, None, Stage1Loss(), settings, epoch=1)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if "running_" in k or "num_batches" in k)
+    assert not torch.equal(before["head.layers.0.weight"], after["head.layers.0.weight"])
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step():
+    net = _tiny_model(stage=2)
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+
+    class NanLoss(Stage2Loss):
+        def forward(self, logits, target):
+            return super().forward(logits, target) * float("nan")
+
+    optimizer = make_optimizer(net, TrainConfig(stage=2))
+    settings = LoopSettings(stage=2, device=torch.device("cpu"), progress=False)
+    with pytest.raises(NonFiniteLossError, match="nan"):
+        train_one_epoch(TrainView(net), _loader(stage=2), optimizer, None, NanLoss(), settings, epoch=1)
+    assert all(torch.equal(v, dict(net.named_parameters())[k]) for k, v in before.items())
+    assert not optimizer.state  # no step was taken
+
+
+def test_inception_aux_loss_is_added_in_training():
+    torch.manual_seed(0)
+    net = build_model(ModelSpec("inception_v3", 1, input_size=75))
+    seen = []
+
+    class Recording(Stage1Loss):
+        def forward(self, logits, target):
+            seen.append(logits.shape)
+            return super().forward(logits, target)
+
+    optimizer = make_optimizer(net, TrainConfig())
+    settings = LoopSettings(stage=1, device=torch.device("cpu"), aux_loss_weight=0.4, max_steps=1, progress=False)
+    result = train_one_epoch(TrainView(net), _loader(size=75), optimizer, None, Recording(), settings, epoch=1)
+    assert len(seen) == 2  # main and auxiliary logits
+    assert result.steps == 1 and math.isfinite(result.loss)
+
+
+def test_improvement_direction():
+    assert improved(0.9, 0.8, maximize=True) and not improved(0.7, 0.8, maximize=True)
+    assert improved(0.1, 0.2, maximize=False) and not improved(None, 0.2, maximize=False)
+    assert improved(0.5, None, maximize=True)
+
+
+def test_sgd_is_available_for_exact_gradient_comparisons():
+    net = _tiny_model()
+    optimizer = make_optimizer(net, TrainConfig(optimizer="sgd", lr=0.1, momentum=0.5))
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert {g["momentum"] for g in optimizer.param_groups} == {0.5}

@@ -1,0 +1,98 @@
+"""Tiny RSNA-layout data sets and configs for the training tests (CPU, seconds, no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hemorrhage_core.labels import LABELS
+
+# Header text that must never reach a run record.
+PATIENT_NAME = "Zyxwvut^Quxbarrow"
+PATIENT_PREFIX = "PATSECRET"
+
+# Label rows cycled over the slices: every stage-1 class, and one slice with two subtypes.
+LABEL_CYCLE: tuple[tuple[int, ...], ...] = (
+    (0, 0, 0, 0, 0, 0),
+    (1, 0, 0, 0, 0, 1),
+    (0, 1, 0, 0, 0, 1),
+    (0, 0, 1, 0, 0, 1),
+    (0, 0, 0, 1, 0, 1),
+    (0, 0, 0, 0, 1, 1),
+    (0, 1, 0, 1, 0, 1),
+    (0, 0, 0, 0, 0, 0),
+)
+
+
+def write_tiny_set(
+    root: str | os.PathLike, *, n_patients: int = 10, slices_per_patient: int = 4, size: int = 32, seed: int = 0
+) -> pd.DataFrame:
+    """Random-HU CT slices with cycling labels; headers carry PATIENT_NAME and PATIENT_PREFIX ids.
+
+    Bright squares mark the positive subtypes so a model has something learnable. Returns the labels.
+    """
+    from hemorrhage_core.dicom import new_uid, write_ct_slice
+
+    root = Path(root)
+    images = root / "stage_2_train"
+    rng = np.random.default_rng(seed)
+    rows = []
+    k = 0
+    for p in range(n_patients):
+        study, series = new_uid(f"t{seed}/study/{p}"), new_uid(f"t{seed}/series/{p}")
+        for s in range(slices_per_patient):
+            image_id = "ID_" + hashlib.sha256(f"t{seed}/{p}/{s}".encode()).hexdigest()[:9]
+            labels = LABEL_CYCLE[(k + p) % len(LABEL_CYCLE)]
+            stored = rng.integers(1000, 1100, size=(size, size)).astype(np.int16)  # HU -24..76: brain-ish
+            cell = size // 4
+            for j, flag in enumerate(labels[:5]):
+                if flag:
+                    r, c = divmod(j, 3)
+                    stored[r * cell + 2 : r * cell + cell, c * cell + 2 : c * cell + cell] = 1024 + 400
+            write_ct_slice(
+                images / f"{image_id}.dcm",
+                stored,
+                patient_id=f"{PATIENT_PREFIX}{p:04d}",
+                study_uid=study,
+                series_uid=series,
+                sop_uid=new_uid(f"t{seed}/sop/{image_id}"),
+                z=5.0 * s,
+                instance_number=s + 1,
+                extra={"PatientName": PATIENT_NAME},
+            )
+            rows.append((image_id, labels))
+            k += 1
+    long = [(f"{image_id}_{name}", int(v)) for image_id, six in rows for name, v in zip(LABELS, six, strict=True)]
+    pd.DataFrame(long, columns=["ID", "Label"]).to_csv(root / "stage_2_train.csv", index=False)
+    frame = pd.DataFrame({image_id: six for image_id, six in rows}, index=list(LABELS)).T.astype(np.int8)
+    frame.index.name = "image_id"
+    return frame
+
+
+def tiny_config(data: str | os.PathLike, runs: str | os.PathLike, **overrides):
+    """A TrainConfig that trains in seconds on write_tiny_set data, single-threaded and deterministic."""
+    from training.config import TrainConfig
+
+    values = {
+        "data": str(data),
+        "runs_dir": str(runs),
+        "backbone": "resnet18",
+        "stage": 1,
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "image_size": 32,
+        "input_size": 32,
+        "val_fraction": 0.3,
+        "warmup_epochs": 0.0,
+        "gallery_size": 8,
+        "threads": 1,
+        "progress": False,
+        "augment": False,
+    }
+    values.update(overrides)
+    return TrainConfig.from_dict(values)

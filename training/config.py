@@ -1,0 +1,285 @@
+"""Training configuration as data: one dataclass, read from and written to YAML, saved into every run.
+
+Every hyper-parameter the loop uses lives here, so a run's ``run.json`` holds everything needed to
+repeat it. Presets (``training/configs/*.yaml``) and ``--config FILE.yaml`` are partial mappings of
+these fields; the command line overrides them; unknown keys are refused with the list of known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+METRICS = ("auc_mean", "weighted_log_loss")
+CLASS_WEIGHTS = ("none", "balanced")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used, said in words a person understands."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Defaults follow the seed report (batch size 10)."""
+
+    # -- data
+    data: str = ""  # RSNA-layout folder: stage_2_train/ + stage_2_train.csv
+    subset: float = 1.0  # fraction of patients used (phase 1 trains on a subset), class mix kept
+    val_fraction: float = 0.2  # share of patients held out for validation
+    seed: int = 0  # split, initialisation, shuffling and augmentation all derive from it
+    image_size: int = 224  # preprocessed (cached) slice size in px; the STN resamples to input_size
+    windows: list = field(default_factory=lambda: ["brain", "subdural", "bone"])
+    cache: bool = True  # preprocessed uint8 cache, built once and reused
+    num_workers: int = 0
+    augment: bool = True  # random flips / small affine jitter on training slices only
+
+    # -- model
+    backbone: str = "vgg16"
+    stage: int = 1
+    init_from: str | None = None  # stage-1 run directory (stage 2 only)
+    weights: str = "none"  # imagenet | none | PATH to a state dict
+    input_size: int | None = None  # backbone input size (STN output); None = the backbone's default
+    freeze_trunk: bool | None = None  # None = the models' policy (frozen with ImageNet weights)
+    freeze_bn: bool = False  # batch-norm layers keep their running statistics while training
+    dropout: float | None = None  # head dropout; None = the model's default
+    stn: bool = True
+
+    # -- optimisation
+    epochs: int = 10
+    batch_size: int = 10
+    optimizer: str = "adamw"  # adamw (the seed's) | sgd (momentum; exact to compare gradients, e.g. the DDP test)
+    momentum: float = 0.9  # sgd only
+    lr: float = 1e-4
+    stn_lr_scale: float = 0.1  # the STN localisation net learns at lr * stn_lr_scale
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | step | constant, after a linear warm-up
+    warmup_epochs: float = 1.0
+    step_epochs: int = 3  # step schedule: multiply by step_gamma every step_epochs
+    step_gamma: float = 0.1
+    min_lr_ratio: float = 0.01  # cosine floor as a share of lr
+    grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
+    class_weights: str | list = "none"  # stage 1: none | balanced | six numbers (STAGE1_CLASSES order)
+    aux_loss_weight: float = 0.4  # Inception_v3's auxiliary classifier loss weight
+    amp: bool = True  # mixed precision, used on CUDA only
+    channels_last: bool = True  # memory format, used on CUDA only
+    max_steps_per_epoch: int | None = None  # cap for smoke tests and the DDP check
+
+    # -- selection and records
+    metric: str = "auc_mean"  # auc_mean (higher is better) | weighted_log_loss (lower is better)
+    z_smooth: bool = True  # also report z-smoothed validation metrics
+    gallery_size: int = 24
+    eval_batch_size: int | None = None  # None = 2 x batch_size
+    runs_dir: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    progress: bool = True  # tqdm bars
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value cannot work."""
+        _check(self.stage in (1, 2), "stage", self.stage, "must be 1 or 2")
+        _check(0.0 < self.subset <= 1.0, "subset", self.subset, "must be in (0, 1]")
+        _check(0.0 < self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "must be in (0, 0.5]")
+        _check(self.image_size >= 32, "image_size", self.image_size, "must be >= 32 px")
+        _check(self.input_size is None or self.input_size >= 32, "input_size", self.input_size, "must be >= 32 px")
+        _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+        for name in ("lr", "weight_decay", "stn_lr_scale", "warmup_epochs", "min_lr_ratio", "aux_loss_weight"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")
+        _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
+        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "must be in [0, 1)")
+        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
+        _check(self.step_epochs >= 1, "step_epochs", self.step_epochs, "must be >= 1")
+        _check(0.0 < self.step_gamma <= 1.0, "step_gamma", self.step_gamma, "must be in (0, 1]")
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0 or null")
+        _check(self.metric in METRICS, "metric", self.metric, f"must be one of {', '.join(METRICS)}")
+        _check(self.device in DEVICES, "device", self.device, f"must be one of {', '.join(DEVICES)}")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        _check(self.gallery_size >= 0, "gallery_size", self.gallery_size, "must be >= 0")
+        _check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1")
+        _check(
+            self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+            "max_steps_per_epoch",
+            self.max_steps_per_epoch,
+            "must be >= 1",
+        )
+        _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        _check(bool(self.windows), "windows", self.windows, "needs at least one window")
+        if isinstance(self.class_weights, str):
+            _check(self.class_weights in CLASS_WEIGHTS, "class_weights", self.class_weights, "must be none, balanced or six numbers")
+        else:
+            weights = list(self.class_weights)
+            _check(
+                len(weights) == 6 and all(isinstance(w, (int, float)) and w >= 0 for w in weights),
+                "class_weights",
+                self.class_weights,
+                "must be none, balanced or six non-negative numbers",
+            )
+        _check(self.stage == 2 or self.init_from is None, "init_from", self.init_from, "is for stage 2 only")
+
+    @property
+    def maximize(self) -> bool:
+        """True when a larger selection metric is better."""
+        return self.metric == "auc_mean"
+
+    @property
+    def effective_eval_batch_size(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
+
+    # -------------------------------------------------------------------------- conversions
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, base: TrainConfig | None = None) -> TrainConfig:
+        """Fields from ``values`` over ``base`` (or the defaults); unknown keys are refused."""
+        unknown = sorted(set(values) - set(field_names()))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(field_names())}")
+        merged = (base or cls()).to_dict()
+        merged.update({k: _coerce(k, v) for k, v in values.items()})
+        try:
+            return cls(**merged)
+        except TypeError as exc:  # e.g. a list where a number belongs
+            raise ConfigError(str(exc)) from None
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with ``changes`` applied (None values are ignored: 'not given')."""
+        return TrainConfig.from_dict({k: v for k, v in changes.items() if v is not None}, base=self)
+
+    def to_yaml(self, path: str | PathLike | None = None) -> str:
+        """YAML text of every field; also written to ``path`` when given."""
+        import yaml
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_yaml(cls, path: str | PathLike, *, base: TrainConfig | None = None) -> TrainConfig:
+        """Read a (partial) TrainConfig mapping from a YAML file."""
+        return cls.from_dict(read_yaml_mapping(path), base=base)
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def read_yaml_mapping(path: str | PathLike) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; ConfigError otherwise."""
+    import yaml
+
+    p = Path(path)
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings, not {type(loaded).__name__}")
+    return loaded
+
+
+def preset_path(name: str) -> Path:
+    """``training/configs/<name>.yaml``, or ``name`` itself when it is a path to a YAML file."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(known)} (or a path to a .yaml file)")
+    return path
+
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {name}={value!r} {why}")
+
+
+_FLOAT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("float", "float | None")}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    # YAML reads "1e-4" (no dot) as a string; numbers given as text are accepted for float fields.
+    if name in _FLOAT_FIELDS and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config {name}={value!r} must be a number") from None
+    if name in _FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+# ------------------------------------------------------------------------------- pipeline presets
+PHASES = ("phase1", "phase2")
+STAGES = ("stage1", "stage2")
+
+
+@dataclass(frozen=True)
+class PipelinePreset:
+    """The two-phase recipe: TrainConfig fields shared by all runs, per phase and per stage.
+
+    YAML layout::
+
+        defaults: {...}            # every run
+        phase1: {subset: 0.5, stage1: {...}, stage2: {...}}
+        phase2: {stage1: {...}, stage2: {...}}
+
+    A stage's config is defaults < phase fields < stage fields < command-line overrides.
+    """
+
+    name: str
+    defaults: dict
+    phases: dict  # phase -> {"shared": {...}, "stage1": {...}, "stage2": {...}}
+
+    @classmethod
+    def load(cls, name: str) -> PipelinePreset:
+        path = preset_path(name)
+        raw = read_yaml_mapping(path)
+        unknown = set(raw) - {"defaults", "description", *PHASES}
+        if unknown:
+            raise ConfigError(f"preset {path}: unknown sections {sorted(unknown)}; use defaults, phase1, phase2")
+        defaults = dict(raw.get("defaults") or {})
+        phases = {}
+        for phase in PHASES:
+            section = dict(raw.get(phase) or {})
+            stages = {stage: dict(section.pop(stage, None) or {}) for stage in STAGES}
+            phases[phase] = {"shared": section, **stages}
+        preset = cls(name=path.stem, defaults=defaults, phases=phases)
+        for phase in PHASES:  # fail on a bad key now, not after an hour of phase 1
+            for stage in STAGES:
+                preset.config(phase, stage)
+        return preset
+
+    def config(self, phase: str, stage: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+        """The TrainConfig of one run of the recipe (``init_from`` is set by the pipeline)."""
+        values: dict[str, Any] = {}
+        for layer in (self.defaults, self.phases[phase]["shared"], self.phases[phase][stage], overrides or {}):
+            values.update(layer)
+        values["stage"] = 1 if stage == "stage1" else 2
+        if values["stage"] == 1:
+            values.pop("init_from", None)
+        return TrainConfig.from_dict(values)

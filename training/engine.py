@@ -1,0 +1,393 @@
+"""The training loop's parts: losses, optimizer, learning-rate schedule, one epoch, evaluation.
+
+``train_one_epoch`` and ``evaluate`` follow torchvision's reference scripts: plain functions over a
+model, a loader and a small settings record, so the trainer, the grid-search estimator and the tests
+share one loop. Nothing here writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hemorrhage_core.labels import LABEL_WEIGHTS, LABELS, STAGE1_CLASSES
+from hemorrhage_core.metrics import stage1_targets
+from training.config import TrainConfig
+from training.distributed import DistEnv, all_mean, all_true, unwrap
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss became NaN or infinite; the epoch stopped before the optimizer step."""
+
+
+# ---------------------------------------------------------------------------------------- losses
+class Stage1Loss(nn.Module):
+    """Cross-entropy over STAGE1_CLASSES, each sample scaled by its class weight, averaged over N.
+
+    Dividing by N (not by the sum of the weights, as CrossEntropyLoss does) keeps the loss of a batch
+    split over processes equal to the mean of their losses, which is what DDP's gradient averaging
+    assumes.
+    """
+
+    def __init__(self, class_weights: torch.Tensor | None = None, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(len(STAGE1_CLASSES)))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.long()
+        keep = target != self.ignore_index
+        per_sample = F.cross_entropy(logits.float(), target.clamp_min(0), reduction="none")
+        weights = self.class_weights.to(per_sample.device)[target.clamp_min(0)] * keep
+        return (per_sample * weights).sum() / max(int(target.numel()), 1)
+
+
+class Stage2Loss(nn.Module):
+    """Binary cross-entropy over LABELS with the RSNA weights (``any`` x2), the challenge metric's form."""
+
+    def __init__(self, label_weights: tuple[float, ...] = LABEL_WEIGHTS) -> None:
+        super().__init__()
+        self.register_buffer("label_weights", torch.tensor(label_weights, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.float()
+        known = torch.isfinite(target)
+        per_element = F.binary_cross_entropy_with_logits(
+            logits.float(), torch.where(known, target, torch.zeros_like(target)), reduction="none"
+        )
+        weights = self.label_weights.to(per_element.device) * known
+        return (per_element * weights).sum(dim=1).div(self.label_weights.sum()).mean()
+
+
+def class_weights_for(config: TrainConfig, stage1_classes: np.ndarray) -> torch.Tensor | None:
+    """Stage-1 class weights from the config: None, ``balanced`` (N / (K x count)) or six numbers."""
+    if config.stage != 1 or config.class_weights == "none":
+        return None
+    if config.class_weights == "balanced":
+        classes = np.asarray(stage1_classes)
+        classes = classes[classes >= 0]
+        counts = np.bincount(classes, minlength=len(STAGE1_CLASSES)).astype(np.float64)
+        # A class absent from training gets weight 1: it cannot contribute a loss anyway.
+        weights = np.where(counts > 0, len(classes) / (len(STAGE1_CLASSES) * np.maximum(counts, 1)), 1.0)
+        return torch.tensor(weights, dtype=torch.float32)
+    return torch.tensor([float(w) for w in config.class_weights], dtype=torch.float32)
+
+
+def make_loss(config: TrainConfig, stage1_classes: np.ndarray | None = None) -> nn.Module:
+    if config.stage == 1:
+        weights = class_weights_for(config, stage1_classes if stage1_classes is not None else np.zeros(0, int))
+        return Stage1Loss(weights)
+    return Stage2Loss()
+
+
+# ------------------------------------------------------------------------------ optimizer, schedule
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or SGD with momentum) over the trainable parameters, in groups: STN localisation net at ``lr x stn_lr_scale``,
+    backbone and head at ``lr``; biases and normalisation weights (1-D) without weight decay."""
+    net = unwrap(model)
+    groups: list[dict] = []
+    for part, params in net.parameter_groups().items():
+        lr = config.lr * (config.stn_lr_scale if part == "stn" else 1.0)
+        trainable = [p for p in params if p.requires_grad]
+        decay = [p for p in trainable if p.ndim > 1]
+        no_decay = [p for p in trainable if p.ndim <= 1]
+        if decay:
+            groups.append({"params": decay, "lr": lr, "weight_decay": config.weight_decay, "name": f"{part}"})
+        if no_decay:
+            groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{part}_no_decay"})
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """Learning-rate multiplier per optimizer step: linear warm-up, then cosine, step or constant.
+
+    A callable object (not a closure) so LambdaLR can rebuild it from the config on resume.
+    """
+
+    total_steps: int
+    warmup_steps: int
+    kind: str
+    steps_per_epoch: int
+    step_epochs: int
+    step_gamma: float
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "step":
+            return self.step_gamma ** ((step // max(self.steps_per_epoch, 1)) // self.step_epochs)
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min(max(step - self.warmup_steps, 0) / span, 1.0)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LambdaLR for ``config.epochs`` epochs of ``steps_per_epoch`` optimizer steps."""
+    steps_per_epoch = max(int(steps_per_epoch), 1)
+    schedule = LrSchedule(
+        total_steps=steps_per_epoch * config.epochs,
+        warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
+        kind=config.schedule,
+        steps_per_epoch=steps_per_epoch,
+        step_epochs=config.step_epochs,
+        step_gamma=config.step_gamma,
+        min_ratio=config.min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+# ------------------------------------------------------------------------------------ loop settings
+@dataclass
+class LoopSettings:
+    """What one epoch needs beyond model, loader and optimizer."""
+
+    stage: int
+    device: torch.device
+    env: DistEnv = field(default_factory=DistEnv)
+    grad_clip: float | None = None
+    aux_loss_weight: float = 0.4
+    amp: bool = False  # honoured on CUDA only
+    channels_last: bool = False  # honoured on CUDA only
+    freeze_bn: bool = False
+    max_steps: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, device: torch.device, env: DistEnv) -> LoopSettings:
+        cuda = device.type == "cuda"
+        return cls(
+            stage=config.stage,
+            device=device,
+            env=env,
+            grad_clip=config.grad_clip,
+            aux_loss_weight=config.aux_loss_weight,
+            amp=config.amp and cuda,
+            channels_last=config.channels_last and cuda,
+            freeze_bn=config.freeze_bn,
+            max_steps=config.max_steps_per_epoch,
+            progress=config.progress,
+        )
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+def make_grad_scaler(settings: LoopSettings) -> torch.amp.GradScaler | None:
+    """A GradScaler for float16 autocast on CUDA (bfloat16 needs none)."""
+    if settings.amp and settings.amp_dtype == torch.float16:
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def set_batchnorm_eval(model: nn.Module) -> None:
+    """Put every batch-norm layer in eval mode: running statistics stay fixed, affine weights still learn."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def steps_in(loader: Iterable, settings: LoopSettings) -> int:
+    n = len(loader)  # type: ignore[arg-type]
+    return min(n, settings.max_steps) if settings.max_steps else n
+
+
+# ------------------------------------------------------------------------------------------ epoch
+@dataclass(frozen=True)
+class EpochResult:
+    loss: float  # mean training loss over the epoch's steps (averaged over ranks)
+    images: int  # images seen by this rank
+    steps: int
+    seconds: float
+    lr: float  # learning rate of the backbone/head at the end of the epoch
+
+
+def _progress(iterable: Iterable, total: int, desc: str, settings: LoopSettings):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False,
+                disable=not settings.progress or not settings.env.is_main, dynamic_ncols=True)
+
+
+def main_lr(optimizer: torch.optim.Optimizer) -> float:
+    """Learning rate of the first non-STN group (what the log and metrics.csv report)."""
+    for group in optimizer.param_groups:
+        if not str(group.get("name", "")).startswith("stn"):
+            return float(group["lr"])
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    loss_fn: nn.Module,
+    settings: LoopSettings,
+    *,
+    epoch: int,
+    scaler: torch.amp.GradScaler | None = None,
+    desc: str | None = None,
+) -> EpochResult:
+    """One pass over ``loader`` with ``model`` a TrainView (or DDP around one): forward, loss (+ Inception aux loss), backward, clip, step, schedule.
+
+    Raises NonFiniteLossError before the optimizer step when the loss is NaN/Inf on any rank, so the
+    weights and optimizer state stay those of the last good step.
+    """
+    model.train()
+    if settings.freeze_bn:
+        set_batchnorm_eval(model)
+    total = steps_in(loader, settings)
+    started = time.perf_counter()
+    loss_sum, steps, images = 0.0, 0, 0
+    bar = _progress(loader, total, desc or f"epoch {epoch} train", settings)
+    try:
+        for batch in bar:
+            if steps >= total:
+                break
+            if batch is None:  # every slice of the batch failed to decode
+                continue
+            inputs, target, _ids = batch
+            inputs = settings.to_device(inputs)
+            target = target.to(settings.device, non_blocking=True)
+            with settings.autocast():
+                out = model(inputs)
+                loss = loss_fn(out.logits, target)
+                if out.aux_logits is not None and settings.aux_loss_weight > 0:
+                    loss = loss + settings.aux_loss_weight * loss_fn(out.aux_logits, target)
+            if not all_true(bool(torch.isfinite(loss).item()), settings.env):
+                raise NonFiniteLossError(f"training loss became {loss.item()} at epoch {epoch}, step {steps + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += float(loss.detach())
+            steps += 1
+            images += int(inputs.shape[0])
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss_sum / steps:.4f}", img_s=f"{images / max(elapsed, 1e-9):.1f}")
+    finally:
+        bar.close()
+    mean_loss = all_mean(loss_sum / steps if steps else float("nan"), settings.env)
+    return EpochResult(mean_loss, images, steps, time.perf_counter() - started, main_lr(optimizer))
+
+
+class TrainView(nn.Module):
+    """The training forward: ``forward`` returns the model's ``forward_extras`` (logits, aux logits,
+    theta, aligned). DDP hooks gradients in ``forward`` only, so this view is what it wraps."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, inputs: torch.Tensor):
+        return self.net.forward_extras(inputs)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict_loader(
+    model: nn.Module, loader: Iterable, settings: LoopSettings, *, desc: str = "evaluate"
+) -> dict[str, np.ndarray]:
+    """Eval-mode forward over ``loader`` (items ``(image, six labels, image_id)``); returns this rank's
+    ``image_ids``, ``logits``, ``probs`` (LABELS order) and ``targets`` as arrays, rows in loader order."""
+    from hemorrhage_core.models import probabilities
+
+    net = unwrap(model)
+    net.eval()  # batch norm on running statistics, dropout off
+    logits_parts, target_parts, ids = [], [], []
+    bar = _progress(loader, len(loader), desc, settings)  # type: ignore[arg-type]
+    for batch in bar:
+        if batch is None:
+            continue
+        inputs, target, batch_ids = batch
+        with settings.autocast():
+            logits = net(settings.to_device(inputs))
+        logits_parts.append(logits.float().cpu())
+        target_parts.append(target.float().reshape(len(target), -1))
+        ids.extend(str(i) for i in batch_ids)
+    bar.close()
+    logits = torch.cat(logits_parts) if logits_parts else torch.zeros(0, len(LABELS))
+    targets = torch.cat(target_parts) if target_parts else torch.zeros(0, len(LABELS))
+    probs = probabilities(settings.stage, logits)
+    return {
+        "image_ids": np.asarray(ids, dtype=object),
+        "logits": logits.numpy().astype(np.float64),
+        "probs": probs.numpy().astype(np.float64),
+        "targets": targets.numpy().astype(np.float64),
+    }
+
+
+def evaluation_loss(stage: int, logits: np.ndarray, targets: np.ndarray, loss_fn: nn.Module) -> float | None:
+    """The training loss on gathered predictions; stage 1 scores single-class images only."""
+    if not len(logits):
+        return None
+    t = torch.from_numpy(targets)
+    if stage == 1:
+        classes = torch.from_numpy(stage1_targets(np.nan_to_num(targets).astype(np.int64)))
+        keep = classes >= 0
+        if not bool(keep.any()):
+            return None
+        return float(loss_fn(torch.from_numpy(logits)[keep].float(), classes[keep]))
+    return float(loss_fn(torch.from_numpy(logits).float(), t))
+
+
+def order_gathered(gathered: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of arrays gathered from several ranks, sorted back into dataset order by ``positions``."""
+    order = np.argsort(gathered["positions"], kind="stable")
+    return {key: value[order] for key, value in gathered.items()}
+
+
+def selection_value(row: dict[str, float | None], metric: str) -> float | None:
+    """The model-selection value of a metrics row (``val_auc_mean`` or ``val_weighted_log_loss``)."""
+    value = row.get(f"val_{metric}")
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def improved(value: float | None, best: float | None, maximize: bool) -> bool:
+    if value is None:
+        return False
+    if best is None:
+        return True
+    return value > best if maximize else value < best

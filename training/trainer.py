@@ -1,0 +1,637 @@
+"""``fit(config) -> run directory``: data, model, loop, run records, checkpoints and ``--resume``.
+
+One code path for one process and for torchrun: every rank trains, rank 0 alone writes. Each epoch
+ends with metrics.csv's row, then (when the validation metric improved) best.pt, predictions.csv and
+the gallery, then last.pt with the full train state. A resumed run restores model, optimizer,
+scheduler, grad scaler, epoch and every RNG state from last.pt, so on CPU it ends bitwise where an
+uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hemorrhage_core.labels import LABELS, SUBTYPES
+from training import distributed as D
+from training.config import ConfigError, TrainConfig
+from training.engine import (
+    LoopSettings,
+    NonFiniteLossError,
+    TrainView,
+    evaluation_loss,
+    improved,
+    make_grad_scaler,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    order_gathered,
+    predict_loader,
+    selection_value,
+    steps_in,
+    train_one_epoch,
+)
+
+log = logging.getLogger(__name__)
+
+LAST = "last"
+BEST = "best"
+
+
+# ------------------------------------------------------------------------------------------ runtime
+@dataclass(frozen=True)
+class Runtime:
+    env: D.DistEnv
+    device: torch.device
+
+
+def setup_runtime(config: TrainConfig) -> Runtime:
+    """Join torchrun's process group if launched by it, pick the device, set CPU threads."""
+    device_type = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+    env = D.init(device_type)
+    device = D.device_for(env, config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    return Runtime(env, device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states as checkpoint-safe values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": _python_state_to_list(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["key"].numpy().astype(np.uint32), int(np_state["pos"]),
+                         int(np_state["has_gauss"]), float(np_state["cached_gaussian"])))
+    random.setstate(_python_state_from_list(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_list(state: tuple) -> list:
+    version, internal, gauss = state
+    return [int(version), [int(v) for v in internal], gauss]
+
+
+def _python_state_from_list(values: list) -> tuple:
+    version, internal, gauss = values
+    return (int(version), tuple(int(v) for v in internal), gauss)
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass
+class DataBundle:
+    """The rows a run trains and validates on, and where they come from."""
+
+    data_dir: Path
+    index: pd.DataFrame  # usable rows after the patient subset
+    train: pd.DataFrame
+    val: pd.DataFrame
+    cache: Any  # SliceCache or None
+    skipped: list[str]
+    fingerprint: str
+
+
+def _windows(config: TrainConfig):
+    from hemorrhage_core.windowing import WindowStack
+
+    try:
+        return WindowStack.from_list(config.windows)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
+
+
+def load_index(config: TrainConfig, env: D.DistEnv):
+    """The data set's index (rank 0 builds and saves it first; the others then reuse it)."""
+    from hemorrhage_core.data import build_index
+
+    progress = config.progress and env.is_main
+    if env.is_main:
+        index = build_index(config.data, progress=progress)
+        D.barrier(env)
+    else:
+        D.barrier(env)
+        index = build_index(config.data, progress=False)
+    return index
+
+
+def build_cache(config: TrainConfig, rows: pd.DataFrame, env: D.DistEnv):
+    """The preprocessed slice cache over ``rows`` (None when the config turns it off)."""
+    if not config.cache:
+        return None
+    from hemorrhage_core.data import SliceCache
+
+    kwargs = {"image_size": config.image_size, "windows": _windows(config), "progress": config.progress and env.is_main}
+    if env.is_main:
+        cache = SliceCache.build(rows, config.data, **kwargs)
+        D.barrier(env)
+    else:
+        D.barrier(env)
+        cache = SliceCache.build(rows, config.data, **kwargs)
+    return cache
+
+
+def data_fingerprint(rows: pd.DataFrame) -> str:
+    """SHA-256 (16 hex) of the image ids, paths and labels a run used: same data, same fingerprint."""
+    digest = hashlib.sha256()
+    ordered = rows.sort_values("image_id")
+    for values in ordered[["image_id", "path", *LABELS]].itertuples(index=False, name=None):
+        digest.update("\t".join(str(v) for v in values).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def prepare_data(config: TrainConfig, env: D.DistEnv) -> DataBundle:
+    """Index -> patient subset -> patient-grouped train/validation split -> cache."""
+    from hemorrhage_core.data import split_train_val, subset_patients
+
+    index = load_index(config, env)
+    # One cache over the whole data set serves every subset and split of it (and the next run).
+    cache = build_cache(config, index.table, env)
+    table = index.table
+    if config.subset < 1.0:
+        table = subset_patients(table, fraction=config.subset, seed=config.seed)
+    skipped = set(index.report.missing_ids) | set(index.report.unreadable)
+    if cache is not None:
+        failed = set(cache.failed) & set(table["image_id"])
+        skipped |= failed
+        table = cache.usable(table)
+    train, val = split_train_val(table, val_fraction=config.val_fraction, seed=config.seed)
+    return DataBundle(
+        data_dir=Path(config.data), index=table, train=train, val=val, cache=cache,
+        skipped=sorted(skipped), fingerprint=data_fingerprint(table),
+    )
+
+
+def augmenter(config: TrainConfig):
+    """The training augmentation of the config (None when off)."""
+    if config.augment is False:
+        return None
+    from hemorrhage_core.data import AugmentConfig, SliceAugment
+
+    if config.augment is True:
+        return SliceAugment(AugmentConfig())
+    try:
+        return SliceAugment(AugmentConfig(**dict(config.augment)))
+    except TypeError as exc:
+        raise ConfigError(f"config augment: {exc}") from None
+
+
+def make_dataset(config: TrainConfig, rows: pd.DataFrame, data_dir: Path, cache, *, stage: int, train: bool):
+    from hemorrhage_core.data import SliceDataset
+
+    return SliceDataset(
+        rows, data_dir, stage=stage, image_size=config.image_size, windows=_windows(config), cache=cache,
+        augment=augmenter(config) if train else None,
+    )
+
+
+def train_loader(dataset, config: TrainConfig, env: D.DistEnv, device: torch.device) -> DataLoader:
+    """Shuffled by a DistributedSampler in every world size (see distributed.train_sampler); a full
+    last batch only, so batch norm never sees a single image."""
+    from hemorrhage_core.data.loader import collate_skip_failed, seed_worker
+
+    sampler = D.train_sampler(dataset, env, seed=config.seed)
+    generator = torch.Generator()
+    generator.manual_seed(config.seed)
+    per_rank = len(sampler)
+    return DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+        collate_fn=collate_skip_failed, pin_memory=device.type == "cuda",
+        drop_last=per_rank > config.batch_size, persistent_workers=config.num_workers > 0,
+        worker_init_fn=seed_worker, generator=generator,
+    )
+
+
+def eval_loader(dataset, config: TrainConfig, env: D.DistEnv, device: torch.device) -> DataLoader:
+    from hemorrhage_core.data.loader import collate_skip_failed
+
+    return DataLoader(
+        dataset, batch_size=config.effective_eval_batch_size, sampler=D.ShardSampler(len(dataset), env),
+        num_workers=config.num_workers, collate_fn=collate_skip_failed, pin_memory=device.type == "cuda",
+    )
+
+
+# -------------------------------------------------------------------------------------------- model
+def parent_checkpoint(init_from: str | os.PathLike) -> Path:
+    """The best checkpoint of a stage-1 run directory (or a checkpoint file given directly)."""
+    from hemorrhage_core.runs import RunFormatError, read_run
+
+    path = Path(init_from)
+    if path.is_file():
+        return path
+    try:
+        record = read_run(path)
+    except RunFormatError as exc:
+        raise ConfigError(f"--init-from {path}: not a usable run directory ({exc})") from None
+    if record.stage != 1:
+        raise ConfigError(f"--init-from {path}: stage 2 starts from a stage-1 run, this is stage {record.stage}")
+    model_path = record.model_path
+    if not model_path.is_file():
+        raise ConfigError(f"--init-from {path}: the run has no model file yet ({record.info.get('model_file')})")
+    return model_path
+
+
+def adopt_parent(config: TrainConfig) -> TrainConfig:
+    """Stage 2 takes backbone, image size, windows and input size from its stage-1 checkpoint."""
+    from hemorrhage_core.checkpoint import load_checkpoint
+
+    if config.stage != 2:
+        return config
+    if not config.init_from:
+        raise ConfigError("stage 2 needs --init-from a stage-1 run directory")
+    ckpt = load_checkpoint(parent_checkpoint(config.init_from))
+    inherited = {
+        "backbone": ckpt.spec.backbone,
+        "image_size": ckpt.image_size,
+        "windows": ckpt.windows.to_list(),
+        "input_size": ckpt.spec.input_size,
+        "stn": ckpt.spec.stn != "none",
+    }
+    changed = {k: v for k, v in inherited.items() if getattr(config, k) != v}
+    if changed:
+        log.info("stage 2 follows its stage-1 model for %s", ", ".join(sorted(changed)))
+    return TrainConfig.from_dict(inherited, base=config)
+
+
+def build_network(config: TrainConfig) -> nn.Module:
+    """Model1 from scratch/ImageNet, or Model2 from the stage-1 run's best checkpoint."""
+    from hemorrhage_core.models import DEFAULT_DROPOUT, ModelSpec, build_model, stage2_from_stage1
+
+    if config.stage == 2:
+        return stage2_from_stage1(parent_checkpoint(config.init_from), dropout=config.dropout, freeze=config.freeze_trunk)
+    spec = ModelSpec(
+        backbone=config.backbone, stage=1, input_size=config.input_size,
+        stn="similarity" if config.stn else "none",
+        dropout=DEFAULT_DROPOUT if config.dropout is None else config.dropout,
+    )
+    return build_model(spec, weights=config.weights, freeze=config.freeze_trunk)
+
+
+# --------------------------------------------------------------------------------------------- loop
+class Loop:
+    """Model, optimizer, schedule and loaders of one training job, with its state for checkpoints."""
+
+    def __init__(self, config: TrainConfig, net: nn.Module, train_set, runtime: Runtime) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.net = net.to(runtime.device)
+        if config.channels_last and runtime.device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.settings = LoopSettings.from_config(config, runtime.device, runtime.env)
+        self.loader = train_loader(train_set, config, runtime.env, runtime.device)
+        stage1 = np.asarray(train_set.targets) if config.stage == 1 else None
+        self.loss_fn = make_loss(config, stage1).to(runtime.device)
+        self.model = D.wrap_model(TrainView(self.net), runtime.env, runtime.device)
+        self.optimizer = make_optimizer(self.net, config)
+        self.steps_per_epoch = steps_in(self.loader, self.settings)
+        self.scheduler = make_scheduler(self.optimizer, config, self.steps_per_epoch)
+        self.scaler = make_grad_scaler(self.settings)
+
+    def train_epoch(self, epoch: int):
+        self.loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        return train_one_epoch(
+            self.model, self.loader, self.optimizer, self.scheduler, self.loss_fn, self.settings,
+            epoch=epoch, scaler=self.scaler, desc=f"epoch {epoch}/{self.config.epochs} train",
+        )
+
+    def state(self, epoch: int, best: dict | None) -> dict[str, Any]:
+        return {
+            "epoch": int(epoch),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_state(),
+            "loader_generator": self.loader.generator.get_state(),  # type: ignore[union-attr]
+            "best": best,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.generator.set_state(state["loader_generator"])  # type: ignore[union-attr]
+        set_rng_state(state["rng"])
+
+
+# ------------------------------------------------------------------------------------ run records
+def gallery_positions(targets: np.ndarray, image_ids: np.ndarray, size: int) -> list[int]:
+    """A fixed sample of validation positions covering every label (then label-free slices).
+
+    Ids are ordered by a hash, so the sample is spread over patients yet stable between epochs.
+    """
+    if size <= 0 or not len(image_ids):
+        return []
+    order = sorted(range(len(image_ids)), key=lambda i: hashlib.sha256(str(image_ids[i]).encode()).hexdigest())
+    t = np.nan_to_num(np.asarray(targets, dtype=np.float64))
+    per_label = max(1, size // (len(LABELS) + 1))
+    chosen: list[int] = []
+    for j in range(len(SUBTYPES)):
+        chosen += [i for i in order if t[i, j] > 0 and i not in chosen][:per_label]
+    chosen += [i for i in order if t[i, -1] == 0 and i not in chosen][:per_label]
+    chosen += [i for i in order if i not in chosen][: max(0, size - len(chosen))]
+    return sorted(chosen[:size])
+
+
+def _hash(values) -> list[str]:
+    from hemorrhage_core.data import hash_id
+
+    return [hash_id(v) for v in values]
+
+
+def predictions_frame(val_rows: pd.DataFrame, targets: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    """predictions.csv: image id, hashed patient and series, z, truth and probability per label."""
+    frame = pd.DataFrame({
+        "image_id": val_rows["image_id"].astype(str).to_numpy(),
+        "patient": _hash(val_rows["patient_id"]),
+        "series": _hash(val_rows["series_uid"]),
+        "z": val_rows["z"].to_numpy(dtype=np.float64),
+    })
+    for j, label in enumerate(LABELS):
+        frame[f"true_{label}"] = np.nan_to_num(targets[:, j]).astype(np.int64)
+    for j, label in enumerate(LABELS):
+        frame[f"prob_{label}"] = probs[:, j]
+    return frame
+
+
+@torch.no_grad()
+def gallery_entries(net: nn.Module, val_set, positions: list[int], stage: int, device: torch.device):
+    """GalleryEntry per position: the windowed input, the STN-aligned image, theta and probabilities."""
+    from hemorrhage_core.models import probabilities
+    from hemorrhage_core.runs import GalleryEntry
+
+    if not positions:
+        return []
+    items = [val_set[i] for i in positions]
+    kept = [(p, item) for p, item in zip(positions, items, strict=True) if item is not None]
+    if not kept:
+        return []
+    images = torch.stack([item[0] for _, item in kept])
+    net.eval()
+    out = net.forward_extras(images.to(device))
+    probs = probabilities(stage, out.logits.float()).cpu().numpy()
+    entries = []
+    for k, (_pos, (image, target, image_id)) in enumerate(kept):
+        entries.append(GalleryEntry(
+            image_id=str(image_id),
+            input_image=image.numpy(),
+            aligned_image=out.aligned[k].float().clamp(0, 1).cpu().numpy(),
+            theta=out.theta[k].float().cpu().reshape(-1).tolist(),
+            true=[int(v) for v in np.nan_to_num(target.numpy())],
+            prob=probs[k].tolist(),
+        ))
+    return entries
+
+
+def metrics_row(
+    epoch: int, result, loss: float | None, gathered: dict[str, np.ndarray], val_rows: pd.DataFrame,
+    config: TrainConfig,
+) -> dict[str, Any]:
+    """One metrics.csv row from the epoch's training result and the gathered validation predictions."""
+    from hemorrhage_core.metrics import validation_metrics
+
+    targets = gathered["targets"]
+    labelled = np.isfinite(targets).all(axis=1)
+    stage1_pred = None
+    if config.stage == 1:
+        stage1_pred = torch.softmax(torch.from_numpy(gathered["logits"]), dim=1).numpy()[labelled]
+    zs = {}
+    if config.z_smooth:
+        zs = {"series_ids": val_rows["series_uid"].astype(str).to_numpy()[labelled],
+              "z": val_rows["z"].to_numpy(dtype=np.float64)[labelled]}
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": result.loss, "val_loss": loss}
+    if labelled.any():
+        row.update(validation_metrics(targets[labelled].astype(np.int64), gathered["probs"][labelled],
+                                      stage1_pred=stage1_pred, **zs))
+    row["lr"] = result.lr
+    row["seconds"] = round(result.seconds, 3)
+    return row
+
+
+def epoch_line(epoch: int, epochs: int, row: dict[str, Any], images_per_s: float, is_best: bool) -> str:
+    """The concise per-epoch log line (numbers only: no ids, no patient data)."""
+    def f(key: str, fmt: str = ".4f") -> str:
+        value = row.get(key)
+        return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+    return (
+        f"epoch {epoch}/{epochs} train_loss {f('train_loss')} val_loss {f('val_loss')} "
+        f"auc_mean {f('val_auc_mean')} auc_any {f('val_auc_any')} wll {f('val_weighted_log_loss')} "
+        f"acc {f('val_accuracy')} lr {f('lr', '.2e')} {row.get('seconds', 0):.1f}s {images_per_s:.1f} img/s"
+        + (" *best" if is_best else "")
+    )
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler stopping the job) ends the run as ``interrupted``, like Ctrl-C."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------- fit
+def fit(
+    config: TrainConfig,
+    *,
+    on_start: Callable[[Path], None] | None = None,
+    resume: str | os.PathLike | None = None,
+) -> Path:
+    """Train one model as ``config`` says and return its run directory (on every rank).
+
+    ``resume`` continues that run from its last.pt instead (``config`` is then the run's own).
+    ``on_start`` is called with the run directory as soon as run.json exists (rank 0 only).
+    Under torchrun the process group stays up for the caller's next run; the command closes it.
+    """
+    runtime = setup_runtime(config)
+    with _sigterm_as_interrupt():
+        return _fit(config, runtime, on_start=on_start, resume=Path(resume) if resume else None)
+
+
+def resume_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The TrainConfig stored in an existing run's run.json."""
+    from hemorrhage_core.runs import RunFormatError, load_run_json
+
+    try:
+        info = load_run_json(run_dir)
+    except RunFormatError as exc:
+        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+    if info.get("kind") != "train":
+        raise ConfigError(f"cannot resume {run_dir}: it is a {info.get('kind')} run, not a training run")
+    return TrainConfig.from_dict(info.get("config") or {})
+
+
+def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None) -> Path:
+    from hemorrhage_core.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from hemorrhage_core.runs import RunWriter
+
+    env, device = runtime.env, runtime.device
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    train_state = None
+    if resume is not None:
+        last_path = resume / "checkpoints" / f"{LAST}.pt"
+        if not last_path.is_file():
+            raise ConfigError(f"cannot resume {resume}: it has no checkpoints/{LAST}.pt (no epoch finished)")
+        last = load_checkpoint(last_path)
+        if last.train_state is None:
+            raise ConfigError(f"cannot resume {resume}: {last_path.name} holds no train state")
+        train_state = last.train_state
+        net, _ = model_from_checkpoint(last)
+    else:
+        config = adopt_parent(config)
+        net = build_network(config)
+
+    data = prepare_data(config, env)
+    train_set = make_dataset(config, data.train, data.data_dir, data.cache, stage=config.stage, train=True)
+    # Validation always carries the six labels: stage-1 models are scored on them too.
+    val_set = make_dataset(config, data.val, data.data_dir, data.cache, stage=2, train=False)
+    if len(train_set) < 1 or len(val_set) < 1:
+        raise ConfigError(f"too few images: {len(train_set)} for training, {len(val_set)} for validation")
+    val_rows = val_set.index
+    val_position = {image_id: i for i, image_id in enumerate(val_set.image_ids)}
+    loop = Loop(config, net, train_set, runtime)
+    windows = _windows(config)
+
+    writer = None
+    if env.is_main:
+        if resume is not None:
+            writer = RunWriter.reopen(resume)
+            writer.truncate_metrics(int(train_state["epoch"]))
+            writer.log(f"resumed from epoch {int(train_state['epoch'])}")
+        else:
+            parent_id = None
+            if config.init_from:
+                parent_id = Path(config.init_from).name
+            writer = RunWriter.create(
+                config.runs_dir, backbone=config.backbone, stage=config.stage, config=config.to_dict(),
+                parent_run=parent_id,
+                data={
+                    "dir": str(data.data_dir), "fingerprint": data.fingerprint, "n_images": len(data.index),
+                    "n_train": len(train_set), "n_val": len(val_set),
+                    "n_patients_train": int(data.train["patient_id"].nunique()),
+                    "n_patients_val": int(data.val["patient_id"].nunique()),
+                    "skipped": data.skipped,
+                },
+                split={"seed": config.seed, "val_fraction": config.val_fraction,
+                       "val_patients": sorted(_hash(data.val["patient_id"].unique()))},
+                epochs_planned=config.epochs, device=device_label(device), world_size=env.world_size,
+            )
+            writer.log(
+                f"{config.backbone} stage {config.stage}: {len(train_set)} training and {len(val_set)} "
+                f"validation images, {loop.steps_per_epoch} steps per epoch, device {device_label(device)}, "
+                f"world size {env.world_size}"
+            )
+    run_dir = Path(D.broadcast(str(writer.path) if writer else None, env))
+    if writer is not None and on_start is not None:
+        on_start(run_dir)
+
+    best: dict | None = None
+    first_epoch = 1
+    if train_state is not None:
+        loop.load_state(train_state)
+        best = train_state.get("best")
+        first_epoch = int(train_state["epoch"]) + 1
+    gallery = gallery_positions(val_set.targets, val_set.image_ids, config.gallery_size)
+
+    try:
+        for epoch in range(first_epoch, config.epochs + 1):
+            try:
+                result = loop.train_epoch(epoch)
+            except NonFiniteLossError as exc:
+                message = f"{exc}; stopped, the last good checkpoint is kept"
+                log.error(message)
+                if writer is not None:
+                    writer.log(message)
+                    writer.finish("failed", message)
+                D.barrier(env)
+                return run_dir
+            eval_started = time.perf_counter()
+            mine = predict_loader(loop.net, eval_loader(val_set, config, env, device), loop.settings,
+                                  desc=f"epoch {epoch}/{config.epochs} validate")
+            mine["positions"] = np.array([val_position[i] for i in mine["image_ids"]], dtype=np.int64)
+            gathered = order_gathered(D.gather_rows(mine, env))
+            rows = val_rows.iloc[gathered["positions"]]
+            loss = evaluation_loss(config.stage, gathered["logits"], gathered["targets"], loop.loss_fn)
+            result = replace(result, seconds=result.seconds + time.perf_counter() - eval_started)
+            row = metrics_row(epoch, result, loss, gathered, rows, config)
+            value = selection_value(row, config.metric)
+            is_best = improved(value, None if best is None else best["value"], config.maximize)
+            if is_best:
+                best = {"epoch": epoch, "metric": config.metric, "value": value}
+            if writer is not None:
+                writer.append_metrics(row)
+                if is_best:
+                    save_checkpoint(writer.checkpoint_path(BEST), loop.net, image_size=config.image_size,
+                                    windows=windows, config=config.to_dict(), metrics=row)
+                    writer.write_predictions(predictions_frame(rows, gathered["targets"], gathered["probs"]))
+                    writer.write_gallery(gallery_entries(loop.net, val_set, gallery, config.stage, device))
+                    writer.set_best(epoch, config.metric, value)
+                save_checkpoint(writer.checkpoint_path(LAST), loop.net, image_size=config.image_size,
+                                windows=windows, config=config.to_dict(), metrics=row,
+                                train_state=loop.state(epoch, best))
+                line = epoch_line(epoch, config.epochs, row, result.images * env.world_size / max(result.seconds, 1e-9), is_best)
+                writer.log(line)
+                log.info(line)
+            D.barrier(env)
+        if writer is not None:
+            if best is None:
+                writer.finish("failed", "no epoch produced a finite validation metric; no best model")
+            else:
+                writer.log(f"finished in {time.perf_counter() - started:.1f}s; best epoch {best['epoch']} "
+                           f"{best['metric']} {best['value']:.4f}")
+                writer.finish("finished")
+    except BaseException as exc:
+        if writer is not None:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            writer.finish(status, f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    return run_dir
