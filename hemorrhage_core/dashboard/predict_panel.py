@@ -1,0 +1,376 @@
+"""Predict panel: upload DICOM slices, pick a model, see probabilities, the STN alignment and Grad-CAM.
+
+Uploaded files are read into memory and deleted from disk at once; their bytes live only in this
+session. Prediction runs in an extended task on a worker thread (other sessions and this session's
+controls stay responsive) through the one shared Predictor of the chosen run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from htmltools import Tag
+from shiny import module, reactive, render, ui
+
+from hemorrhage_core import plots
+from hemorrhage_core.dashboard.common import AppContext, help_text, message, sync_run_select
+from hemorrhage_core.dashboard.figures import figure_output, render_figure
+from hemorrhage_core.dashboard.predictors import Upload, UploadResult, analyse_uploads, series_groups
+from hemorrhage_core.dashboard.safety import user_message
+from hemorrhage_core.dashboard.state import run_key, run_label
+from hemorrhage_core.labels import LABELS
+from hemorrhage_core.runs import RunSummary
+from hemorrhage_core.windowing import PRESETS
+
+log = logging.getLogger("hemorrhage_core.dashboard")
+
+DISPLAY_PRESETS = ("brain", "subdural", "bone")
+CENTER_RANGE = (-1000.0, 3000.0)
+WIDTH_RANGE = (1.0, 4000.0)
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """Everything the worker thread needs, read from reactive inputs before the task starts."""
+
+    run_id: str
+    run_name: str
+    model_path: Path
+    uploads: tuple[Upload, ...]
+    saliency_label: str
+
+
+@dataclass
+class PredictBatch:
+    """The outcome of one prediction request: per-file results, or one message for the whole batch."""
+
+    run_name: str
+    results: list[UploadResult] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def usable(self) -> list[UploadResult]:
+        return [r for r in self.results if r.ok]
+
+
+def read_uploads(
+    file_infos: list[dict] | None, *, max_bytes: int, max_files: int
+) -> tuple[list[Upload], list[str]]:
+    """Read Shiny's uploaded files into memory and delete them from disk; refuse oversized ones.
+
+    Returns the uploads and one message per refused file. Files are deleted whatever happens.
+    """
+    uploads: list[Upload] = []
+    problems: list[str] = []
+    for position, info in enumerate(file_infos or ()):
+        name = str(info.get("name") or f"file {position + 1}")
+        path = info.get("datapath")
+        try:
+            if position >= max_files:
+                problems.append(f"{name}: not read; at most {max_files} files at a time.")
+                continue
+            size = os.path.getsize(path) if path else 0
+            if size > max_bytes:
+                problems.append(
+                    f"{name}: larger than the {max_bytes / (1024 * 1024):g} MB upload limit; not read."
+                )
+                continue
+            if size == 0:
+                problems.append(f"{name}: the file is empty.")
+                continue
+            with open(path, "rb") as fh:
+                uploads.append(Upload(name=name, data=fh.read()))
+        except OSError as exc:
+            problems.append(f"{name}: {user_message(exc, context='reading an upload')}")
+        finally:
+            if path:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+    return uploads, problems
+
+
+def default_model(runs: list[RunSummary]) -> str | None:
+    """The newest finished stage-2 run, else the newest finished run."""
+    stage2 = [s for s in runs if s.stage == 2]
+    pick = (stage2 or runs)[:1]
+    return run_key(pick[0]) if pick else None
+
+
+@module.ui
+def predict_ui() -> Tag:
+    return ui.layout_sidebar(
+        ui.sidebar(
+            ui.input_select("model", "Model (a finished run)", choices={}),
+            ui.input_file(
+                "files",
+                "DICOM slices (.dcm)",
+                multiple=True,
+                accept=[".dcm", ".dicom", "application/dicom"],
+                button_label="Choose files…",
+                placeholder="no file chosen",
+            ),
+            ui.input_task_button("predict", "Predict", label_busy="Predicting…", type="primary"),
+            ui.input_select("cam_label", "Grad-CAM for class", choices=list(LABELS), selected="any"),
+            ui.output_ui("limits"),
+            width=320,
+        ),
+        ui.output_ui("status"),
+        ui.div(
+            ui.input_select("slice", "Slice (in z order)", choices={}, width="100%"),
+            class_="slice-picker",
+        ),
+        ui.layout_columns(
+            ui.card(
+                ui.card_header("Slice"),
+                ui.output_ui("slice_image"),
+                ui.input_radio_buttons(
+                    "preset", None, choices={p: p for p in DISPLAY_PRESETS}, selected="brain", inline=True
+                ),
+                ui.layout_columns(
+                    ui.input_slider(
+                        "center",
+                        "Centre (HU)",
+                        min=CENTER_RANGE[0],
+                        max=CENTER_RANGE[1],
+                        value=PRESETS["brain"].center,
+                        step=5,
+                    ),
+                    ui.input_slider(
+                        "width",
+                        "Width (HU)",
+                        min=WIDTH_RANGE[0],
+                        max=WIDTH_RANGE[1],
+                        value=PRESETS["brain"].width,
+                        step=5,
+                    ),
+                    col_widths=(6, 6),
+                ),
+            ),
+            ui.card(ui.card_header("STN-aligned (what the classifier sees)"), ui.output_ui("aligned_image")),
+            ui.card(ui.card_header(ui.output_text("cam_title", inline=True)), ui.output_ui("cam_image")),
+            col_widths=(4, 4, 4),
+        ),
+        ui.layout_columns(
+            ui.card(ui.card_header("Probabilities"), figure_output("bars")),
+            ui.card(ui.card_header("Probabilities along z (this series)"), figure_output("profile")),
+            col_widths=(5, 7),
+        ),
+    )
+
+
+@module.server
+def predict_server(input, output, session, ctx: AppContext) -> None:
+    def candidates():
+        return ctx.snapshot().select(kind="train", statuses=("finished",), with_model=True)
+
+    sync_run_select(
+        "model", candidates, current=lambda: input.model(), default=lambda runs: default_model(list(runs))
+    )
+
+    uploads: reactive.Value[tuple[Upload, ...]] = reactive.value((), name="uploads")
+    upload_problems: reactive.Value[tuple[str, ...]] = reactive.value((), name="upload_problems")
+
+    @render.ui
+    def limits():
+        return help_text(
+            f"Up to {ctx.config.max_upload_files} files, each at most {ctx.config.max_upload_mb:g} MB. "
+            "Files are read into memory, deleted from the server at once, and forgotten when you "
+            "close the page. Patient names and other identifying header fields are never shown."
+        )
+
+    @reactive.effect
+    @reactive.event(input.files)
+    def _receive() -> None:
+        files, problems = read_uploads(
+            input.files(), max_bytes=ctx.config.max_upload_bytes, max_files=ctx.config.max_upload_files
+        )
+        upload_problems.set(tuple(problems))
+        uploads.set(tuple(files))
+
+    @ui.bind_task_button(button_id="predict")
+    @reactive.extended_task
+    async def predict_task(request: PredictRequest) -> PredictBatch:
+        return await asyncio.to_thread(_run_request, ctx, request)
+
+    def request() -> PredictRequest | None:
+        run_id = input.model()
+        files = uploads()
+        if not run_id or not files:
+            return None
+        try:
+            record = ctx.index.record(run_id)
+            model_path = record.model_path
+        except Exception as exc:  # noqa: BLE001
+            upload_problems.set(
+                (f"The chosen model cannot be used: {user_message(exc, context='model choice')}",)
+            )
+            return None
+        summary = ctx.snapshot().by_id(run_id)
+        return PredictRequest(
+            run_id, run_label(summary) if summary else run_id, model_path, files, input.cam_label()
+        )
+
+    @reactive.effect
+    @reactive.event(uploads, input.model, input.cam_label, input.predict, ignore_init=True)
+    def _start() -> None:
+        with reactive.isolate():
+            req = request()
+        if req is not None:
+            predict_task.invoke(req)
+
+    # The last finished batch stays on screen while a new one (another class, model or upload) runs.
+    last_batch: reactive.Value[PredictBatch | None] = reactive.value(None, name="last_batch")
+
+    @reactive.effect
+    def _keep_result() -> None:
+        if predict_task.status() == "success":
+            last_batch.set(predict_task.result())
+
+    def batch() -> PredictBatch | None:
+        return last_batch()
+
+    @reactive.effect
+    def _slice_choices() -> None:
+        b = batch()
+        choices = {}
+        if b is not None:
+            for i, r in enumerate(b.usable):
+                z = f"z = {r.z:.1f} mm" if r.z is not None else "no z position"
+                choices[str(i)] = f"{i + 1} of {len(b.usable)} · {z} · {r.name}"
+        with reactive.isolate():
+            previous = input.slice()
+        selected = previous if previous in choices else ("0" if choices else None)
+        ui.update_select("slice", choices=choices, selected=selected)
+
+    @reactive.calc
+    def current() -> UploadResult | None:
+        b = batch()
+        if b is None or not b.usable:
+            return None
+        try:
+            index = int(input.slice() or 0)
+        except ValueError:
+            index = 0
+        return b.usable[min(max(index, 0), len(b.usable) - 1)]
+
+    @reactive.effect
+    @reactive.event(input.preset)
+    def _preset() -> None:
+        window = PRESETS[input.preset()]
+        ui.update_slider("center", value=window.center)
+        ui.update_slider("width", value=window.width)
+
+    @render.ui
+    def status():
+        lines = [message(p, kind="warning") for p in upload_problems()]
+        if not candidates():
+            lines.append(
+                message(
+                    "No finished run with a saved model yet: train one, then come back here.", kind="warning"
+                )
+            )
+        if not uploads() and not lines:
+            return message("Upload one or more DICOM slices of a head CT to see the model's prediction.")
+        if predict_task.status() == "running":
+            lines.append(
+                ui.div(
+                    ui.span(class_="spinner-border spinner-border-sm me-2", role="status"),
+                    f"Predicting {len(uploads())} slice(s)…",
+                    class_="alert alert-info panel-message",
+                )
+            )
+        elif predict_task.status() == "error":
+            try:
+                predict_task.result()
+            except Exception as exc:  # noqa: BLE001
+                lines.append(message(user_message(exc, context="prediction"), kind="error"))
+        b = batch()
+        if b is not None:
+            if b.error:
+                lines.append(message(b.error, kind="error"))
+            for r in b.results:
+                if not r.ok:
+                    lines.append(message(f"{r.name}: {r.error}", kind="error"))
+            r = current()
+            if r is not None:
+                for flag in r.flags:
+                    lines.append(message(f"{r.name}: {flag}", kind="warning"))
+            if b.usable:
+                lines.append(
+                    ui.p(f"{len(b.usable)} slice(s) predicted by {b.run_name}.", class_="text-muted small")
+                )
+        return ui.div(*lines)
+
+    def _img(array, alt: str) -> Tag:
+        return ui.img(src=plots.png_data_uri(array), alt=alt, class_="ct-image")
+
+    @render.ui
+    def slice_image():
+        r = current()
+        if r is None or r.hu is None:
+            return ui.div("no slice yet", class_="image-placeholder")
+        return _img(plots.window_hu(r.hu, input.center(), input.width()), "windowed slice")
+
+    @render.ui
+    def aligned_image():
+        r = current()
+        if r is None or r.aligned is None:
+            return ui.div("no slice yet", class_="image-placeholder")
+        return ui.div(
+            _img(plots.chw_to_rgb(r.aligned), "STN-aligned slice"),
+            ui.p("channels: brain, subdural and bone windows as red, green and blue", class_="caption"),
+        )
+
+    @render.text
+    def cam_title():
+        return f"Grad-CAM for '{input.cam_label()}'"
+
+    @render.ui
+    def cam_image():
+        r = current()
+        if r is None or r.hu is None:
+            return ui.div("no slice yet", class_="image-placeholder")
+        if r.heatmap is None:
+            return ui.div("no saliency map for this slice", class_="image-placeholder")
+        base = plots.window_hu(r.hu, input.center(), input.width())
+        return _img(plots.heatmap_overlay(base, r.heatmap), "Grad-CAM overlay")
+
+    @render_figure
+    def bars():
+        r = current()
+        if r is None:
+            return plots.empty_figure("Probabilities appear here after a prediction.")
+        return plots.probability_bars(r.probabilities)
+
+    @render_figure
+    def profile():
+        b = batch()
+        r = current()
+        if b is None or r is None:
+            return plots.empty_figure("Upload several slices of one series to see probabilities along z.")
+        group = next((g for g in series_groups(b.usable) if any(x is r for x in g)), [r])
+        with_z = [g for g in group if g.z is not None]
+        if len(with_z) < 2:
+            return plots.empty_figure("Only one slice of this series has a z position.")
+        return plots.z_profile_figure(
+            [g.z for g in with_z],
+            [g.probabilities for g in with_z],
+            selected=next((i for i, x in enumerate(with_z) if x is r), None),
+        )
+
+
+def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
+    """Worker-thread body: load (or reuse) the run's Predictor and analyse every upload."""
+    try:
+        predictor = ctx.predictors.get(request.run_id, request.model_path)
+    except Exception as exc:  # noqa: BLE001 - a message for the page, details in the log
+        return PredictBatch(
+            request.run_name, error=f"The model cannot be loaded: {user_message(exc, context='model load')}"
+        )
+    return PredictBatch(request.run_name, analyse_uploads(predictor, request.uploads, request.saliency_label))

@@ -1,0 +1,146 @@
+"""One Predictor per model, loaded once and shared read-only by every session; the upload pipeline.
+
+``PredictorCache`` keys models by run id and the checkpoint's modification time, so a retrained
+``best.pt`` is picked up and an unchanged one is never loaded twice (a lock stops two sessions from
+loading the same model at once). ``analyse_uploads`` is the blocking work behind the Predict panel's
+extended task: it decodes each uploaded slice (for the window sliders) and predicts it, turning every
+failure into a per-file message so that one bad file never sinks the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hemorrhage_core.dashboard.safety import user_message
+from hemorrhage_core.errors import CheckpointError
+
+log = logging.getLogger("hemorrhage_core.dashboard")
+
+
+class PredictorCache:
+    """Thread-safe map (run id, checkpoint mtime) -> Predictor; old versions of a run's model are dropped."""
+
+    def __init__(self, loader: Any = None) -> None:
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._models: dict[str, tuple[int, Any]] = {}
+
+    def _load(self, path: Path) -> Any:
+        if self._loader is not None:
+            return self._loader(path)
+        from hemorrhage_core.inference import Predictor
+
+        return Predictor.from_checkpoint(path)
+
+    def get(self, run_id: str, model_path: Path) -> Any:
+        """The run's Predictor, loading it on first use; CheckpointError when the file is absent."""
+        try:
+            mtime = model_path.stat().st_mtime_ns
+        except OSError:
+            raise CheckpointError("this run has no saved model yet") from None
+        with self._lock:
+            cached = self._models.get(run_id)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+            log.info("loading the model of run %s", run_id)
+            predictor = self._load(model_path)
+            self._models[run_id] = (mtime, predictor)
+            return predictor
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+@dataclass(eq=False)  # identity equality: results hold arrays, and panels look them up by identity
+class UploadResult:
+    """One uploaded file after analysis: either the slice and its prediction, or a message."""
+
+    index: int
+    name: str
+    error: str | None = None
+    hu: np.ndarray | None = None
+    z: float | None = None
+    series: str | None = None  # used only to group slices; never shown
+    pixel_spacing: tuple[float, float] | None = None
+    modality: str | None = None
+    shape: tuple[int, int] | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    image: np.ndarray | None = None  # windowed model input, uint8 (C, S, S)
+    aligned: np.ndarray | None = None  # STN output, uint8 (C, s, s)
+    theta: np.ndarray | None = None
+    heatmap: np.ndarray | None = None
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded file held in memory: the display name the browser sent and its bytes."""
+
+    name: str
+    data: bytes
+
+
+def analyse_uploads(
+    predictor: Any, uploads: Sequence[Upload], saliency_label: str | None
+) -> list[UploadResult]:
+    """Decode and predict each upload; results sorted by series then z (files without z last).
+
+    Never raises for a bad file: its result carries a user-facing message instead.
+    """
+    from hemorrhage_core.dicom import read_slice
+
+    results = []
+    for i, upload in enumerate(uploads):
+        result = UploadResult(index=i, name=upload.name)
+        try:
+            ct = read_slice(upload.data, image_id=f"upload-{i + 1}")
+            prediction = predictor.predict(upload.data, saliency_label=saliency_label)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this file's message
+            result.error = user_message(exc, context=f"prediction of upload {i + 1}")
+            results.append(result)
+            continue
+        result.hu = ct.hu
+        result.z = ct.meta.z
+        result.series = ct.meta.series_uid
+        result.pixel_spacing = ct.meta.pixel_spacing
+        result.modality = ct.meta.modality
+        result.shape = (ct.meta.rows, ct.meta.columns)
+        result.probabilities = {str(k): float(v) for k, v in prediction.probabilities.items()}
+        result.image = prediction.image
+        result.aligned = prediction.aligned
+        result.theta = np.asarray(prediction.theta, dtype=float)
+        result.heatmap = prediction.heatmap
+        result.flags = [str(f) for f in (prediction.flags or [])]
+        results.append(result)
+    return sort_by_position(results)
+
+
+def sort_by_position(results: Sequence[UploadResult]) -> list[UploadResult]:
+    """Usable slices grouped by series (in upload order of each series' first slice) and sorted by z;
+    slices without z keep upload order after them; failed files come last."""
+    ok = [r for r in results if r.ok]
+    first_seen: dict[str | None, int] = {}
+    for r in ok:
+        first_seen.setdefault(r.series, r.index)
+    ok.sort(key=lambda r: (first_seen[r.series], r.z is None, r.z if r.z is not None else 0.0, r.index))
+    return ok + [r for r in results if not r.ok]
+
+
+def series_groups(results: Sequence[UploadResult]) -> list[list[UploadResult]]:
+    """The usable results split by series, each in z order (as sort_by_position leaves them)."""
+    groups: dict[str | None, list[UploadResult]] = {}
+    for r in results:
+        if r.ok:
+            groups.setdefault(r.series, []).append(r)
+    return list(groups.values())

@@ -1,0 +1,204 @@
+"""Run directories for the dashboard tests, written through the real RunWriter (no Shiny here).
+
+``write_run`` makes a complete train run (run.json, metrics.csv, predictions.csv, gallery, train.log)
+from generated numbers; ``write_grid_run`` a grid run; ``write_damaged_runs`` the half-written and
+malformed folders the runs table must survive. The browser tests train real tiny models instead (see
+tests/test_dashboard_browser.py); these keep the unit tests fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hemorrhage_core import metrics
+from hemorrhage_core.data.ids import hash_id
+from hemorrhage_core.labels import LABELS, SUBTYPES
+from hemorrhage_core.runs import METRICS_COLUMNS, GalleryEntry, RunWriter
+
+
+def synthetic_predictions(
+    n_patients: int = 12, slices: int = 8, *, skill: float = 2.0, seed: int = 0
+) -> pd.DataFrame:
+    """predictions.csv rows: truth with every label present, probabilities that separate it by ``skill``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        for k in range(slices):
+            subtypes = (rng.random(len(SUBTYPES)) < 0.25).astype(int)
+            truth = [*subtypes, int(subtypes.any())]
+            logits = rng.normal(0.0, 1.0, len(LABELS)) + skill * (np.array(truth) * 2 - 1)
+            probs = 1.0 / (1.0 + np.exp(-logits))
+            rows.append(
+                {
+                    "image_id": f"ID_{p:04d}{k:05d}",
+                    "patient": hash_id(f"patient-{p}"),
+                    "series": hash_id(f"series-{p}"),
+                    "z": float(k * 5),
+                    **{f"true_{lb}": t for lb, t in zip(LABELS, truth, strict=True)},
+                    **{f"prob_{lb}": float(v) for lb, v in zip(LABELS, probs, strict=True)},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def metrics_rows(predictions: pd.DataFrame, epochs: int, *, seed: int = 0) -> list[dict]:
+    """Plausible metrics.csv rows whose validation numbers approach those of ``predictions`` by the last epoch."""
+    rng = np.random.default_rng(seed)
+    y = predictions[[f"true_{lb}" for lb in LABELS]].to_numpy()
+    p = predictions[[f"prob_{lb}" for lb in LABELS]].to_numpy()
+    rows = []
+    logit = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))
+    for epoch in range(1, epochs + 1):
+        # Earlier epochs: weaker and noisier logits, so the metrics improve over epochs.
+        blend = epoch / epochs
+        noise = rng.normal(0.0, 2.0 * (1.0 - blend) + 0.05, size=p.shape)
+        pe = 1.0 / (1.0 + np.exp(-(logit * blend + noise)))
+        val = metrics.validation_metrics(y, pe, series_ids=predictions["series"], z=predictions["z"])
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": 0.7 / epoch + rng.uniform(0, 0.02),
+                "val_loss": 0.75 / epoch + rng.uniform(0, 0.03),
+                **val,
+                "lr": 1e-3 * (1 - (epoch - 1) / epochs),
+                "seconds": 12.5,
+            }
+        )
+    return rows
+
+
+def write_run(
+    runs_dir: Path,
+    *,
+    backbone: str = "vgg16",
+    stage: int = 2,
+    epochs: int = 3,
+    seed: int = 0,
+    skill: float = 2.0,
+    status: str = "finished",
+    gallery: bool = True,
+    predictions: bool = True,
+    checkpoint_writer=None,
+) -> Path:
+    """A complete train run written through RunWriter; returns its folder.
+
+    ``checkpoint_writer(path)`` (optional) writes checkpoints/best.pt, e.g. a real tiny model.
+    """
+    preds = synthetic_predictions(skill=skill, seed=seed)
+    writer = RunWriter.create(
+        runs_dir,
+        backbone=backbone,
+        stage=stage,
+        config={"epochs": epochs, "lr": 1e-3, "batch_size": 10, "image_size": 64},
+        data={
+            "n_images": 200,
+            "n_train": 104,
+            "n_val": len(preds),
+            "n_patients_train": 13,
+            "n_patients_val": 12,
+        },
+        split={"seed": seed, "val_fraction": 0.5, "val_patients": sorted(set(preds["patient"]))},
+        epochs_planned=epochs,
+        device="cpu",
+    )
+    rows = metrics_rows(preds, epochs, seed=seed)
+    for row in rows:
+        writer.append_metrics({k: v for k, v in row.items() if k in METRICS_COLUMNS})
+        writer.log(
+            f"epoch {row['epoch']} train_loss {row['train_loss']:.4f} val_auc_mean {row['val_auc_mean']:.4f}"
+        )
+    best = max(rows, key=lambda r: r["val_auc_mean"])
+    writer.set_best(best["epoch"], "val_auc_mean", best["val_auc_mean"])
+    if predictions:
+        writer.write_predictions(preds)
+    if gallery:
+        writer.write_gallery(gallery_entries(preds, seed=seed))
+    if checkpoint_writer is not None:
+        checkpoint_writer(writer.checkpoint_path("best"))
+    if status != "running":
+        writer.finish(status, error="RuntimeError: loss became NaN" if status == "failed" else None)
+    return writer.path
+
+
+def gallery_entries(preds: pd.DataFrame, *, n: int = 8, size: int = 64, seed: int = 0) -> list[GalleryEntry]:
+    rng = np.random.default_rng(seed)
+    entries = []
+    yy, xx = np.mgrid[0:size, 0:size]
+    for _, row in preds.head(n).iterrows():
+        head = (((yy - size / 2) / (size * 0.4)) ** 2 + ((xx - size / 2) / (size * 0.33)) ** 2 < 1).astype(
+            float
+        )
+        image = np.stack([head * 0.6, head * 0.4, head * 0.2]) + rng.uniform(0, 0.05, (3, size, size))
+        angle = rng.uniform(-0.2, 0.2)
+        theta = [np.cos(angle), -np.sin(angle), 0.05, np.sin(angle), np.cos(angle), -0.03]
+        entries.append(
+            GalleryEntry(
+                image_id=row["image_id"],
+                input_image=np.clip(image, 0, 1),
+                aligned_image=np.clip(image[:, ::-1], 0, 1),
+                theta=theta,
+                true=[int(row[f"true_{lb}"]) for lb in LABELS],
+                prob=[float(row[f"prob_{lb}"]) for lb in LABELS],
+            )
+        )
+    return entries
+
+
+def write_grid_run(runs_dir: Path) -> Path:
+    """A finished grid run with sklearn-style cv_results_ (batch size x learning rate, 3 folds)."""
+    writer = RunWriter.create(
+        runs_dir,
+        backbone="vgg16",
+        stage=1,
+        kind="grid",
+        config={"epochs": 1},
+        extra={
+            "grid": {"batch_size": [10, 15], "lr": [1e-3, 1e-4]},
+            "scoring": "roc_auc",
+            "folds": 3,
+            "best_params": {"batch_size": 10, "lr": 1e-3},
+            "best_score": 0.81,
+        },
+    )
+    params = [{"batch_size": b, "lr": lr} for b in (10, 15) for lr in (1e-3, 1e-4)]
+    split = np.array([[0.80, 0.83, 0.80], [0.70, 0.72, 0.69], [0.78, 0.75, 0.77], [0.66, 0.70, 0.64]])
+    mean = split.mean(axis=1)
+    rank = (-mean).argsort().argsort() + 1
+    writer.write_grid_results(
+        {
+            "params": params,
+            "param_batch_size": [p["batch_size"] for p in params],
+            "param_lr": [p["lr"] for p in params],
+            **{f"split{i}_test_score": split[:, i] for i in range(3)},
+            "mean_test_score": mean,
+            "std_test_score": split.std(axis=1),
+            "rank_test_score": rank,
+            "mean_fit_time": [3.1, 3.0, 2.2, 2.1],
+        }
+    )
+    writer.finish("finished")
+    return writer.path
+
+
+def write_damaged_runs(runs_dir: Path) -> dict[str, Path]:
+    """Folders a crash or a hand edit can leave: no run.json, bad JSON, newer format, torn metrics."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    out["empty"] = runs_dir / "20260101-000000-vgg16-s1-0000"
+    out["empty"].mkdir()
+    out["bad_json"] = runs_dir / "20260101-000001-vgg16-s1-0001"
+    out["bad_json"].mkdir()
+    (out["bad_json"] / "run.json").write_text('{"format_version": 1, "id": ')
+    out["newer"] = runs_dir / "20260101-000002-vgg16-s1-0002"
+    out["newer"].mkdir()
+    (out["newer"] / "run.json").write_text('{"format_version": 99, "id": "x", "status": "finished"}')
+    torn = write_run(
+        runs_dir, backbone="resnet18", stage=1, epochs=2, status="running", gallery=False, predictions=False
+    )
+    with open(torn / "metrics.csv", "a") as fh:
+        fh.write("3,0.41,0.4")  # a half-written row, as a crash mid-append would leave
+    out["torn"] = torn
+    return out
