@@ -7,8 +7,10 @@ RUNS ?= runs
 # Demo set: patients x slices of synthetic head CT (see `python -m training synth --help`).
 SYNTH_PATIENTS ?= 60
 SYNTH_SLICES ?= 10
+PORT ?= 8000
+PRESET ?= quick
 
-.PHONY: venv test-deps demo test lint bench clean-demo
+.PHONY: venv test-deps demo dashboard pipeline test lint bench
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,11 +31,17 @@ test-deps: $(BIN)/.test-installed
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium'; }
 
-$(DATA)/stage_2_train.csv: | venv
-	$(BIN)/python -m training synth --out $(DATA) --patients $(SYNTH_PATIENTS) --slices-per-patient $(SYNTH_SLICES) --seed 0
+demo: venv
+	@BIN=$(BIN) DATA=$(DATA) RUNS=$(RUNS) PORT=$(PORT) SYNTH_PATIENTS=$(SYNTH_PATIENTS) SYNTH_SLICES=$(SYNTH_SLICES) \
+	  bash scripts/demo.sh
 
-demo: venv $(DATA)/stage_2_train.csv
-	$(BIN)/python -m training index --data $(DATA)
+# The dashboard alone, over the runs that exist.
+dashboard: venv
+	HEMORRHAGE_RUNS_DIR=$(RUNS) $(BIN)/python -m shiny run --host 127.0.0.1 --port $(PORT) app.py
+
+# The two-phase recipe on a data set of your own, e.g. `make pipeline DATA=/data/rsna PRESET=full`.
+pipeline: venv
+	$(BIN)/python -m training pipeline --data $(DATA) --preset $(PRESET) --runs-dir $(RUNS)
 
 test: test-deps
 	$(BIN)/python -m pytest
