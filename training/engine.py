@@ -22,7 +22,7 @@ from torch import nn
 from hemorrhage_core.labels import LABEL_WEIGHTS, LABELS, STAGE1_CLASSES
 from hemorrhage_core.metrics import stage1_targets
 from training.config import TrainConfig
-from training.distributed import DistEnv, all_mean, all_true, unwrap
+from training.distributed import DistEnv, all_mean, all_true, gather_rows, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,56 @@ def order_gathered(gathered: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rows of arrays gathered from several ranks, sorted back into dataset order by ``positions``."""
     order = np.argsort(gathered["positions"], kind="stable")
     return {key: value[order] for key, value in gathered.items()}
+
+
+@dataclass
+class EvalResult:
+    """Validation predictions of every rank in dataset order, and the ``val_*`` metrics of them."""
+
+    predictions: dict[str, np.ndarray]  # positions, image_ids, logits, probs, targets
+    metrics: dict[str, float | None]  # val_loss and hemorrhage_core.metrics.validation_metrics' columns
+    seconds: float
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    settings: LoopSettings,
+    loss_fn: nn.Module,
+    *,
+    position_of: dict[str, int],
+    series_ids: np.ndarray | None = None,
+    z: np.ndarray | None = None,
+    desc: str = "validate",
+) -> EvalResult:
+    """Eval-mode predictions on this rank's shard, gathered from all ranks, then the validation metrics.
+
+    ``position_of`` maps image id -> dataset position (the gathered rows are put back in that order);
+    ``series_ids`` and ``z`` (dataset order) add the z-smoothed metrics. Stage 1 is scored over the six
+    labels (subtype p = p(class), any = 1 - p(none)) with accuracy over STAGE1_CLASSES.
+    """
+    from hemorrhage_core.metrics import validation_metrics
+
+    started = time.perf_counter()
+    mine = predict_loader(model, loader, settings, desc=desc)
+    mine["positions"] = np.array([position_of[i] for i in mine["image_ids"]], dtype=np.int64)
+    gathered = order_gathered(gather_rows(mine, settings.env))
+    targets = gathered["targets"]
+    labelled = np.isfinite(targets).all(axis=1) if len(targets) else np.zeros(0, dtype=bool)
+    metrics: dict[str, float | None] = {
+        "val_loss": evaluation_loss(settings.stage, gathered["logits"], targets, loss_fn)
+    }
+    if labelled.any():
+        stage1_pred = None
+        if settings.stage == 1:
+            stage1_pred = torch.softmax(torch.from_numpy(gathered["logits"][labelled]), dim=1).numpy()
+        zs = {}
+        if series_ids is not None and z is not None:
+            where = gathered["positions"][labelled]
+            zs = {"series_ids": np.asarray(series_ids)[where], "z": np.asarray(z, dtype=np.float64)[where]}
+        metrics.update(validation_metrics(targets[labelled].astype(np.int64), gathered["probs"][labelled],
+                                          stage1_pred=stage1_pred, **zs))
+    return EvalResult(gathered, metrics, time.perf_counter() - started)
 
 
 def selection_value(row: dict[str, float | None], metric: str) -> float | None:

@@ -18,7 +18,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +35,12 @@ from training.engine import (
     LoopSettings,
     NonFiniteLossError,
     TrainView,
-    evaluation_loss,
+    evaluate,
     improved,
     make_grad_scaler,
     make_loss,
     make_optimizer,
     make_scheduler,
-    order_gathered,
-    predict_loader,
     selection_value,
     steps_in,
     train_one_epoch,
@@ -416,31 +414,6 @@ def gallery_entries(net: nn.Module, val_set, positions: list[int], stage: int, d
     return entries
 
 
-def metrics_row(
-    epoch: int, result, loss: float | None, gathered: dict[str, np.ndarray], val_rows: pd.DataFrame,
-    config: TrainConfig,
-) -> dict[str, Any]:
-    """One metrics.csv row from the epoch's training result and the gathered validation predictions."""
-    from hemorrhage_core.metrics import validation_metrics
-
-    targets = gathered["targets"]
-    labelled = np.isfinite(targets).all(axis=1)
-    stage1_pred = None
-    if config.stage == 1:
-        stage1_pred = torch.softmax(torch.from_numpy(gathered["logits"]), dim=1).numpy()[labelled]
-    zs = {}
-    if config.z_smooth:
-        zs = {"series_ids": val_rows["series_uid"].astype(str).to_numpy()[labelled],
-              "z": val_rows["z"].to_numpy(dtype=np.float64)[labelled]}
-    row: dict[str, Any] = {"epoch": epoch, "train_loss": result.loss, "val_loss": loss}
-    if labelled.any():
-        row.update(validation_metrics(targets[labelled].astype(np.int64), gathered["probs"][labelled],
-                                      stage1_pred=stage1_pred, **zs))
-    row["lr"] = result.lr
-    row["seconds"] = round(result.seconds, 3)
-    return row
-
-
 def epoch_line(epoch: int, epochs: int, row: dict[str, Any], images_per_s: float, is_best: bool) -> str:
     """The concise per-epoch log line (numbers only: no ids, no patient data)."""
     def f(key: str, fmt: str = ".4f") -> str:
@@ -538,6 +511,8 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
         raise ConfigError(f"too few images: {len(train_set)} for training, {len(val_set)} for validation")
     val_rows = val_set.index
     val_position = {image_id: i for i, image_id in enumerate(val_set.image_ids)}
+    series_ids = val_rows["series_uid"].astype(str).to_numpy()
+    z_positions = val_rows["z"].to_numpy(dtype=np.float64)
     loop = Loop(config, net, train_set, runtime)
     windows = _windows(config)
 
@@ -594,15 +569,15 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
                     writer.finish("failed", message)
                 D.barrier(env)
                 return run_dir
-            eval_started = time.perf_counter()
-            mine = predict_loader(loop.net, eval_loader(val_set, config, env, device), loop.settings,
-                                  desc=f"epoch {epoch}/{config.epochs} validate")
-            mine["positions"] = np.array([val_position[i] for i in mine["image_ids"]], dtype=np.int64)
-            gathered = order_gathered(D.gather_rows(mine, env))
+            evaluation = evaluate(
+                loop.net, eval_loader(val_set, config, env, device), loop.settings, loop.loss_fn,
+                position_of=val_position, desc=f"epoch {epoch}/{config.epochs} validate",
+                series_ids=series_ids if config.z_smooth else None, z=z_positions if config.z_smooth else None,
+            )
+            gathered = evaluation.predictions
             rows = val_rows.iloc[gathered["positions"]]
-            loss = evaluation_loss(config.stage, gathered["logits"], gathered["targets"], loop.loss_fn)
-            result = replace(result, seconds=result.seconds + time.perf_counter() - eval_started)
-            row = metrics_row(epoch, result, loss, gathered, rows, config)
+            row = {"epoch": epoch, "train_loss": result.loss, **evaluation.metrics, "lr": result.lr,
+                   "seconds": round(result.seconds + evaluation.seconds, 3)}
             value = selection_value(row, config.metric)
             is_best = improved(value, None if best is None else best["value"], config.maximize)
             if is_best:
@@ -618,7 +593,8 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
                 save_checkpoint(writer.checkpoint_path(LAST), loop.net, image_size=config.image_size,
                                 windows=windows, config=config.to_dict(), metrics=row,
                                 train_state=loop.state(epoch, best))
-                line = epoch_line(epoch, config.epochs, row, result.images * env.world_size / max(result.seconds, 1e-9), is_best)
+                rate = result.images * env.world_size / max(result.seconds, 1e-9)
+                line = epoch_line(epoch, config.epochs, row, rate, is_best)
                 writer.log(line)
                 log.info(line)
             D.barrier(env)
