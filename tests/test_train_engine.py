@@ -197,3 +197,33 @@ def test_sgd_is_available_for_exact_gradient_comparisons():
     optimizer = make_optimizer(net, TrainConfig(optimizer="sgd", lr=0.1, momentum=0.5))
     assert isinstance(optimizer, torch.optim.SGD)
     assert {g["momentum"] for g in optimizer.param_groups} == {0.5}
+
+
+def test_precise_bn_sets_running_statistics_to_the_average_over_training_batches():
+    from training.engine import recompute_batchnorm
+
+    torch.manual_seed(0)
+    trained = torch.nn.BatchNorm2d(3)
+    frozen = torch.nn.BatchNorm2d(3)
+    net = torch.nn.Sequential(trained, frozen)
+    for bn in (trained, frozen):
+        bn.running_mean.fill_(5.0)
+    frozen.eval()  # e.g. a frozen trunk's layer: must keep its statistics
+    original_train = net.train
+
+    def train(mode=True):  # what HemorrhageNet.train does for a frozen trunk
+        original_train(mode)
+        frozen.eval()
+        return net
+
+    net.train = train
+    loader = _loader(n=12, stage=1, size=8, batch=4)
+    seen = recompute_batchnorm(net, loader, LoopSettings(stage=1, device=torch.device("cpu"), progress=False), 8)
+    assert seen == 8
+    batches = [b[0] for b, _ in zip(loader, range(2), strict=False)]
+    means = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    variances = torch.stack([b.transpose(0, 1).reshape(3, -1).var(dim=1, unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(trained.running_mean, means)
+    torch.testing.assert_close(trained.running_var, variances)
+    assert trained.momentum == 0.1
+    assert torch.equal(frozen.running_mean, torch.full((3,), 5.0))

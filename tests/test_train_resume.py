@@ -25,6 +25,7 @@ def _train_args(data: Path, runs: Path) -> list[str]:
         "--epochs", "3", "--batch-size", "4", "--image-size", "32", "--input-size", "32", "--val-fraction", "0.3",
         "--runs-dir", str(runs), "--threads", "1", "--no-progress",
         "--set", "augment=true", "--set", "warmup_epochs=0.5", "--set", "gallery_size=4",
+        "--set", "precise_bn_images=8",
     ]
 
 

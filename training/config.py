@@ -51,6 +51,7 @@ class TrainConfig:
     input_size: int | None = None  # backbone input size (STN output); None = the backbone's default
     freeze_trunk: bool | None = None  # None = the models' policy (frozen with ImageNet weights)
     freeze_bn: bool = False  # batch-norm layers keep their running statistics while training
+    precise_bn_images: int = 0  # > 0: before each evaluation, recompute BN statistics over this many training images
     dropout: float | None = None  # head dropout; None = the model's default
     stn: bool = True
 
@@ -112,6 +113,7 @@ class TrainConfig:
         _check(self.device in DEVICES, "device", self.device, f"must be one of {', '.join(DEVICES)}")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _check(self.gallery_size >= 0, "gallery_size", self.gallery_size, "must be >= 0")
+        _check(self.precise_bn_images >= 0, "precise_bn_images", self.precise_bn_images, "must be >= 0")
         _check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be >= 1")
         _check(
             self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,

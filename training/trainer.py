@@ -18,7 +18,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from training.engine import (
     make_loss,
     make_optimizer,
     make_scheduler,
+    recompute_batchnorm,
     selection_value,
     steps_in,
     train_one_epoch,
@@ -319,11 +320,17 @@ class Loop:
         self.scaler = make_grad_scaler(self.settings)
 
     def train_epoch(self, epoch: int):
+        """One epoch of training, then (precise_bn_images > 0) batch-norm statistics recomputed."""
         self.loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
-        return train_one_epoch(
+        result = train_one_epoch(
             self.model, self.loader, self.optimizer, self.scheduler, self.loss_fn, self.settings,
             epoch=epoch, scaler=self.scaler, desc=f"epoch {epoch}/{self.config.epochs} train",
         )
+        if self.config.precise_bn_images:
+            started = time.perf_counter()
+            recompute_batchnorm(self.model, self.loader, self.settings, self.config.precise_bn_images)
+            result = replace(result, seconds=result.seconds + time.perf_counter() - started)
+        return result
 
     def state(self, epoch: int, best: dict | None) -> dict[str, Any]:
         return {
