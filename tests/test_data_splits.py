@@ -104,6 +104,9 @@ def test_refusals(index):
         assign_folds(index.head(10), n_folds=50, seed=0)
     with pytest.raises(DatasetError):
         split_train_val(index, val_fraction=0.8)
+    three = index[index["patient_id"].isin(index["patient_id"].unique()[:3])]
+    with pytest.raises(DatasetError, match="validation fraction of 0.2 needs at least 5 patients, the data has 3"):
+        split_train_val(three, val_fraction=0.2)
     with pytest.raises(DatasetError):
         subset_patients(index)
     unlabeled = index.astype({name: "float32" for name in LABELS})

@@ -100,6 +100,13 @@ def split_train_val(
     if not 0.0 < val_fraction <= 0.5:
         raise DatasetError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
     n_folds = max(2, round(1.0 / val_fraction))
+    n_patients = index["patient_id"].nunique()
+    if n_patients < n_folds:
+        # Say it in the terms the user chose (val_fraction), not the folds it is built from.
+        raise DatasetError(
+            f"a validation fraction of {val_fraction:g} needs at least {n_folds} patients, the data has "
+            f"{n_patients}: add patients or raise val_fraction (at most 0.5, which needs 2)"
+        )
     folds = assign_folds(index, n_folds=n_folds, seed=seed)
     order = np.random.default_rng(seed).permutation(n_folds)
     best, best_score = None, -1
