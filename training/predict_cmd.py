@@ -3,8 +3,10 @@
 Each input (a file, or a folder searched for ``.dcm``/``.dicom`` files) is predicted by the run's model
 through the one Predictor. ``--json`` prints a list, one object per input in order:
 ``{"file", "probabilities": {label: p} or null, "error": null or message, "flags": [warnings]}`` (flags:
-the Predictor's notes on HU content unlike a head CT; the slice is still predicted). Exit 0 when every input
-was predicted, 2 when any failed (the others are still predicted) or the run cannot be used.
+the Predictor's notes on HU content unlike a head CT; the slice is still predicted). The table shows the
+flags in a last column, and either way stderr says how many predicted inputs were flagged, so an odd slice
+is never predicted silently. Exit 0 when every input was predicted (flagged or not), 2 when any failed (the
+others are still predicted) or the run cannot be used.
 ``--submission`` writes the RSNA long format ``ID,Label`` (``ID_<image>_<label>``, six rows per image,
 image id = file stem) for the inputs that succeeded.
 """
@@ -158,12 +160,14 @@ def _print_table(rows: Sequence[PredictionRow], stream) -> None:
 
     short = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
              "subarachnoid": "SAH", "subdural": "SDH", "any": "any"}
-    print("file\t" + "\t".join(short[label] for label in LABELS), file=stream)
+    print("file\t" + "\t".join(short[label] for label in LABELS) + "\twarnings", file=stream)
     for row in rows:
         if row.probabilities is None:
             print(f"{row.file}\terror: {row.error}", file=stream)
         else:
-            print(row.file + "\t" + "\t".join(f"{row.probabilities[label]:.3f}" for label in LABELS), file=stream)
+            cells = [f"{row.probabilities[label]:.3f}" for label in LABELS]
+            # flag texts hold ';' themselves, hence ' | ' between them
+            print("\t".join([row.file, *cells, " | ".join(row.flags)]).rstrip("\t"), file=stream)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,6 +196,13 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"error: cannot write {args.submission}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_FAILED
+    flagged = sum(bool(row.flags) for row in rows)
+    if flagged:
+        print(
+            f"warning: {flagged} of {len(rows)} predicted inputs do not look like a head CT slice (see their "
+            "flags); check them before trusting their probabilities",
+            file=sys.stderr,
+        )
     if failed:
         print(f"{failed} of {len(rows)} inputs could not be predicted", file=sys.stderr)
         return EXIT_FAILED

@@ -95,6 +95,44 @@ def read_uploads(
     return uploads, problems
 
 
+def slice_label(position: int, count: int, result: UploadResult) -> str:
+    """The slice picker's entry for a usable result; a flagged slice says so, whichever is shown."""
+    z = f"z = {result.z:.1f} mm" if result.z is not None else "no z position"
+    label = f"{position + 1} of {count} · {z} · {result.name}"
+    return f"{label} · ⚠ HU warning" if result.flags else label
+
+
+def batch_notices(batch: PredictBatch, shown: UploadResult | None) -> list[Tag]:
+    """The status lines of a finished batch, in order: the batch's error, one error per refused file,
+    a warning per HU flag of the shown slice (the model's output on such a slice is not to be trusted),
+    one warning naming the other flagged slices, and how many slices were predicted."""
+    lines = [message(batch.error, kind="error")] if batch.error else []
+    lines += [message(f"{r.name}: {r.error}", kind="error") for r in batch.results if not r.ok]
+    if shown is not None:
+        lines += [
+            message(
+                f"{shown.name}: does not look like a head CT slice, check it before trusting the "
+                f"prediction. {flag}",
+                kind="warning",
+            )
+            for flag in shown.flags
+        ]
+    others = [r.name for r in batch.usable if r.flags and r is not shown]
+    if others:
+        lines.append(
+            message(
+                f"{len(others)} other slice(s) have HU warnings (marked ⚠ in the slice list): "
+                f"{', '.join(others)}.",
+                kind="warning",
+            )
+        )
+    if batch.usable:
+        lines.append(
+            ui.p(f"{len(batch.usable)} slice(s) predicted by {batch.run_name}.", class_="text-muted small")
+        )
+    return lines
+
+
 def default_model(runs: list[RunSummary]) -> str | None:
     """The newest finished stage-2 run, else the newest finished run."""
     stage2 = [s for s in runs if s.stage == 2]
@@ -241,8 +279,7 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
         choices = {}
         if b is not None:
             for i, r in enumerate(b.usable):
-                z = f"z = {r.z:.1f} mm" if r.z is not None else "no z position"
-                choices[str(i)] = f"{i + 1} of {len(b.usable)} · {z} · {r.name}"
+                choices[str(i)] = slice_label(i, len(b.usable), r)
         with reactive.isolate():
             previous = input.slice()
         selected = previous if previous in choices else ("0" if choices else None)
@@ -292,19 +329,7 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
                 lines.append(message(user_message(exc, context="prediction"), kind="error"))
         b = batch()
         if b is not None:
-            if b.error:
-                lines.append(message(b.error, kind="error"))
-            for r in b.results:
-                if not r.ok:
-                    lines.append(message(f"{r.name}: {r.error}", kind="error"))
-            r = current()
-            if r is not None:
-                for flag in r.flags:
-                    lines.append(message(f"{r.name}: {flag}", kind="warning"))
-            if b.usable:
-                lines.append(
-                    ui.p(f"{len(b.usable)} slice(s) predicted by {b.run_name}.", class_="text-muted small")
-                )
+            lines += batch_notices(b, current())
         return ui.div(*lines)
 
     def _img(array, alt: str) -> Tag:

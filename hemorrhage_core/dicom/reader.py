@@ -11,7 +11,9 @@ This is the project's only door from untrusted DICOM bytes to arrays, so it is b
 * sizes are checked from the header before anything is decoded: declared Rows/Columns, the file size,
   the inflated size of a deflated data set and the size inside a JPEG / JPEG 2000 codestream;
 * only the elements the project needs are parsed (``specific_tags``), and header reads stop before
-  the pixel data, so a scan of 750k files never touches pixels.
+  the pixel data, so a scan of 750k files never touches pixels; a data set with more top-level
+  elements than any real slice has (``ReadLimits.max_elements``) is refused as soon as the count is
+  passed, so an element bomb costs milliseconds.
 
 Speed (the uncached training path reads every slice every epoch): the file meta group is parsed once,
 here, and for the uncompressed syntaxes the data set goes straight to pydicom's ``read_dataset``;
@@ -32,7 +34,7 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -41,12 +43,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_partial
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.tag import BaseTag
@@ -79,8 +80,12 @@ class ReadLimits:
     max_rows: int = 4096
     max_columns: int = 4096
     max_file_bytes: int = 128 * 1024**2  # a 4096 x 4096 16-bit slice is 32 MiB
-    max_inflated_bytes: int = 128 * 1024**2  # deflated data sets, checked before pydicom inflates
+    max_inflated_bytes: int = 128 * 1024**2  # deflated data sets, refused while inflating
     header_peek_bytes: int = 64 * 1024  # where the file meta group (and its transfer syntax) must lie
+    # Top-level data elements parsed before refusing: real slices have a few hundred, and parsing costs
+    # about 5 us an element, so a deflated "element bomb" (a million empty elements in 12 KB) would
+    # otherwise hold the reader (and its lock) for seconds per file.
+    max_elements: int = 10_000
 
 
 LIMITS = ReadLimits()
@@ -230,6 +235,7 @@ _SUPPORTED_BITS_ALLOCATED = (8, 16)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _RLE_PADDING_WARNING = re.compile(r"non-conformant padding - (\d+) vs\. (\d+) bytes")
 _DEFLATED_UID = "1.2.840.10008.1.2.1.99"
+_INFLATE_CHUNK = 1024**2
 # Native (uncompressed) transfer syntaxes whose pixels are read straight from the element's bytes,
 # with their byte order. Deflate compresses the whole data set, so its PixelData arrive inflated.
 _NATIVE_BYTE_ORDER = {
@@ -399,7 +405,7 @@ def _opened(source: Source) -> Iterator[Any]:
         data = bytes(source)
         if len(data) > LIMITS.max_file_bytes:
             raise DicomRefusal(RefusalReason.TOO_LARGE, _file_too_large(len(data)))
-        yield io.BytesIO(data)
+        yield _BytesFile(data)
         return
     try:
         fh = open(source, "rb")  # noqa: SIM115 - closed below, after the mapping
@@ -429,6 +435,25 @@ def _opened(source: Source) -> Iterator[Any]:
             yield mapped
 
 
+class _BytesFile(io.BytesIO):
+    """In-memory bytes that, like the memory map of a path, refuse a seek past their end.
+
+    pydicom seeks over the values it skips; a plain BytesIO lets a declared length run past the end
+    and the parse then ends quietly with a partial header, so bytes and the same file on disk would
+    be refused for different reasons.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self._size = len(data)
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        position = super().seek(pos, whence)
+        if position > self._size:
+            raise ValueError("seek out of range")  # mmap's own words
+        return position
+
+
 def _file_too_large(size: int) -> str:
     return (
         f"the file is {size / 1024**2:.0f} MiB, more than the {LIMITS.max_file_bytes // 1024**2} MiB accepted"
@@ -438,23 +463,30 @@ def _file_too_large(size: int) -> str:
 def _parse(source: Source, *, with_pixels: bool) -> tuple[Dataset, str | None]:
     """The parsed data set (only the elements the reader uses) and its transfer syntax UID."""
     tags = _ALL_TAG_LIST if with_pixels else _HEADER_TAG_LIST
-    stop_when = None if with_pixels else _at_pixel_data
+    stop_when = _element_budget(LIMITS.max_elements, stop_at_pixels=not with_pixels)
     with _opened(source) as fp:
         head = fp.read(LIMITS.header_peek_bytes)
         meta = _peek_file_meta(head)
         if meta.transfer_syntax == _DEFLATED_UID:
-            _check_deflated_size(fp, meta.dataset_offset)
+            inflated = _inflate(fp, meta.dataset_offset)
+            if meta.plain and inflated.getbuffer()[:2] != b"\0\0":
+                # Inflated, the data set is explicit VR little endian (PS3.5 A.5): read it from this
+                # bounded copy; pydicom would inflate the file again, unbounded and at twice the size.
+                ds = read_dataset(inflated, False, True, stop_when=stop_when, specific_tags=tags)
+                return ds, meta.transfer_syntax
+            del inflated  # an unusual file meta group: pydicom's full path below
         encoding = _DIRECT_ENCODINGS.get(meta.transfer_syntax) if meta.plain else None
         if encoding is not None and head[meta.dataset_offset : meta.dataset_offset + 2] != b"\0\0":
             # The file meta group was just parsed, and for these syntaxes all that dcmread adds is
             # parsing it again (about a third of a header read); pydicom's own data set reader
             # takes it from there. Anything unusual (no preamble, a command set, deflate, odd
-            # meta elements) still goes through dcmread.
+            # meta elements) still goes through dcmread's reader (read_partial).
             fp.seek(meta.dataset_offset)
             return read_dataset(fp, *encoding, stop_when=stop_when, specific_tags=tags), meta.transfer_syntax
         fp.seek(0)
         try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=not with_pixels, specific_tags=tags)
+            # dcmread's own reader, with the element budget as its stop condition
+            ds = read_partial(fp, stop_when, specific_tags=tags)
         except InvalidDicomError as exc:
             raise DicomRefusal(
                 RefusalReason.NOT_DICOM, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
@@ -464,24 +496,43 @@ def _parse(source: Source, *, with_pixels: bool) -> tuple[Dataset, str | None]:
     return ds, None if transfer_syntax is None else str(transfer_syntax)
 
 
-def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
-    """Where ``dcmread(stop_before_pixels=True)`` stops: the first of the pixel data elements."""
-    return tag in _PIXEL_DATA_TAGS
+def _element_budget(limit: int, *, stop_at_pixels: bool) -> Callable[[int, str | None, int], bool]:
+    """A ``stop_when`` for pydicom's reader: refuses past ``limit`` top-level elements, and stops at the
+    first pixel data element (as ``dcmread(stop_before_pixels=True)``) when ``stop_at_pixels``."""
+    seen = 0
+
+    def stop_when(tag: int, vr: str | None, length: int) -> bool:
+        nonlocal seen
+        seen += 1
+        if seen > limit:
+            raise DicomRefusal(
+                RefusalReason.TOO_LARGE,
+                f"the data set holds more than {limit} elements; a CT slice has a few hundred",
+            )
+        return stop_at_pixels and tag in _PIXEL_DATA_TAGS
+
+    return stop_when
 
 
-def _check_deflated_size(fp: Any, dataset_offset: int) -> None:
-    """Refuse a deflated data set that would inflate past the limit (pydicom inflates it unbounded)."""
+def _inflate(fp: Any, dataset_offset: int) -> io.BytesIO:
+    """The inflated data set of a deflated file; refused past ``max_inflated_bytes`` before holding more."""
     fp.seek(dataset_offset)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, out = fp.read(), io.BytesIO()
     try:
-        inflated = inflater.decompress(fp.read(), LIMITS.max_inflated_bytes + 1)
+        # A chunk at a time, so that a bomb is refused having inflated no more than the limit.
+        while pending and out.tell() <= LIMITS.max_inflated_bytes:
+            out.write(inflater.decompress(pending, _INFLATE_CHUNK))
+            pending = inflater.unconsumed_tail
     except zlib.error as exc:
         raise DicomRefusal(RefusalReason.MALFORMED, "the deflated data set is corrupt") from exc
-    if len(inflated) > LIMITS.max_inflated_bytes:
+    if out.tell() > LIMITS.max_inflated_bytes:
         raise DicomRefusal(
             RefusalReason.TOO_LARGE,
             f"the deflated data set expands to more than {LIMITS.max_inflated_bytes // 1024**2} MiB",
         )
+    out.seek(0)
+    return out
 
 
 class _FileMeta(NamedTuple):
@@ -561,8 +612,12 @@ def _check_image_header(ds: _Header) -> tuple[int, int]:
     if sop_class is not None and "Image" not in sop_class:
         raise DicomRefusal(RefusalReason.NOT_IMAGE, f"not an image: this is a '{sop_class}' object")
     if "Rows" not in ds or "Columns" not in ds:
-        what = f"a '{sop_class}' object" if sop_class else "an object"
-        raise DicomRefusal(RefusalReason.NOT_IMAGE, f"not an image: {what} without Rows/Columns")
+        if sop_class is not None:  # an image class (checked above): its header was cut short or derailed
+            raise DicomRefusal(
+                RefusalReason.MALFORMED,
+                f"the '{sop_class}' header is incomplete (no Rows/Columns): the file is damaged or cut short",
+            )
+        raise DicomRefusal(RefusalReason.NOT_IMAGE, "not an image: an object without Rows/Columns")
     rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
     if rows is None or columns is None:
         raise DicomRefusal(RefusalReason.MALFORMED, "Rows/Columns are not valid numbers")
