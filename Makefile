@@ -10,7 +10,7 @@ SYNTH_SLICES ?= 10
 PORT ?= 8000
 PRESET ?= quick
 
-.PHONY: venv test-deps demo dashboard pipeline test lint bench
+.PHONY: venv test-deps demo dashboard pipeline test lint bench bench-gpu
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,16 @@ test: test-deps
 lint: test-deps
 	$(BIN)/ruff check hemorrhage_core training tests benchmarks app.py
 
+# Each benchmark prints ratios against a baseline measured in the same run (docs/benchmarks.md).
+# About 10 min on a 2-core CPU; training throughput at the full sizes with few steps.
 bench: venv
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_train.py --sizes quick --steps 3 --warmup 1
+	$(BIN)/python benchmarks/bench_train.py --sizes full --steps 2 --warmup 1
+	$(BIN)/python benchmarks/bench_demo.py
+
+# On a CUDA machine: training (AMP, channels_last), loader and Predictor, a few minutes; the summary
+# (with the card's name) goes to build/bench-gpu/gpu_bench.{json,md}.
+bench-gpu: venv
+	$(BIN)/python benchmarks/gpu_bench.py --out build/bench-gpu

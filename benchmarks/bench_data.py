@@ -16,6 +16,10 @@ shared machine affects every variant alike.
     python benchmarks/bench_data.py                 # writes a synthetic set of --n slices to a temp dir
     python benchmarks/bench_data.py --data DATA     # uses DATA/stage_2_train/*.dcm
     python benchmarks/bench_data.py --profile       # also prints the top of a cProfile of (b)
+    python benchmarks/bench_data.py --workers 16 --device cuda --json data.json
+                                                    # also (d): the cached path through the project's
+                                                    # DataLoader with 16 worker processes, batches
+                                                    # copied to the GPU (wall-clock, all cores)
 """
 
 from __future__ import annotations
@@ -61,7 +65,22 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="clock of the table: CPU time of this process (default) or wall-clock; both ratios are printed",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also time (d): the cached path through make_loader with this many worker processes (0: skip)",
+    )
+    parser.add_argument("--batch-size", type=int, default=10, help="batch of (d) (default 10, the trainer's)")
+    parser.add_argument("--loader-slices", type=int, default=5000, help="slices (d) delivers while timed (default 5000)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(d) copies its batches to this device")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error("--workers must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is available to torch", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
@@ -72,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cache_dir = Path(tmp) / "cache"
         results = run(paths, data, args.image_size, args.repeat, cache_dir, args.clock)
+        if args.workers:
+            results["loader"] = loader_throughput(
+                paths, data, args.image_size, cache_dir, args.workers, args.batch_size, args.loader_slices, args.device
+            )
         print_report(results, args, len(paths))
+        if args.json:
+            _write_json(args.json, results, args, len(paths))
         if args.profile:
             _profile(paths, data, args.image_size)
     return 0
@@ -131,21 +156,10 @@ def naive_slice(path: Path, image_size: int) -> torch.Tensor:
 def run(
     paths: list[Path], data: Path, image_size: int, repeat: int, cache_dir: Path, clock: str = "cpu"
 ) -> dict:
-    import pandas as pd
-
     from hemorrhage_core.data.cache import SliceCache
     from hemorrhage_core.data.dataset import SliceDataset
 
-    index = pd.DataFrame(
-        {
-            "image_id": [p.stem for p in paths],
-            "path": [p.relative_to(data).as_posix() for p in paths],
-            **{name: np.zeros(len(paths), dtype=np.int8) for name in ("epidural", "intraparenchymal",
-                                                                       "intraventricular", "subarachnoid",
-                                                                       "subdural", "any")},
-            "stage1_class": np.zeros(len(paths), dtype=np.int8),
-        }
-    )
+    index = _index_of(paths, data)
     for p in paths:  # warm the page cache: every variant then reads from memory
         p.read_bytes()
 
@@ -202,6 +216,108 @@ def run(
     }
 
 
+def _index_of(paths: list[Path], data: Path):
+    """An index table over ``paths`` with all-negative labels (speed does not depend on them)."""
+    import pandas as pd
+
+    labels = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
+    return pd.DataFrame(
+        {
+            "image_id": [p.stem for p in paths],
+            "path": [p.relative_to(data).as_posix() for p in paths],
+            **{name: np.zeros(len(paths), dtype=np.int8) for name in labels},
+            "stage1_class": np.zeros(len(paths), dtype=np.int8),
+        }
+    )
+
+
+class _Cycled(torch.utils.data.Dataset):
+    """``length`` items cycling over ``dataset``: one long epoch over a small cache, so the timing has
+    one epoch boundary, as an epoch over the real data set would. The samplers read ``length`` in the
+    main process when an epoch starts, so it can change between epochs."""
+
+    def __init__(self, dataset, length: int) -> None:
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return self.dataset[i % len(self.dataset)]
+
+
+def loader_throughput(
+    paths: list[Path],
+    data: Path,
+    image_size: int,
+    cache_dir: Path,
+    workers: int,
+    batch_size: int,
+    slices: int,
+    device: str = "cpu",
+) -> dict:
+    """(d) Slices/s, wall-clock, of the cached SliceDataset through ``make_loader`` with ``workers``
+    processes (the trainer's collate, seeded shuffling, pinned memory on CUDA), each batch copied to
+    ``device`` as the training step does. An untimed short epoch first starts the (persistent)
+    workers; the timed epoch then delivers ``slices`` slices, cycling over the cache."""
+    from hemorrhage_core.data.cache import SliceCache
+    from hemorrhage_core.data.dataset import SliceDataset
+    from hemorrhage_core.data.loader import make_loader
+
+    index = _index_of(paths, data)
+    cache = SliceCache.build(index, data, image_size=image_size, cache_dir=cache_dir, progress=False)
+    warm = 2 * batch_size * max(workers, 1)
+    dataset = _Cycled(SliceDataset(index, data, stage=2, image_size=image_size, cache=cache), warm)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=True, workers=workers, seed=0, drop_last=True)
+    target = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+
+    def epoch(length: int) -> int:
+        dataset.length = length
+        n = 0
+        for batch in loader:
+            n += int(batch[0].to(target, non_blocking=True).shape[0])
+        if target.type == "cuda":
+            torch.cuda.synchronize(target)
+        return n
+
+    epoch(warm)  # start the workers, fault the cache pages in
+    wall, cpu = time.perf_counter(), time.process_time()
+    delivered = epoch(slices)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "workers": workers,
+        "batch_size": batch_size,
+        "device": device,
+        "pinned": bool(loader.pin_memory),
+        "slices": delivered,
+        "rate": delivered / wall,
+        "main_process_cpu_share": cpu / wall,
+    }
+
+
+def _write_json(out: Path, results: dict, args: argparse.Namespace, n: int) -> None:
+    import json
+
+    record = {
+        "benchmark": "bench_data",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": _cpu_name(),
+        "cores": os.cpu_count(),
+        "command": f"python benchmarks/bench_data.py {' '.join(sys.argv[1:])}".rstrip(),
+        "slices": n,
+        "image_size": args.image_size,
+        **results,
+        "ratios": {
+            "b_over_a": results["rates"]["b_uncached"] / results["rates"]["a_naive"],
+            "c_over_a": results["rates"]["c_cached"] / results["rates"]["a_naive"],
+        },
+    }
+    if "loader" in results:
+        record["ratios"]["d_over_c"] = results["loader"]["rate"] / results["rates"]["c_cached"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -245,6 +361,13 @@ def print_report(results: dict, args: argparse.Namespace, n: int) -> None:
         f"c/a = {other['c_cached'] / other['a_naive']:.1f}x"
     )
     print(f"cache build: {results['build_rate']:.0f} slices/s with {results['build_workers']} worker processes")
+    if "loader" in results:
+        d = results["loader"]
+        print(
+            f"(d) cached through make_loader, {d['workers']} workers, batch {d['batch_size']}, to {d['device']}"
+            f"{' (pinned)' if d['pinned'] else ''}: {d['rate']:.0f} slices/s wall-clock over {d['slices']} slices "
+            f"= {d['rate'] / rates['c_cached']:.1f}x (c) on one core; main process busy {d['main_process_cpu_share']:.0%}"
+        )
 
 
 def _profile(paths: list[Path], data: Path, image_size: int) -> None:

@@ -12,6 +12,8 @@ achieved GFLOP/s as a share of the measured 2048^3 fp32 matmul rate (target >= 6
     python benchmarks/bench_inference.py                        # all backbones, about 3-5 min on 2 cores
     python benchmarks/bench_inference.py --backbones resnet18 --repeats 5
     python benchmarks/bench_inference.py --threads 1             # per core, steadier on a shared machine
+    python benchmarks/bench_inference.py --device cuda --json inference.json   # on a GPU (matmul 8192^3
+                                         # fp32 there; cuDNN convolutions may use TF32, so share can pass 100%)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -45,9 +48,12 @@ MATMUL_N = 2048
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, min_seconds: float = 0.0,
-                        warmup: int = 2) -> dict[str, float]:
+                        warmup: int = 2, device: torch.device | None = None) -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin so that a shared, noisy machine
-    slows every variant alike and the ratios between them stay meaningful."""
+    slows every variant alike and the ratios between them stay meaningful. On CUDA each call is
+    followed by a synchronisation, so its time includes the queued GPU work."""
+    if device is not None and device.type == "cuda":
+        fns = {name: _synced(fn, device) for name, fn in fns.items()}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -61,6 +67,15 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, min_
             times[name].append(time.perf_counter() - t0)
         rounds += 1
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    def run() -> object:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
 
 
 def phantom_dicom(tmp: Path, size: int = 512) -> bytes:
@@ -86,9 +101,10 @@ def _forward(model: torch.nn.Module, grad_mode: Callable[[], AbstractContextMana
 
 def bench_backbone(name: str, dicom: bytes, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    model = build_model(ModelSpec(name, 1)).eval()
+    device = torch.device(args.device)
+    model = build_model(ModelSpec(name, 1)).eval().to(device)
     size = model.spec.input_size
-    x = torch.rand(1, 3, size, size)
+    x = torch.rand(1, 3, size, size, device=device)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(x)
     flops = counter.get_total_flops()
@@ -96,9 +112,10 @@ def bench_backbone(name: str, dicom: bytes, args: argparse.Namespace) -> dict:
     x_cl = x.contiguous(memory_format=torch.channels_last)
     # The Predictor as evaluate/predict/the dashboard build it, with the checkpoint image size equal to
     # the backbone's default size; it gets its own copy because it sets the model's memory format.
-    predictor = Predictor(copy.deepcopy(model), {"image_size": size, "windows": DEFAULT_STACK.to_list()})
+    predictor = Predictor(copy.deepcopy(model), {"image_size": size, "windows": DEFAULT_STACK.to_list()}, device=device)
     x_pred = x.contiguous(memory_format=predictor.memory_format)
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    n = matmul_size(device)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     t = interleaved_medians(
         {
             "matmul": lambda: torch.mm(a, b),
@@ -108,22 +125,27 @@ def bench_backbone(name: str, dicom: bytes, args: argparse.Namespace) -> dict:
             "forward_pred": _forward(predictor.model, torch.inference_mode, x_pred),
             "predictor": lambda: predictor.predict(dicom),
         },
-        args.repeats, args.min_seconds,
+        args.repeats, args.min_seconds, device=device,
     )
     out = {"backbone": name, "size": size, "gflop": flops / 1e9, **t,
-           "matmul_gflops": 2 * MATMUL_N**3 / t["matmul"] / 1e9}
+           "matmul_gflops": 2 * n**3 / t["matmul"] / 1e9}
     # Batched: predict_many vs one batched forward of the same size, per slice.
-    xb = torch.rand(args.batch, 3, size, size).contiguous(memory_format=predictor.memory_format)
+    xb = torch.rand(args.batch, 3, size, size, device=device).contiguous(memory_format=predictor.memory_format)
     sources = [dicom] * args.batch
     tb = interleaved_medians(
         {
             "batch_forward": _forward(predictor.model, torch.inference_mode, xb),
             "batch_predict": lambda: predictor.predict_many(sources, batch_size=args.batch),
         },
-        repeats=2, warmup=1,
+        repeats=2, warmup=1, device=device,
     )
     out.update({k: v / args.batch for k, v in tb.items()})
     return out
+
+
+def matmul_size(device: torch.device) -> int:
+    """Side of the baseline matmul: big enough to reach the device's rate (a GPU needs more work)."""
+    return 8192 if device.type == "cuda" else MATMUL_N
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,12 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="slices per batch for the batched comparison")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's, one per core); 1 is steadier on a busy machine")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the models and the Predictor run (default cpu)")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is available to torch", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"# bench_inference {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
+    print(f"# bench_inference {started}")
+    print(f"# {args.device}: {where}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, python {platform.python_version()}")
     header = (f"{'backbone':<19}{'px':>4}{'GFLOP':>7}{'matmul':>8}{'no_grad':>9}{'inf_mode':>9}{'ch_last':>9}"
               f"{'predict':>9}{'pred/fwd':>9}{'GFLOP/s':>9}{'share':>7}{'batch fwd':>10}{'many':>8}{'many/fwd':>9}")
@@ -158,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['channels_last'] * 1e3:>8.1f}m{r['predictor'] * 1e3:>8.1f}m{ratio:>9.2f}{achieved:>9.0f}"
                   f"{achieved / rate:>7.0%}{r['batch_forward'] * 1e3:>9.1f}m{r['batch_predict'] * 1e3:>7.1f}m"
                   f"{many_ratio:>9.2f}", flush=True)
-    print("\nms columns: medians per call (batch 1), timed round-robin with a 2048^3 fp32 matmul whose rate "
+    n = matmul_size(torch.device(args.device))
+    print(f"\nms columns: medians per call (batch 1), timed round-robin with a {n}^3 fp32 matmul whose rate "
           "(GFLOP/s, 'matmul') is the baseline of 'share'; GFLOP/s uses the fastest forward variant; "
           "'batch fwd'/'many': per slice at --batch; pred/fwd compares with the Predictor's memory format.")
     print(f"targets: predict/forward <= {TARGET_PREDICTOR_RATIO}; VGG16@224 share >= {TARGET_VGG16_SHARE:.0%}")
@@ -169,6 +200,19 @@ def main(argv: list[str] | None = None) -> int:
         if r["backbone"] == "vgg16":
             share = r["gflop"] / min(r["no_grad"], r["inference_mode"], r["channels_last"]) / r["matmul_gflops"]
             print(f"  vgg16: {share:.0%} of the matmul rate {'meets' if share >= TARGET_VGG16_SHARE else 'misses'} the target")
+    if args.json:
+        record = {
+            "benchmark": "bench_inference", "date": started, "device": args.device, "device_name": where,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "command": f"python benchmarks/bench_inference.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
+            "results": [
+                {**r, "predict_over_forward": r["predictor"] / r["forward_pred"],
+                 "share": r["gflop"] / min(r["no_grad"], r["inference_mode"], r["channels_last"]) / r["matmul_gflops"]}
+                for r in results
+            ],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

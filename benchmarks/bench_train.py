@@ -1,0 +1,444 @@
+"""Training throughput (images/s) per backbone, against the same model's forward-only throughput and a
+matmul measured in the same run.
+
+One optimizer step is the trainer's own: ``training.trainer.build_network`` builds Model1 and
+``training.trainer.Loop`` its AdamW parameter groups, schedule, loss, grad scaler, device placement and
+memory format; ``training.engine.train_one_epoch`` then runs forward, loss (+ Inception's aux loss),
+finite-loss check, backward, gradient clipping and the optimizer step over one batch from the Loop's
+own DataLoader (pinned memory on CUDA, copied to the device inside the step as in training). The images
+are random and made before timing, so this measures the model step, not the data path (bench_data.py).
+On CUDA the trainer's AMP (bf16 autocast, or fp16 with its GradScaler) and channels_last apply.
+
+Sizes and settings come from the pipeline presets (training/configs/*.yaml), ImageNet weights aside
+(speed does not depend on them; the trunk is frozen as those weights would freeze it):
+  quick  every backbone at both quick sizes (96 px as phase 1, 128 px as phase 2), quick.yaml's settings
+  full   every backbone at its full size (vgg16*: 224, inception_v3: 299), full.yaml's settings
+
+Baselines timed round-robin with the steps, so a busy machine slows them alike:
+  forward  eval-mode inference_mode forward of the same batch (the trainer's autocast and memory format)
+  matmul   a square matmul (fp32 2048^3 on CPU; 8192^3 in the AMP dtype on CUDA); 'share' is the
+           step's counted FLOPs per second (torch.utils.flop_counter, forward + backward) over its rate
+
+    python benchmarks/bench_train.py                                  # quick sizes, 3 backbones
+    python benchmarks/bench_train.py --sizes full --steps 3 --threads 1
+    python benchmarks/bench_train.py --device cuda --sizes full --json train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from hemorrhage_core.labels import STAGE1_CLASSES  # noqa: E402
+from hemorrhage_core.models import BACKBONES  # noqa: E402
+from training.config import ConfigError, PipelinePreset, TrainConfig  # noqa: E402
+from training.distributed import DistEnv  # noqa: E402
+from training.engine import LoopSettings, make_grad_scaler, train_one_epoch  # noqa: E402
+from training.trainer import Loop, Runtime, build_network  # noqa: E402
+
+DEFAULT_BACKBONES = ("vgg16", "vgg16_bn", "inception_v3")
+SIZE_SETS = ("quick", "full", "both")
+EXIT_REFUSED = 2
+
+
+# ----------------------------------------------------------------------------------------- plans
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measurement: a backbone at a size, with the TrainConfig the preset gives it."""
+
+    backbone: str
+    size: int
+    preset: str
+    phase: str
+    config: TrainConfig
+
+    @property
+    def trunk(self) -> str:
+        return "frozen" if self.config.freeze_trunk else "trainable"
+
+
+def preset_sizes(preset: PipelinePreset) -> dict[str, tuple[str, int]]:
+    """phase -> (its stage-1 backbone, its input size in px) of a preset."""
+    out = {}
+    for phase in ("phase1", "phase2"):
+        config = preset.config(phase, "stage1")
+        size = config.input_size or BACKBONES[config.backbone].default_size
+        out[phase] = (config.backbone, size)
+    return out
+
+
+def plan(
+    backbones: list[str],
+    sizes: str,
+    *,
+    batch_size: int = 10,
+    device: str = "cpu",
+    threads: int | None = None,
+    trunk: str = "preset",
+    px: list[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> list[Case]:
+    """The cases of a run: each backbone at the sizes of ``sizes`` (or at ``px``, quick settings).
+
+    Each config is the preset's stage-1 config of the phase the size comes from, with the backbone,
+    size, batch and device set; weights are ``none`` and ``freeze_trunk`` keeps what the preset's
+    weights would give (frozen with ImageNet weights), unless ``trunk`` is ``frozen`` or ``trainable``.
+    """
+    wanted: list[tuple[str, str, int, str]] = []  # backbone, preset, size, phase
+    for name in ("quick", "full"):
+        if sizes not in (name, "both") or px:
+            continue
+        phases = preset_sizes(PipelinePreset.load(name))
+        for backbone in backbones:
+            if name == "quick":  # every backbone at both quick sizes
+                wanted += [(backbone, name, size, phase) for phase, (_, size) in phases.items()]
+            else:  # every backbone at the full size of the phase that trains it, else its own size
+                phase = next((p for p, (b, _) in phases.items() if b == backbone), "phase1")
+                own = phases[phase][1] if phases[phase][0] == backbone else BACKBONES[backbone].default_size
+                wanted.append((backbone, name, own, phase))
+    for size in px or []:
+        wanted += [(backbone, "quick", size, "phase1") for backbone in backbones]
+    cases = []
+    for backbone, preset_name, size, phase in wanted:
+        preset = PipelinePreset.load(preset_name)
+        base = preset.config(phase, "stage1")
+        frozen = base.freeze_trunk if base.freeze_trunk is not None else base.weights != "none"
+        if trunk != "preset":
+            frozen = trunk == "frozen"
+        values = {
+            "backbone": backbone,
+            "image_size": size,
+            "input_size": size,
+            "batch_size": batch_size,
+            "device": device,
+            "threads": threads,
+            "weights": "none",
+            "freeze_trunk": frozen,
+            "num_workers": 0,
+            "progress": False,
+            "data": "",
+            **(overrides or {}),
+        }
+        config = preset.config(phase, "stage1", values)
+        if size < BACKBONES[backbone].min_size:
+            raise ConfigError(f"{backbone} needs at least {BACKBONES[backbone].min_size} px, got {size}")
+        cases.append(Case(backbone, size, preset_name, phase, config))
+    return cases
+
+
+def cuda_settings(config: TrainConfig) -> tuple[LoopSettings, torch.amp.GradScaler | None]:
+    """The loop settings and grad scaler the trainer uses for ``config`` on a CUDA device (no GPU needed)."""
+    settings = LoopSettings.from_config(config, torch.device("cuda", 0), DistEnv())
+    return settings, make_grad_scaler(settings)
+
+
+# -------------------------------------------------------------------------------------- measuring
+class RandomSlices(torch.utils.data.Dataset):
+    """``n`` random windowed-like slices (values in [0, 1]) with stage-1 classes, as SliceDataset yields them."""
+
+    def __init__(self, n: int, size: int, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 3, size, size, generator=generator)
+        self.targets = np.arange(n) % len(STAGE1_CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.images[i], torch.tensor(self.targets[i]), f"ID_bench{i:05d}"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, dict]:
+    """Median wall and CPU seconds per call of each function, timed round-robin over ``rounds``."""
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            _synchronize(device)
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+def matmul_fn(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], object], float]:
+    """A square matmul on ``device`` and its FLOP count."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return (lambda: torch.mm(a, b)), 2.0 * n**3
+
+
+def count_flops(loop: Loop, settings: LoopSettings, images: torch.Tensor) -> tuple[float, float]:
+    """FLOPs of one training forward + backward and of one eval forward of ``images``.
+
+    Counted on two images and scaled, which is exact for the convolutions and matmuls that dominate
+    (per-image work), and avoids a third full-size step on a slow CPU.
+    """
+    two = images[:2]
+    n = images.shape[0] / two.shape[0]
+    loop.model.train()
+    with FlopCounterMode(display=False) as counter:
+        with settings.autocast():
+            out = loop.model(settings.to_device(two))
+            loss = out.logits.float().sum() + (
+                out.aux_logits.float().sum() if out.aux_logits is not None else 0
+            )
+        loss.backward()
+    train = counter.get_total_flops() * n
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.net.eval()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), settings.autocast():
+        loop.net(settings.to_device(two))
+    return train, counter.get_total_flops() * n
+
+
+def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict[str, Any]:
+    """Images/s of the trainer's optimizer step and of the eval forward, and the FLOP rates, for one case."""
+    config = case.config
+    torch.manual_seed(config.seed)
+    loop = Loop(
+        config, build_network(config), RandomSlices(config.batch_size, case.size, config.seed), runtime
+    )
+    settings = dataclasses.replace(loop.settings, progress=False, max_steps=None)
+    batch = next(iter(loop.loader))  # (images, targets, ids), pinned on CUDA, as the trainer's loader gives
+    device = runtime.device
+
+    def train_step() -> None:
+        train_one_epoch(
+            loop.model,
+            [batch],
+            loop.optimizer,
+            loop.scheduler,
+            loop.loss_fn,
+            settings,
+            epoch=1,
+            scaler=loop.scaler,
+        )
+
+    def forward() -> None:
+        loop.net.eval()
+        with torch.inference_mode(), settings.autocast():
+            loop.net(settings.to_device(batch[0]))
+
+    matmul, matmul_flops = matmul_fn(device, settings.amp_dtype if settings.amp else torch.float32)
+    train_flops, forward_flops = count_flops(loop, settings, batch[0])
+    fns = {"train": train_step, "forward": forward, "matmul": matmul}
+    if warmup:
+        interleaved(fns, warmup, device)
+    t = interleaved(fns, steps, device)
+    first = next(p for p in loop.net.parameters() if p.requires_grad)
+    if not torch.isfinite(first).all():
+        raise RuntimeError(f"{case.backbone} at {case.size} px: the weights became non-finite while timing")
+    images = int(batch[0].shape[0])
+    result: dict[str, Any] = {
+        "backbone": case.backbone,
+        "px": case.size,
+        "preset": case.preset,
+        "phase": case.phase,
+        "trunk": case.trunk,
+        "batch": images,
+        "steps": steps,
+        "warmup": warmup,
+        "amp": str(settings.amp_dtype).removeprefix("torch.") if settings.amp else None,
+        "grad_scaler": loop.scaler is not None,
+        "channels_last": settings.channels_last,
+        "train_gflop_per_step": train_flops / 1e9,
+        "forward_gflop_per_batch": forward_flops / 1e9,
+        "seconds": t,
+    }
+    for clock in ("wall", "cpu"):
+        step, fwd, mm = t["train"][clock], t["forward"][clock], t["matmul"][clock]
+        result[clock] = {
+            "train_img_s": images / step,
+            "forward_img_s": images / fwd,
+            "train_over_forward": (images / step) / (images / fwd),
+            "train_gflop_s": train_flops / step / 1e9,
+            "matmul_gflop_s": matmul_flops / mm / 1e9,
+            "share": (train_flops / step) / (matmul_flops / mm),
+        }
+    return result
+
+
+# ----------------------------------------------------------------------------------------- report
+def machine() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({machine()})"
+
+
+def print_header(report: dict[str, Any]) -> None:
+    clock = report["clock"]
+    print(f"date: {report['date']}")
+    print(
+        f"device: {report['device']}; {report['cores']} cores visible; torch {report['torch']}, "
+        f"{report['threads']} threads"
+    )
+    print(f"clock: {'CPU time of this process (all its threads)' if clock == 'cpu' else 'wall-clock'}")
+    print(f"command: {report['command']}")
+    print()
+    print(
+        "| backbone | px | trunk | batch | train img/s | ms/step | fwd img/s | fwd/train | GFLOP/step "
+        "| train GFLOP/s | matmul GFLOP/s | share |"
+    )
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+
+
+def row(r: dict[str, Any], clock: str) -> str:
+    """One table row of a result, by ``clock``."""
+    c = r[clock]
+    return (
+        f"| {r['backbone']} | {r['px']} | {r['trunk']} | {r['batch']} | {c['train_img_s']:.2f} "
+        f"| {r['seconds']['train'][clock] * 1e3:.0f} | {c['forward_img_s']:.2f} "
+        f"| {1 / c['train_over_forward']:.2f}x | {r['train_gflop_per_step']:.1f} | {c['train_gflop_s']:.0f} "
+        f"| {c['matmul_gflop_s']:.0f} | {c['share']:.0%} |"
+    )
+
+
+def print_footer(report: dict[str, Any]) -> None:
+    clock = report["clock"]
+    other = "wall" if clock == "cpu" else "cpu"
+    print()
+    print(
+        "train img/s: one optimizer step of the trainer (forward + loss + backward + clip + AdamW), median of "
+        "the timed steps; fwd/train: eval forward throughput over training throughput of the same batch "
+        "(about 3x when every layer trains, less with a frozen trunk: no weight gradients there); share: "
+        "the step's counted FLOP rate over the matmul's, both measured round-robin in this run."
+    )
+    for r in report["results"]:
+        c = r[other]
+        print(
+            f"by {other} time: {r['backbone']}@{r['px']} {c['train_img_s']:.2f} img/s, "
+            f"fwd/train {1 / c['train_over_forward']:.2f}x, share {c['share']:.0%}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--sizes", choices=SIZE_SETS, default="quick", help="preset sizes (default quick)")
+    parser.add_argument(
+        "--px",
+        type=int,
+        nargs="+",
+        default=None,
+        help="explicit input sizes instead of --sizes (quick preset settings)",
+    )
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median; default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--batch-size", type=int, default=10, help="images per step (default 10, the seed's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
+    parser.add_argument(
+        "--trunk",
+        choices=("preset", "frozen", "trainable"),
+        default="preset",
+        help="backbone trunk: as the preset's weights leave it (default), or forced",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a TrainConfig field, e.g. amp=false or channels_last=false",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default=None,
+        help="clock of the table (default: cpu on CPU, wall on CUDA); both are recorded",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON"
+    )
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 2:
+        parser.error(
+            "--steps must be >= 1, --warmup >= 0 and --batch-size >= 2 (batch norm needs two images)"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "error: --device cuda: no CUDA device is available to torch "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda})",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    from training.train_cmd import parse_sets
+
+    try:
+        cases = plan(
+            args.backbones,
+            args.sizes,
+            batch_size=args.batch_size,
+            device=args.device,
+            threads=args.threads,
+            trunk=args.trunk,
+            px=args.px,
+            overrides=parse_sets(args.set),
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    runtime = Runtime(DistEnv(), device)
+    clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
+    report: dict[str, Any] = {
+        "benchmark": "bench_train",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "clock": clock,
+        "command": " ".join(
+            ["python benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "results": [],
+    }
+    print_header(report)
+    for case in cases:
+        report["results"].append(bench_case(case, runtime, steps=args.steps, warmup=args.warmup))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the case's model and optimizer state are gone: free their memory
+        print(row(report["results"][-1], clock), flush=True)
+    print_footer(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
