@@ -96,3 +96,91 @@ def tiny_config(data: str | os.PathLike, runs: str | os.PathLike, **overrides):
     }
     values.update(overrides)
     return TrainConfig.from_dict(values)
+
+
+# ------------------------------------------------------------------------------ resume and crash tests
+KILL_ENV = "HEMORRHAGE_TEST_KILL_AT"
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def resume_train_args(data: str | os.PathLike, runs: str | os.PathLike, *, epochs: int = 3) -> list[str]:
+    """``train`` arguments (after ``python -m training``) of the resume tests' short CPU run.
+
+    Augmentation, dropout and precise BN on, so every RNG state matters; one thread, so float sums repeat.
+    """
+    return [
+        "train", "--data", str(data), "--backbone", "resnet18", "--stage", "1", "--epochs", str(epochs),
+        "--batch-size", "4", "--image-size", "32", "--input-size", "32", "--val-fraction", "0.3",
+        "--runs-dir", str(runs), "--threads", "1", "--no-progress",
+        "--set", "augment=true", "--set", "warmup_epochs=0.5", "--set", "gallery_size=4",
+        "--set", "precise_bn_images=8",
+    ]
+
+
+def killing_command(cli_args: list[str]) -> list[str]:
+    """``python -m training <cli_args>`` in a process that SIGKILLs itself where ``$HEMORRHAGE_TEST_KILL_AT`` says.
+
+    Run it with ``killing_env(point)``. Points (counted from the process start, so no timing is involved):
+    ``step:N`` right after the N-th optimizer step; ``write:N:F`` in the N-th checkpoint save, once the
+    fraction F of the file's bytes reached the disk (the temporary file is left behind); ``rename:N``
+    in the N-th checkpoint save, complete and fsynced but not yet renamed to its final name.
+    """
+    import sys
+
+    code = "import sys, train_fixtures; sys.exit(train_fixtures.train_with_kill_point(sys.argv[1:]))"
+    return [sys.executable, "-c", code, *cli_args]
+
+
+def killing_env(point: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env[KILL_ENV] = point
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def train_with_kill_point(argv: list[str]) -> int:
+    """The body of ``killing_command``: install the kill point, then run the command line."""
+    import io
+    import signal
+
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from training import cli
+
+    kind, *values = os.environ[KILL_ENV].split(":")
+    target = int(values[0])
+    count = 0
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if kind == "step":
+        def after_step(optimizer, args, kwargs) -> None:  # noqa: ARG001
+            nonlocal count
+            count += 1
+            if count == target:
+                die()
+
+        register_optimizer_step_post_hook(after_step)
+    elif kind in ("write", "rename"):
+        real_save = torch.save
+        fraction = float(values[1]) if kind == "write" else 1.0
+
+        def save(obj, f, *args, **kwargs):  # only checkpoints are written with torch.save
+            nonlocal count
+            count += 1
+            if count != target:
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: int(len(data) * fraction)])
+            f.flush()
+            os.fsync(f.fileno())
+            die()
+
+        torch.save = save
+    else:
+        raise ValueError(f"unknown kill point {os.environ[KILL_ENV]!r}")
+    return cli.main(argv)

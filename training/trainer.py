@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -476,6 +477,25 @@ def fit(
         return _fit(config, runtime, on_start=on_start, resume=Path(resume) if resume else None)
 
 
+# mkstemp names of the atomic writers (hemorrhage_core.runs, .checkpoint): ".<file>.<8 random chars>.tmp".
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temp_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that atomic writes of a killed process left in a run (its folder,
+    checkpoints/ and gallery/) and return them. A checkpoint's can be as large as the checkpoint, and
+    only a dead writer leaves one, so this runs when ``--resume`` takes the run over."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints", Path(run_dir) / "gallery"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if _TEMP_NAME.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 def resume_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The TrainConfig stored in an existing run's run.json."""
     from hemorrhage_core.runs import RunFormatError, load_run_json
@@ -527,6 +547,9 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
     if env.is_main:
         if resume is not None:
             writer = RunWriter.reopen(resume)
+            stale = remove_stale_temp_files(resume)
+            if stale:
+                writer.log(f"removed {len(stale)} temporary file(s) left by the interrupted process")
             writer.truncate_metrics(int(train_state["epoch"]))
             writer.log(f"resumed from epoch {int(train_state['epoch'])}")
         else:

@@ -50,7 +50,14 @@ class PredictorCache:
             if cached is not None and cached[0] == mtime:
                 return cached[1]
             log.info("loading the model of run %s", run_id)
-            predictor = self._load(model_path)
+            try:
+                predictor = self._load(model_path)
+            except CheckpointError as exc:
+                # The refusal names the file by its full path: the page names it by its run instead.
+                text = str(exc)
+                for form in (repr(str(model_path)), str(model_path)):
+                    text = text.replace(form, f"{model_path.name} of run {run_id}")
+                raise CheckpointError(text) from None
             self._models[run_id] = (mtime, predictor)
             return predictor
 
