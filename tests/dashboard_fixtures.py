@@ -2,12 +2,22 @@
 
 ``write_run`` makes a complete train run (run.json, metrics.csv, predictions.csv, gallery, train.log)
 from generated numbers; ``write_grid_run`` a grid run; ``write_damaged_runs`` the half-written and
-malformed folders the runs table must survive. The browser tests train real tiny models instead (see
-tests/test_dashboard_browser.py); these keep the unit tests fast.
+malformed folders the runs table must survive; ``write_many_runs`` hundreds of small complete runs
+(copies of one template, for tests/test_runs_many.py and benchmarks/bench_runs_folder.py);
+``tiny_model_checkpoint`` a real untrained model for a run's checkpoints/best.pt. The browser tests
+train real tiny models instead (see tests/test_dashboard_browser.py); these keep the unit tests fast.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +26,7 @@ import pandas as pd
 from hemorrhage_core import metrics
 from hemorrhage_core.data.ids import hash_id
 from hemorrhage_core.labels import LABELS, SUBTYPES
-from hemorrhage_core.runs import METRICS_COLUMNS, GalleryEntry, RunWriter
+from hemorrhage_core.runs import METRICS_COLUMNS, GalleryEntry, RunWriter, dumps_json
 
 
 def synthetic_predictions(
@@ -202,3 +212,74 @@ def write_damaged_runs(runs_dir: Path) -> dict[str, Path]:
         fh.write("3,0.41,0.4")  # a half-written row, as a crash mid-append would leave
     out["torn"] = torn
     return out
+
+
+def tiny_model_checkpoint(path: Path, *, stage: int = 2, size: int = 32, seed: int = 0) -> Path:
+    """A real, untrained resnet18 model of ``stage`` saved as a checkpoint at ``path`` (a second on CPU).
+
+    Pass it as ``write_run``'s ``checkpoint_writer`` to get a run
+    the Predict panel can use without a training.
+    """
+    import torch
+
+    from hemorrhage_core.checkpoint import save_checkpoint
+    from hemorrhage_core.models import ModelSpec, build_model
+    from hemorrhage_core.windowing import DEFAULT_STACK
+
+    torch.manual_seed(seed)
+    model = build_model(ModelSpec("resnet18", stage, input_size=size, hidden=(32, 16, 8))).eval()
+    return save_checkpoint(path, model, image_size=size, windows=DEFAULT_STACK)
+
+
+# Statuses cycled over write_many_runs' runs; "running" keeps a live writer, "interrupted" is a
+# run still marked running whose writer process is gone (the reader reports it as interrupted).
+MANY_RUN_STATUSES: tuple[str, ...] = ("finished", "finished", "failed", "running", "interrupted")
+
+
+def write_many_runs(
+    runs_dir: Path, n: int, *, epochs: int = 10, start: str = "2026-01-01T00:00:00Z"
+) -> list[str]:
+    """``n`` small but complete train runs, made fast by copying one template written through RunWriter.
+
+    Each run has run.json, metrics.csv (``epochs`` rows), predictions.csv (96 rows), gallery/index.csv
+    with 4 entries (8 PNGs) and train.log. Run ``i`` was created ``i`` minutes after ``start``, has the
+    status ``MANY_RUN_STATUSES[i % 5]`` and its best epoch at ``1 + i % epochs``. Returns the run ids,
+    oldest first.
+    """
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        template = write_run(Path(scratch), epochs=epochs, gallery=False)
+        preds = pd.read_csv(template / "predictions.csv", dtype={"patient": str, "series": str})
+        # A 4-image gallery keeps a run small; write_gallery is the real writer.
+        RunWriter(template, json.loads((template / "run.json").read_text())).write_gallery(
+            gallery_entries(preds, n=4, size=32)
+        )
+        record = json.loads((template / "run.json").read_text())
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()  # its pid names a process that no longer exists
+        t0 = datetime.fromisoformat(start.replace("Z", "+00:00"))
+        ids = []
+        for i in range(n):
+            created = t0 + timedelta(minutes=i)
+            run_id = f"{created:%Y%m%d-%H%M%S}-{record['backbone']}-s{record['stage']}-{i:04x}"
+            status = MANY_RUN_STATUSES[i % len(MANY_RUN_STATUSES)]
+            best = 1 + i % epochs
+            info = {
+                **record,
+                "id": run_id,
+                "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "updated": (created + timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "status": "running" if status == "interrupted" else status,
+                "error": "RuntimeError: loss became NaN" if status == "failed" else None,
+                "finished": None if status in ("running", "interrupted") else record["finished"],
+                "best": {"epoch": best, "metric": "val_auc_mean", "value": record["best"]["value"]},
+                "writer": {
+                    "host": socket.gethostname(),
+                    "pid": gone.pid if status == "interrupted" else os.getpid(),
+                },
+            }
+            target = runs_dir / run_id
+            shutil.copytree(template, target)
+            (target / "run.json").write_text(dumps_json(info))
+            ids.append(run_id)
+    return ids

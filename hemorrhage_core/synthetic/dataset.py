@@ -10,7 +10,7 @@ import hashlib
 import json
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -169,6 +169,7 @@ class _Task:
     slices_per_patient: int
     size: int
     config: PhantomConfig
+    identity_tags: tuple[tuple[str, str], ...] = ()
 
 
 def _write_series(task: _Task) -> list[tuple[str, dict[str, int]]]:
@@ -181,6 +182,7 @@ def _write_series(task: _Task) -> list[tuple[str, dict[str, int]]]:
     study_uid = new_uid(f"study/{key}")
     series_uid = new_uid(f"series/{key}")
     identity = _identity(key, plan.index)
+    identity.update((k, v.replace("{patient}", str(plan.index))) for k, v in task.identity_tags)
     pixel_mm = round(FOV_MM / task.size, 6)
     window = ([40.0, 80.0], [80.0, 200.0]) if plan.multivalued_window else (40.0, 80.0)
     images_dir = Path(task.out_dir) / IMAGES_DIR
@@ -251,6 +253,7 @@ def write_dataset(
     progress: bool = True,
     config: PhantomConfig | None = None,
     overwrite: bool = False,
+    identity_tags: Mapping[str, str] | None = None,
 ) -> SynthSummary:
     """Write ``patients`` x ``slices_per_patient`` synthetic CT slices in the RSNA layout under ``out_dir``.
 
@@ -258,6 +261,11 @@ def write_dataset(
     LABELS order) and ``synth.json`` (parameters and summary). Same arguments, same bytes. Refuses
     (HemorrhageError) when ``stage_2_train`` already holds other ``.dcm`` files, unless ``overwrite``,
     which deletes those stale ``ID_*.dcm`` files.
+
+    ``identity_tags`` (DICOM keyword -> text, ``{patient}`` replaced by the patient index) replace
+    the synthetic identifying header values, e.g. with marker strings that tests then look for in
+    every output; a ``PatientID`` given here replaces the RSNA-style id (keep ``{patient}`` in it so
+    patients stay distinct). They are written to the DICOM files only, never to synth.json.
     """
     if patients < 1 or slices_per_patient < 1:
         raise HemorrhageError("patients and slices_per_patient must be at least 1")
@@ -288,7 +296,8 @@ def write_dataset(
     except OSError as exc:
         raise HemorrhageError(f"cannot write a data set under {out}: {exc.strerror or exc}") from None
 
-    tasks = [_Task(str(out), seed, plan, slices_per_patient, size, config) for plan in plans]
+    tags = tuple((str(k), str(v)) for k, v in (identity_tags or {}).items())
+    tasks = [_Task(str(out), seed, plan, slices_per_patient, size, config, tags) for plan in plans]
     rows: list[str] = ["ID,Label"]
     counts = dict.fromkeys(LABELS, 0)
     n_multi = 0
