@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from training.exits import EXIT_OK, run_reporting_errors
+
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 PIPELINE_JSON = "pipeline.json"
 
 
@@ -97,27 +94,18 @@ class PipelineStopped(RuntimeError):
 
 
 def run(args: argparse.Namespace) -> int:
-    from hemorrhage_core.errors import HemorrhageError
-    from training.config import ConfigError
-    from training.distributed import cleanup, detect
+    from training.distributed import detect
     from training.train_cmd import parse_sets
 
-    try:
+    def work():
         overrides = parse_sets(args.set)
         if args.no_progress:
             overrides["progress"] = False
-        record_path = run_pipeline(args.data, args.preset, runs_dir=args.runs_dir, overrides=overrides)
-    except PipelineStopped as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except (ConfigError, HemorrhageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        cleanup()
+        return run_pipeline(args.data, args.preset, runs_dir=args.runs_dir, overrides=overrides)
+
+    record_path = run_reporting_errors(work, failed=(PipelineStopped,))
+    if isinstance(record_path, int):
+        return record_path
     if detect().is_main:
         print(record_path, flush=True)
     return EXIT_OK

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import Any
+
+from training.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, run_reporting_errors
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 
 # flag dest -> TrainConfig field, for the named options (None = not given).
 _FLAG_FIELDS = {
@@ -117,12 +114,11 @@ def exit_code_for(run_dir) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hemorrhage_core.errors import HemorrhageError
     from training.config import ConfigError
-    from training.distributed import cleanup, detect
+    from training.distributed import detect
     from training.trainer import fit, resume_config
 
-    try:
+    def work() -> str:
         if args.resume:
             config = resume_config(args.resume)
             if args.no_progress:
@@ -131,15 +127,11 @@ def run(args: argparse.Namespace) -> int:
             config = config_from_args(args)
             if not config.data:
                 raise ConfigError("--data is required (or give data: in --config)")
-        run_dir = fit(config, resume=args.resume)
-    except (ConfigError, HemorrhageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        cleanup()
+        return str(fit(config, resume=args.resume))
+
+    run_dir = run_reporting_errors(work)
+    if isinstance(run_dir, int):
+        return run_dir
     if detect().is_main:
         print(run_dir, flush=True)
         return exit_code_for(run_dir)
