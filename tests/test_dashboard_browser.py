@@ -358,6 +358,29 @@ def test_garbage_and_oversized_uploads_get_messages_and_the_session_lives_on(
     assert outside_requests == []
 
 
+def test_compare_shows_the_intervals_of_the_last_pair_chosen(page: Page, dashboard, trained, outside_requests):
+    """Clicking through pairs never leaves the panel computing stale pairs or labelling one pair's
+    intervals with another's names: the verdict ends on the last pair, with its numbers."""
+    page.goto(dashboard.url)
+    open_panel(page, "compare")
+    a, b = controller.InputSelect(page, "compare-run_a"), controller.InputSelect(page, "compare-run_b")
+    a.set(trained.stage1.name)
+    b.set(trained.stage1.name)
+    b.set(trained.stage2.name)
+    a.set(trained.stage2.name)
+    a.set(trained.stage1.name)
+    verdict = page.locator("#compare-verdict")
+    expect(verdict).not_to_contain_text("Computing", timeout=120_000)
+    expect(verdict).to_contain_text("A = ", timeout=120_000)
+    text = verdict.inner_text()
+    assert text.index(trained.stage1.name[-4:]) < text.index("B = ") < text.index(trained.stage2.name[-4:])
+    settle(page)
+    expect(verdict).not_to_contain_text("Computing")
+    expect(page.locator("#compare-numbers")).to_contain_text("subdural")
+    expect(page.locator(".shiny-output-error")).to_have_count(0)
+    assert outside_requests == []
+
+
 def test_sessions_do_not_share_uploads_or_results(browser, dashboard, trained):
     first, second = browser.new_context(), browser.new_context()
     try:

@@ -103,18 +103,28 @@ def compare_server(input, output, session, ctx: AppContext) -> None:
         return [load_run_table(ctx, run_id, "predictions") for run_id, _ in pair]
 
     @reactive.extended_task
-    async def compare_task(pred_a: pd.DataFrame, pred_b: pd.DataFrame, resamples: int, seed: int):
-        return await asyncio.to_thread(
+    async def compare_task(
+        pair: tuple[str, str], pred_a: pd.DataFrame, pred_b: pd.DataFrame, resamples: int, seed: int
+    ):
+        result = await asyncio.to_thread(
             tables.comparison_table, pred_a, pred_b, n_resamples=resamples, seed=seed
         )
+        return pair, result
 
     @reactive.effect
     def _start() -> None:
         items = loaded()
         if not items or any(item.frame is None for item in items):
             return
+        # A new pair makes any running or queued bootstrap stale: drop it rather than queue behind it
+        # (the extended task would otherwise compute every pair the user clicked through, in order).
+        compare_task.cancel()
         compare_task.invoke(
-            items[0].frame, items[1].frame, ctx.config.bootstrap_resamples, ctx.config.bootstrap_seed
+            (items[0].run_id, items[1].run_id),
+            items[0].frame,
+            items[1].frame,
+            ctx.config.bootstrap_resamples,
+            ctx.config.bootstrap_seed,
         )
 
     def run_names(items) -> tuple[str, str]:
@@ -156,12 +166,17 @@ def compare_server(input, output, session, ctx: AppContext) -> None:
 
     @reactive.calc
     def comparison() -> tables.Comparison | None | Exception:
+        """The finished comparison of the pair shown now; None while it is computing or stale."""
         if compare_task.status() != "success":
             return None
         try:
-            return compare_task.result()
+            pair, result = compare_task.result()
         except Exception as exc:  # noqa: BLE001 - shown as a message, never a traceback
             return exc
+        items = loaded()
+        if not items or pair != (items[0].run_id, items[1].run_id):
+            return None
+        return result
 
     @render.ui
     def verdict():
