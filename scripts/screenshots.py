@@ -1,0 +1,183 @@
+"""Take the documentation's dashboard screenshots from real runs (a `pipeline` runs folder).
+
+    .venv/bin/python scripts/screenshots.py --runs runs --upload-from data/synthetic-test --out docs/images
+
+Starts the app on a free local port over RUNS (read only), opens every panel in Debian's chromium with
+the pipeline's VGG16 and Inception_v3 stage-2 runs chosen wherever a panel compares two runs, uploads the
+series of one patient with a hemorrhage for the predict panel, and writes `dashboard-<panel>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+SETTLED = (
+    "() => !document.documentElement.classList.contains('shiny-busy') && "
+    "![...document.querySelectorAll('.recalculating')].some(e => e.offsetParent !== null)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(runs: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "HEMORRHAGE_RUNS_DIR": str(runs), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "shiny", "run", "--host", "127.0.0.1", "--port", str(port), "app.py"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"the app exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the app did not answer within 120 s")
+
+
+def hemorrhage_series(data: Path) -> list[Path]:
+    """The slices of the patient with the most hemorrhage-positive slices (several types if possible)."""
+    import pandas as pd
+
+    from hemorrhage_core.dicom import read_header
+
+    table = pd.read_csv(data / "stage_2_train.csv")
+    parts = table["ID"].str.rsplit("_", n=1, expand=True)
+    table["image"], table["label"] = parts[0], parts[1]
+    wide = table.pivot_table(index="image", columns="label", values="Label", aggfunc="max")
+    by_series: dict[str, list[Path]] = {}
+    for path in sorted((data / "stage_2_train").glob("*.dcm")):
+        by_series.setdefault(read_header(path).series_uid, []).append(path)
+
+    def score(paths: list[Path]) -> tuple[int, int]:
+        rows = wide.reindex([p.stem for p in paths]).fillna(0)
+        types = int((rows.drop(columns="any").max() > 0).sum())
+        return types, int(rows["any"].sum())
+
+    return max(by_series.values(), key=score)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, required=True, help="a runs folder holding pipeline.json")
+    parser.add_argument("--upload-from", type=Path, required=True, help="a data set (RSNA layout) to upload from")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
+    parser.add_argument("--width", type=int, default=1400)
+    args = parser.parse_args()
+
+    from playwright.sync_api import expect, sync_playwright
+    from shiny.playwright import controller
+
+    pipeline = json.loads((args.runs / "pipeline.json").read_text())
+    vgg, inception = pipeline["phase1"]["stage2"], pipeline["phase2"]["stage2"]
+    series = hemorrhage_series(args.upload_from)
+    args.out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    app = start_app(args.runs.resolve(), port)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": args.width, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/")
+
+            def settle() -> None:
+                page.wait_for_function(SETTLED, timeout=120_000)
+                page.wait_for_timeout(800)  # plotly draws after the data arrives
+
+            def shoot(panel: str) -> None:
+                settle()
+                expect(page.locator(".shiny-output-error")).to_have_count(0)
+                page.screenshot(path=str(args.out / f"dashboard-{panel}.png"), full_page=True)
+                print(f"wrote {args.out / f'dashboard-{panel}.png'}")
+
+            def open_panel(panel: str) -> None:
+                controller.PageNavbar(page, "panel").set(panel)
+                settle()
+
+            settle()
+            shoot("runs")
+            open_panel("metrics")
+            chosen = [pipeline[p][s] for p in ("phase1", "phase2") for s in ("stage1", "stage2")]
+            controller.InputSelectize(page, "metrics-runs").set(chosen)
+            # Every chosen run has its traces in the figure (the legend names end in the run's tag).
+            page.wait_for_function(
+                "tags => { const d = document.getElementById('metrics-curves').data || [];"
+                " return tags.every(t => d.some(x => (x.name || '').includes(t))); }",
+                arg=[run[-4:] for run in chosen],
+                timeout=120_000,
+            )
+            shoot("metrics")
+            open_panel("roc")
+            controller.InputSelect(page, "roc-run_a").set(inception)
+            controller.InputSelect(page, "roc-run_b").set(vgg)
+            page.wait_for_function(
+                "() => (document.getElementById('roc-roc').data || []).some(t => t.legendgroup === 'run1')",
+                timeout=120_000,
+            )
+            shoot("roc")
+            open_panel("thresholds")
+            controller.InputSelect(page, "thresholds-run").set(inception)
+            shoot("thresholds")
+            open_panel("stn")
+            controller.InputSelect(page, "stn-run").set(inception)
+            shoot("stn")
+            open_panel("compare")
+            controller.InputSelect(page, "compare-run_a").set(vgg)
+            controller.InputSelect(page, "compare-run_b").set(inception)
+            # The bootstrap intervals arrive last (patients resampled a thousand times): wait for the
+            # verdict of exactly this pair, not of the pair the panel opened with.
+            page.wait_for_function(
+                "tags => { const t = (document.getElementById('compare-verdict') || {}).innerText || '';"
+                " return t.includes('A = ') && !t.includes('Computing') && tags.every(x => t.includes(x)); }",
+                arg=[vgg[-4:], inception[-4:]],
+                timeout=600_000,
+            )
+            shoot("compare")
+            open_panel("predict")
+            controller.InputSelect(page, "predict-model").set(inception)
+            controller.InputFile(page, "predict-files").set([str(p) for p in series])
+            expect(page.locator("#predict-aligned_image img")).to_be_visible(timeout=300_000)
+            settle()
+            # Show the slice the model finds most likely to bleed (the z profile's 'any' trace).
+            best = page.evaluate(
+                "() => { const t = (document.getElementById('predict-profile').data || [])"
+                ".find(x => x.name === 'any'); return t ? t.y.indexOf(Math.max(...t.y)) : 0; }"
+            )
+            page.select_option("#predict-slice", index=int(best))
+            settle()
+            shoot("predict")
+            if any(json.loads(p.read_text()).get("kind") == "grid" for p in args.runs.glob("*/run.json")):
+                open_panel("grid")
+                shoot("grid")
+            browser.close()
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
