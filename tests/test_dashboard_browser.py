@@ -358,6 +358,31 @@ def test_garbage_and_oversized_uploads_get_messages_and_the_session_lives_on(
     assert outside_requests == []
 
 
+def test_the_regression_corpus_uploaded_at_once_gets_a_message_per_bad_file(
+    page: Page, dashboard, trained, outside_requests
+):
+    """tests/corpus/ (fuzzing's nastiest files and a few valid edge cases) through the real upload."""
+    corpus = sorted((REPO / "tests" / "corpus").glob("*.dcm"))
+    bad = [p for p in corpus if p.name.startswith(("bad-", "mr-"))]
+    good = [p for p in corpus if p.name.startswith(("ok-", "flag-"))]
+    page.goto(dashboard.url)
+    open_panel(page, "predict")
+    controller.InputFile(page, "predict-files").set([str(p) for p in corpus])
+    status = page.locator("#predict-status")
+    expect(status).to_contain_text(f"{len(good)} slice(s) predicted", timeout=300_000)
+    errors = "\n".join(status.locator(".alert").all_inner_texts())  # refused uploads are warnings
+    missing = [p.name for p in bad if p.name not in errors]
+    assert missing == []
+    text = page.locator("body").inner_text()
+    assert "Traceback" not in text and "site-packages" not in text
+    expect(page.locator(".shiny-output-error")).to_have_count(0)
+    expect(page.locator("#predict-slice option")).to_have_count(len(good))
+    # The session lives on: another panel still renders.
+    open_panel(page, "runs")
+    expect(page.locator("#runs-runs_grid")).to_contain_text(trained.stage2.name)
+    assert outside_requests == []
+
+
 def test_compare_shows_the_intervals_of_the_last_pair_chosen(page: Page, dashboard, trained, outside_requests):
     """Clicking through pairs never leaves the panel computing stale pairs or labelling one pair's
     intervals with another's names: the verdict ends on the last pair, with its numbers."""
