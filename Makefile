@@ -57,6 +57,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_train.py --sizes quick --steps 3 --warmup 1
 	$(BIN)/python benchmarks/bench_train.py --sizes full --steps 2 --warmup 1
 	$(BIN)/python benchmarks/bench_demo.py
+	$(BIN)/python benchmarks/bench_runs_folder.py
 
 # On a CUDA machine: training (AMP, channels_last), loader and Predictor, a few minutes; the summary
 # (with the card's name) goes to build/bench-gpu/gpu_bench.{json,md}.
