@@ -19,7 +19,7 @@ STAGE1_CLASSES: tuple[str, ...] = ("none",) + SUBTYPES
 LABEL_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
 
 
-def stage1_class(label_row: "dict[str, int] | list[int] | tuple[int, ...]") -> int | None:
+def stage1_class(label_row: dict[str, int] | list[int] | tuple[int, ...]) -> int | None:
     """Return the stage-1 class index for one image's six labels, or None if it has 2+ subtypes.
 
     ``label_row`` is a mapping by label name or a sequence in ``LABELS`` order.

@@ -52,7 +52,7 @@ def start_app(runs: Path, port: int) -> subprocess.Popen:
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"the app exited: {proc.stderr.read().decode()[-2000:]}")
+                raise SystemExit(f"the app exited: {proc.stderr.read().decode()[-2000:]}") from None
             time.sleep(0.5)
     proc.kill()
     raise SystemExit("the app did not answer within 120 s")

@@ -150,3 +150,25 @@ def load_run_table(ctx: AppContext, run_id: str | None, what: str) -> Loaded | N
         }
         return Loaded(run_id, name, None, missing.get(what, f"no {what} yet"))
     return Loaded(run_id, name, frame)
+
+
+def chosen_run_table(
+    ctx: AppContext,
+    input_id: str,
+    current: Callable[[], Any],
+    candidates: Callable[[], Sequence[RunSummary]],
+    what: str,
+) -> Callable[[], Loaded | None]:
+    """The run picker of a one-run panel and the table it shows: keeps the select in step with
+    ``candidates()`` and returns a reactive calc of ``load_run_table`` for the chosen run, re-read only
+    when that run's files change (not on every poll of the runs folder)."""
+    sync_run_select(input_id, candidates, current=current)
+    chosen = distinct(
+        lambda: (current(), ctx.snapshot().stamps.get(current())), initial=(None, None), name=f"{input_id}_chosen"
+    )
+
+    @reactive.calc
+    def loaded() -> Loaded | None:
+        return load_run_table(ctx, chosen()[0], what)
+
+    return loaded

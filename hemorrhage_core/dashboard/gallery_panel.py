@@ -13,12 +13,9 @@ from hemorrhage_core import plots
 from hemorrhage_core.dashboard import tables
 from hemorrhage_core.dashboard.common import (
     AppContext,
-    Loaded,
-    distinct,
+    chosen_run_table,
     help_text,
-    load_run_table,
     message,
-    sync_run_select,
 )
 from hemorrhage_core.labels import LABELS
 from hemorrhage_core.runs import GALLERY_INDEX
@@ -122,18 +119,9 @@ def gallery_card(row: pd.Series, threshold: float) -> Tag:
 
 @module.server
 def gallery_server(input, output, session, ctx: AppContext) -> None:
-    sync_run_select(
-        "run",
-        lambda: ctx.snapshot().select(kind="train", with_file=GALLERY_INDEX),
-        current=lambda: input.run(),
+    loaded = chosen_run_table(
+        ctx, "run", input.run, lambda: ctx.snapshot().select(kind="train", with_file=GALLERY_INDEX), "gallery"
     )
-    chosen = distinct(
-        lambda: (input.run(), ctx.snapshot().stamps.get(input.run())), initial=(None, None), name="chosen"
-    )
-
-    @reactive.calc
-    def loaded() -> Loaded | None:
-        return load_run_table(ctx, chosen()[0], "gallery")
 
     @reactive.calc
     def shown() -> pd.DataFrame | None:

@@ -9,11 +9,9 @@ from hemorrhage_core import plots
 from hemorrhage_core.dashboard import tables
 from hemorrhage_core.dashboard.common import (
     AppContext,
-    distinct,
+    chosen_run_table,
     help_text,
-    load_run_table,
     message,
-    sync_run_select,
 )
 from hemorrhage_core.dashboard.figures import figure_output, render_figure
 
@@ -40,14 +38,7 @@ def grid_ui() -> Tag:
 
 @module.server
 def grid_server(input, output, session, ctx: AppContext) -> None:
-    sync_run_select("run", lambda: ctx.snapshot().select(kind="grid"), current=lambda: input.run())
-    chosen = distinct(
-        lambda: (input.run(), ctx.snapshot().stamps.get(input.run())), initial=(None, None), name="chosen"
-    )
-
-    @reactive.calc
-    def loaded():
-        return load_run_table(ctx, chosen()[0], "grid_results")
+    loaded = chosen_run_table(ctx, "run", input.run, lambda: ctx.snapshot().select(kind="grid"), "grid_results")
 
     @reactive.calc
     def table():
@@ -58,11 +49,11 @@ def grid_server(input, output, session, ctx: AppContext) -> None:
 
     @reactive.calc
     def info() -> dict:
-        run_id = chosen()[0]
-        if not run_id:
+        item = loaded()
+        if item is None:
             return {}
         try:
-            return ctx.index.record(run_id).info
+            return ctx.index.record(item.run_id).info
         except Exception:  # noqa: BLE001 - the problem is reported by ``best``
             return {}
 

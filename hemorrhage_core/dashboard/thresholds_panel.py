@@ -9,12 +9,9 @@ from hemorrhage_core import metrics, plots
 from hemorrhage_core.dashboard import tables
 from hemorrhage_core.dashboard.common import (
     AppContext,
-    Loaded,
-    distinct,
+    chosen_run_table,
     help_text,
-    load_run_table,
     message,
-    sync_run_select,
 )
 from hemorrhage_core.dashboard.figures import figure_output, render_figure
 from hemorrhage_core.labels import LABELS
@@ -47,18 +44,13 @@ def thresholds_ui() -> Tag:
 
 @module.server
 def thresholds_server(input, output, session, ctx: AppContext) -> None:
-    sync_run_select(
+    loaded = chosen_run_table(
+        ctx,
         "run",
+        input.run,
         lambda: ctx.snapshot().select(kind="train", with_file=PREDICTIONS_CSV),
-        current=lambda: input.run(),
+        "predictions",
     )
-    chosen = distinct(
-        lambda: (input.run(), ctx.snapshot().stamps.get(input.run())), initial=(None, None), name="chosen"
-    )
-
-    @reactive.calc
-    def loaded() -> Loaded | None:
-        return load_run_table(ctx, chosen()[0], "predictions")
 
     @reactive.calc
     def arrays():
