@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from data_fixtures import LABEL_CYCLE as DATA_LABEL_CYCLE
 
 from hemorrhage_core.labels import LABELS
 
@@ -15,17 +16,9 @@ from hemorrhage_core.labels import LABELS
 PATIENT_NAME = "Zyxwvut^Quxbarrow"
 PATIENT_PREFIX = "PATSECRET"
 
-# Label rows cycled over the slices: every stage-1 class, and one slice with two subtypes.
-LABEL_CYCLE: tuple[tuple[int, ...], ...] = (
-    (0, 0, 0, 0, 0, 0),
-    (1, 0, 0, 0, 0, 1),
-    (0, 1, 0, 0, 0, 1),
-    (0, 0, 1, 0, 0, 1),
-    (0, 0, 0, 1, 0, 1),
-    (0, 0, 0, 0, 1, 1),
-    (0, 1, 0, 1, 0, 1),
-    (0, 0, 0, 0, 0, 0),
-)
+# Label rows cycled over the slices: data_fixtures' cycle (every stage-1 class and one two-subtype
+# slice) plus a second negative, so training sets keep a realistic share of slices without blood.
+LABEL_CYCLE: tuple[tuple[int, ...], ...] = (*DATA_LABEL_CYCLE, (0, 0, 0, 0, 0, 0))
 
 
 def write_tiny_set(
