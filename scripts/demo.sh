@@ -27,7 +27,9 @@ cleanup() {
   trap - INT TERM EXIT
   if [ ${#pids[@]} -gt 0 ]; then
     say "stopping (dashboard and pipeline)"
-    kill -INT "${pids[@]}" 2>/dev/null || true
+    # TERM, not INT: background jobs of a non-interactive shell start with SIGINT ignored, so the
+    # terminal's Ctrl-C never reaches them. The trainer treats TERM like Ctrl-C (run marked interrupted).
+    kill -TERM "${pids[@]}" 2>/dev/null || true
     wait "${pids[@]}" 2>/dev/null || true
   fi
 }
@@ -61,8 +63,9 @@ else
   "$BIN/python" -m training pipeline --data "$DATA" --preset quick --runs-dir "$RUNS" --no-progress \
     >"$LOG_DIR/pipeline.log" 2>&1 &
   pids+=($!)
-  ( tail -n +1 -F "$LOG_DIR/pipeline.log" 2>/dev/null | grep --line-buffered -E "epoch [0-9]+/|run dir|finished|failed|Error|error" ) &
-  pids+=($!)
+  # The progress echo ends with the pipeline (tail --pid), so nothing is left behind after Ctrl-C.
+  tail --pid="$!" -n +1 -F "$LOG_DIR/pipeline.log" 2>/dev/null \
+    | grep --line-buffered -E "epoch [0-9]+/|run dir|finished|failed|Error|error" &
 fi
 say "press Ctrl-C to stop"
 wait "${pids[0]}"

@@ -9,7 +9,9 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,54 @@ def test_no_launcher_or_readme_command_binds_every_interface():
     wide = re.compile(r"0\.0\.0\.0|--host[ =]+['\"]?(::|\[::\])['\"]?(\s|$)")
     assert {name: wide.findall(text) for name, text in texts.items() if wide.search(text)} == {}
     assert {"Makefile", "app.py", "README.md", "scripts/demo.sh"} <= texts.keys()
+
+
+def _session_processes(session: int) -> list[str]:
+    return subprocess.run(["pgrep", "-s", str(session)], capture_output=True, text=True).stdout.split()
+
+
+@needs_make
+def test_ctrl_c_stops_the_demo_dashboard_and_pipeline(tmp_path):
+    """Ctrl-C in the terminal (SIGINT to the whole foreground process group) ends the dashboard, the
+    background pipeline and the progress echo; background jobs of a script ignore SIGINT themselves."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pids = tmp_path / "pids"
+    python = bin_dir / "python"
+    # A stand-in that records its pid and stays up like the real dashboard and pipeline; a "finished?"
+    # check (python - RUNS) answers "no" at once.
+    python.write_text(
+        '#!/bin/sh\ncase "$1" in -) exit 1;; esac\necho $$ >> "$PIDS"\nexec sleep 300\n'
+    )
+    python.chmod(0o755)
+    for stamp in (".installed", ".test-installed"):
+        (bin_dir / stamp).touch()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "stage_2_train.csv").write_text("ID,Label\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    env["PIDS"] = str(pids)
+    demo = subprocess.Popen(
+        ["make", "-C", str(REPO), "demo", f"BIN={bin_dir}", f"RUNS={tmp_path / 'runs'}", f"DATA={data}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not pids.exists() or len(pids.read_text().split()) < 2):
+        time.sleep(0.2)
+    children = [int(p) for p in pids.read_text().split()]
+    assert len(children) == 2  # the dashboard and the pipeline
+    os.killpg(demo.pid, signal.SIGINT)
+    out, _ = demo.communicate(timeout=60)
+    assert "stopping (dashboard and pipeline)" in out
+    # The progress echo (tail --pid) notices the pipeline's end at its next poll, within a second.
+    deadline = time.monotonic() + 30
+    while (alive := _session_processes(demo.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive == [], out
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
