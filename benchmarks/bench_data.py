@@ -32,7 +32,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # o
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -45,6 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from hemorrhage_core.machine import cpu_name  # noqa: E402
 from hemorrhage_core.windowing import DEFAULT_STACK  # noqa: E402
 
 TARGET_UNCACHED = 3.0
@@ -301,7 +301,7 @@ def _write_json(out: Path, results: dict, args: argparse.Namespace, n: int) -> N
     record = {
         "benchmark": "bench_data",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": _cpu_name(),
+        "machine": cpu_name(),
         "cores": os.cpu_count(),
         "command": f"python benchmarks/bench_data.py {' '.join(sys.argv[1:])}".rstrip(),
         "slices": n,
@@ -318,16 +318,6 @@ def _write_json(out: Path, results: dict, args: argparse.Namespace, n: int) -> N
     out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def print_report(results: dict, args: argparse.Namespace, n: int) -> None:
     rates = results["rates"]
     base = rates["a_naive"]
@@ -337,7 +327,7 @@ def print_report(results: dict, args: argparse.Namespace, n: int) -> None:
         ("(c) cached: memmap uint8 -> tensor", rates["c_cached"], rates["c_cached"] / base, TARGET_CACHED),
     ]
     print(f"date: {datetime.date.today().isoformat()}")
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores visible; torch {torch.__version__}, 1 thread")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores visible; torch {torch.__version__}, 1 thread")
     print(f"clock: {'CPU time of this process' if results['clock'] == 'cpu' else 'wall-clock'}")
     print(f"command: python benchmarks/bench_data.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"slices: {n} at {args.size if args.data is None else 'their own'} px -> {args.image_size} px, median of {args.repeat}")

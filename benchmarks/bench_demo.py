@@ -35,6 +35,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from hemorrhage_core.machine import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_DASHBOARD_S = 180.0
 TARGET_PIPELINE_S = 900.0
@@ -259,14 +261,7 @@ def print_report(result: dict[str, Any]) -> None:
 
 
 def _machine() -> str:
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    name = cpu_name()
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return f"{name}, {os.cpu_count()} cores{load}"
 

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hemorrhage_core.dicom import new_uid, write_ct_slice  # noqa: E402
 from hemorrhage_core.inference import Predictor  # noqa: E402
+from hemorrhage_core.machine import cpu_name  # noqa: E402
 from hemorrhage_core.models import BACKBONES, ModelSpec, build_model  # noqa: E402
 from hemorrhage_core.windowing import DEFAULT_STACK  # noqa: E402
 
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     started = datetime.datetime.now().isoformat(timespec="seconds")
-    where = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else cpu_name()
     print(f"# bench_inference {started}")
     print(f"# {args.device}: {where}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, python {platform.python_version()}")

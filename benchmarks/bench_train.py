@@ -31,7 +31,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hemorrhage_core.labels import STAGE1_CLASSES  # noqa: E402
+from hemorrhage_core.machine import cpu_name  # noqa: E402
 from hemorrhage_core.models import BACKBONES  # noqa: E402
 from training.config import ConfigError, PipelinePreset, TrainConfig  # noqa: E402
 from training.distributed import DistEnv  # noqa: E402
@@ -283,18 +283,8 @@ def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict
 
 
 # ----------------------------------------------------------------------------------------- report
-def machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({machine()})"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})"
 
 
 def print_header(report: dict[str, Any]) -> None:

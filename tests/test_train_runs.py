@@ -18,6 +18,7 @@ from train_fixtures import PATIENT_NAME, PATIENT_PREFIX, tiny_config, write_tiny
 from hemorrhage_core.checkpoint import load_checkpoint
 from hemorrhage_core.data import hash_id
 from hemorrhage_core.labels import LABELS
+from hemorrhage_core.machine import device_label
 from hemorrhage_core.runs import GALLERY_COLUMNS, METRICS_COLUMNS, PREDICTION_COLUMNS, read_run
 from training.trainer import fit
 
@@ -57,6 +58,7 @@ def _check_complete(run_dir: Path, stage: int, labels: pd.DataFrame, parent: str
     assert info["format_version"] == 1 and info["kind"] == "train" and info["id"] == run_dir.name
     assert info["status"] == "finished" and info["error"] is None and info["finished"]
     assert info["stage"] == stage and info["parent_run"] == parent
+    assert info["device"] == device_label(torch.device("cpu")) and info["world_size"] == 1
     assert info["last_epoch"] == info["epochs_planned"] == 1
     assert info["best"]["epoch"] == 1 and info["best"]["metric"] == "auc_mean" and math.isfinite(info["best"]["value"])
     assert info["model_file"] == "checkpoints/best.pt"

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hemorrhage_core.labels import LABELS, SUBTYPES
+from hemorrhage_core.machine import device_label
 from training import distributed as D
 from training.config import ConfigError, TrainConfig
 from training.engine import (
@@ -434,12 +435,6 @@ def epoch_line(epoch: int, epochs: int, row: dict[str, Any], images_per_s: float
         f"acc {f('val_accuracy')} lr {f('lr', '.2e')} {row.get('seconds', 0):.1f}s {images_per_s:.1f} img/s"
         + (" *best" if is_best else "")
     )
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return "cpu"
 
 
 @contextmanager
