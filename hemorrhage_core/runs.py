@@ -16,6 +16,7 @@ pandas and PIL are imported inside the functions that need them, so ``list_runs`
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime
@@ -54,6 +56,7 @@ GALLERY_INDEX = "gallery/index.csv"
 GRID_RESULTS_CSV = "grid_results.csv"
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG = "train.log"
+WRITER_LOCK = ".writer.lock"
 DEFAULT_MODEL_FILE = "checkpoints/best.pt"
 
 KINDS = ("train", "grid")
@@ -86,6 +89,10 @@ _STRING_COLUMNS = {"image_id": str, "patient": str, "series": str, "input_png": 
 
 class RunFormatError(HemorrhageError):
     """A run directory or one of its files is missing, malformed or from a newer, unknown format."""
+
+
+class RunBusyError(HemorrhageError):
+    """Another live process is writing the run (it holds the run's writer lock)."""
 
 
 class RunNotFoundError(HemorrhageError):
@@ -431,6 +438,75 @@ def _six(values: Any, what: str) -> list:
     return items
 
 
+_held_lock_fds: set[int] = set()  # lock descriptors this process holds, closed in forked children
+
+
+def _close_held_locks_in_child() -> None:
+    # A DataLoader worker (or any fork) must not keep a run's lock alive after its trainer dies.
+    for fd in _held_lock_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_lock_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
+def _unlock(fd: int) -> None:
+    _held_lock_fds.discard(fd)
+    os.close(fd)
+
+
+class WriterLock:
+    """An exclusive, non-blocking ``flock`` on ``RUN_DIR/.writer.lock``, held while a process writes a run.
+
+    ``flock`` belongs to the open file, so reading the lock file elsewhere in the process cannot drop it
+    (as it would a POSIX lock), and a second writer in the same process is refused too. Forked children
+    (DataLoader workers) close their copy at once and the descriptor is close-on-exec, so the lock lives
+    exactly as long as its owner: a killed trainer's run can be resumed straight away. Released by
+    ``release()``, on garbage collection, or when the process ends.
+    """
+
+    def __init__(self, run_dir: Path, fd: int | None):
+        self.run_dir = run_dir
+        self._finalizer = weakref.finalize(self, _unlock, fd) if fd is not None else None
+
+    @classmethod
+    def acquire(cls, run_dir: str | PathLike) -> WriterLock:
+        """Take the run's lock, or raise RunBusyError naming the process that holds it (from run.json)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return cls(Path(run_dir), None)
+        path = Path(run_dir)
+        fd = os.open(path / WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = ""
+            try:
+                writer = json.loads((path / RUN_JSON).read_text(encoding="utf-8")).get("writer") or {}
+                holder = f" (process {writer.get('pid')} on {writer.get('host')}, by its run.json)"
+            except (OSError, ValueError, AttributeError):
+                pass
+            raise RunBusyError(
+                f"run {path.name} is being written by another process{holder}; "
+                "wait for it to end or stop it, then resume"
+            ) from None
+        _held_lock_fds.add(fd)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # closes once; later calls do nothing
+
+
 class RunWriter:
     """Create and update one run directory. Only one process (rank 0) may write a run.
 
@@ -439,9 +515,10 @@ class RunWriter:
     error's message, then re-raises.
     """
 
-    def __init__(self, path: Path, record: dict[str, Any]):
+    def __init__(self, path: Path, record: dict[str, Any], lock: WriterLock | None = None):
         self.path = Path(path)
         self._record = record
+        self._lock = lock
         self._opened = time.monotonic()
         self._base_duration = float(record.get("duration_s") or 0.0)
 
@@ -517,17 +594,22 @@ class RunWriter:
             if clash:
                 raise ValueError(f"extra fields would overwrite contract fields: {sorted(clash)}")
             record.update(_jsonable(dict(extra)))
-        writer = cls(path, record)
+        writer = cls(path, record, WriterLock.acquire(path))
         writer._write()
         (path / CHECKPOINTS_DIR).mkdir(exist_ok=True)
         return writer
 
     @classmethod
-    def reopen(cls, run_dir: str | PathLike) -> RunWriter:
-        """Continue an existing run (``train --resume``): status back to running, error cleared."""
+    def reopen(cls, run_dir: str | PathLike, lock: WriterLock | None = None) -> RunWriter:
+        """Continue an existing run (``train --resume``): status back to running, error cleared.
+
+        Takes the run's writer lock (or uses ``lock``, taken earlier by the caller): a run that another
+        live process is still writing is refused with RunBusyError.
+        """
         path = Path(run_dir)
+        lock = lock or WriterLock.acquire(path)
         record = load_run_json(path)
-        writer = cls(path, record)
+        writer = cls(path, record, lock)
         writer.update(
             status="running",
             error=None,
@@ -671,7 +753,11 @@ class RunWriter:
         """Set the final status (finished, failed or interrupted), the error message and end time."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"final status must be one of {FINAL_STATUSES}, got {status!r}")
-        self.update(status=status, error=error, finished=iso_utc())
+        try:
+            self.update(status=status, error=error, finished=iso_utc())
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> RunWriter:
         return self

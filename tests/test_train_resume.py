@@ -81,6 +81,7 @@ def test_resume_refuses_a_run_without_a_checkpoint(tmp_path):
     from hemorrhage_core.runs import RunWriter
 
     writer = RunWriter.create(tmp_path, backbone="resnet18", stage=1, config={"data": "x"})
+    writer.finish("interrupted", "killed before its first epoch ended")  # and its writer lock with it
     result = subprocess.run(
         [sys.executable, "-m", "training", "train", "--resume", str(writer.path)],
         cwd=REPO, capture_output=True, text=True, timeout=300,

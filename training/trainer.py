@@ -506,12 +506,14 @@ def resume_config(run_dir: str | os.PathLike) -> TrainConfig:
 
 def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None) -> Path:
     from hemorrhage_core.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-    from hemorrhage_core.runs import RunWriter
+    from hemorrhage_core.runs import RunWriter, WriterLock
 
     env, device = runtime.env, runtime.device
     started = time.perf_counter()
     seed_everything(config.seed)
     train_state = None
+    # A run that a live process still writes is refused before anything of it is read or changed.
+    lock = WriterLock.acquire(resume) if resume is not None and env.is_main else None
     if resume is not None:
         last_path = resume / "checkpoints" / f"{LAST}.pt"
         if not last_path.is_file():
@@ -541,7 +543,7 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
     writer = None
     if env.is_main:
         if resume is not None:
-            writer = RunWriter.reopen(resume)
+            writer = RunWriter.reopen(resume, lock)
             stale = remove_stale_temp_files(resume)
             if stale:
                 writer.log(f"removed {len(stale)} temporary file(s) left by the interrupted process")
