@@ -78,9 +78,12 @@ class WindowStack:
         """HU slice (H, W) -> uint8 array (C, H, W), or (H, W, C) with ``channels_last``.
 
         One fused scale-and-offset per channel straight to 0..255 (round half up): about 3x faster
-        than ``apply`` followed by a multiply, which matters on the uncached training path.
+        than ``apply`` followed by a multiply, which matters on the uncached training path. NaN HU
+        read as below every window (0), like ``-inf``.
         """
         hu = np.asarray(hu, dtype=np.float32)
+        if hu.size and np.isnan(hu.max()):  # max propagates NaN in one fast pass (~3% of this call)
+            hu = np.where(np.isnan(hu), np.float32(-np.inf), hu)  # else NaN casts to an undefined byte
         out = np.empty((self.channels, *hu.shape), dtype=np.float32)
         for plane, window in zip(out, self.windows, strict=True):
             scale = np.float32(255.0 / window.width)

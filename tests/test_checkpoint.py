@@ -7,6 +7,7 @@ import argparse
 import builtins
 import pickle
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,13 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path, trained):
         load_checkpoint(garbage)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    # A legacy-format pickle of another protocol: refused in words, without torch's developer warning.
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"\x80\x04not a checkpoint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match="cannot read"):
+            load_checkpoint(foreign)
 
 
 def test_model2_from_a_stage1_checkpoint_path(trained):

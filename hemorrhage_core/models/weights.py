@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,10 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "file") -> Any:
     object which would run code is refused before that code can run.
     """
     try:
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's note on a foreign pickle protocol is for torch's developers; the file is judged below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" not in str(exc).lower():  # not an object reference: the bytes are just not a pickle
             raise CheckpointError(
