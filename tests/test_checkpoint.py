@@ -8,6 +8,7 @@ import builtins
 import pickle
 import random
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from hemorrhage_core.checkpoint import (
 from hemorrhage_core.errors import CheckpointError
 from hemorrhage_core.labels import LABELS
 from hemorrhage_core.models import ModelSpec, build_model, stage2_from_stage1
+from hemorrhage_core.models.weights import safe_torch_load
 from hemorrhage_core.windowing import DEFAULT_STACK
 
 SPEC = ModelSpec("resnet18", 1, input_size=40, hidden=(16,))
@@ -186,3 +188,34 @@ def test_model2_from_a_stage1_checkpoint_path(trained):
     x = torch.rand(1, 3, 48, 48)
     with torch.inference_mode():
         assert torch.equal(model.forward_features(x), model2.eval().forward_features(x))
+
+
+def _rezip_deflated(source: Path, target: Path) -> None:
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as new:
+        for info in old.infolist():
+            new.writestr(info.filename, old.read(info.filename))
+
+
+def test_crafted_sparse_tensors_are_refused(tmp_path):
+    """Out-of-range sparse indices would let later arithmetic read out of bounds; torch >= 2.10 checks
+    them under weights_only (test_dependencies pins that), and the refusal reaches the user in words."""
+    crafted = torch.sparse_coo_tensor(torch.tensor([[0, 10**6]]), torch.ones(2), (2,), check_invariants=False)
+    assert crafted.shape == (2,) and int(crafted._indices().max()) == 10**6  # built unchecked
+    stored, deflated, legacy = tmp_path / "sparse.pt", tmp_path / "deflated.pt", tmp_path / "legacy.pt"
+    torch.save({"state_dict": {"weight": crafted}}, stored)
+    _rezip_deflated(stored, deflated)
+    torch.save({"state_dict": {"weight": crafted}}, legacy, _use_new_zipfile_serialization=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch notes that it validates sparse tensors: that is the point
+        for path in (stored, deflated, legacy):
+            with pytest.raises(CheckpointError, match="size is inconsistent with indices"):
+                load_checkpoint(path)
+            with pytest.raises(CheckpointError, match="size is inconsistent with indices"):
+                safe_torch_load(path, what="weights file")
+    # The same layouts with dense tensors load.
+    dense = {"weight": torch.arange(6.0)}
+    torch.save(dense, stored)
+    _rezip_deflated(stored, deflated)
+    torch.save(dense, legacy, _use_new_zipfile_serialization=False)
+    for path in (stored, deflated, legacy):
+        assert torch.equal(safe_torch_load(path)["weight"], dense["weight"])
