@@ -47,7 +47,7 @@ test: test-deps
 	$(BIN)/python -m pytest
 
 lint: test-deps
-	$(BIN)/ruff check hemorrhage_core training tests benchmarks app.py
+	$(BIN)/ruff check hemorrhage_core training tests benchmarks scripts app.py
 
 # Each benchmark prints ratios against a baseline measured in the same run (docs/benchmarks.md).
 # About 10 min on a 2-core CPU; training throughput at the full sizes with few steps.
