@@ -25,7 +25,6 @@ import dataclasses
 import enum
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -39,6 +38,7 @@ from hemorrhage_core.labels import LABELS, STAGE1_CLASSES
 from hemorrhage_core.models.net import IN_CHANNELS, HemorrhageNet, build_empty
 from hemorrhage_core.models.spec import ModelSpec
 from hemorrhage_core.models.weights import as_state_dict, check_compatible, safe_torch_load
+from hemorrhage_core.runs import atomic_file
 from hemorrhage_core.windowing import WindowStack
 
 log = logging.getLogger(__name__)
@@ -161,27 +161,8 @@ def save_checkpoint(
 
 
 def _atomic_save(payload: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path) as fh:
+        torch.save(payload, fh)
     return path
 
 

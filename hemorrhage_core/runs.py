@@ -30,13 +30,14 @@ import subprocess
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from hemorrhage_core.errors import HemorrhageError
 from hemorrhage_core.labels import LABELS
@@ -124,28 +125,53 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a part.
+# Temporary files of atomic_file: mkstemp's ".<file name>.<8 random characters>.tmp", in the same folder.
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
-    The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``.
-    On any failure (disk full included) the temporary file is removed and ``path`` is untouched.
+
+@contextmanager
+def atomic_file(path: str | PathLike) -> Iterator[BinaryIO]:
+    """A binary file that appears under ``path`` only once complete: readers see the old file or the
+    new one, never a part.
+
+    What is written goes to a temporary file in the same folder, is fsynced, then renamed over ``path``.
+    On any failure (disk full included) the temporary file is removed and ``path`` is untouched; only a
+    killed process leaves one behind (``remove_stale_temp_files``).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, target)
     except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+        Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: str | PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (``atomic_file``)."""
+    with atomic_file(path) as fh:
+        fh.write(data)
+
+
+def remove_stale_temp_files(run_dir: str | PathLike) -> list[Path]:
+    """Delete the temporary files that atomic writes of a killed process left in a run (its folder,
+    checkpoints/ and gallery/) and return them. A checkpoint's can be as large as the checkpoint, and
+    only a dead writer leaves one, so ``train --resume`` runs this once it holds the run's lock."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / CHECKPOINTS_DIR, Path(run_dir) / GALLERY_DIR):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if _TEMP_NAME.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: str | PathLike, text: str, encoding: str = "utf-8") -> None:
@@ -470,8 +496,7 @@ class WriterLock:
     ``release()``, on garbage collection, or when the process ends.
     """
 
-    def __init__(self, run_dir: Path, fd: int | None):
-        self.run_dir = run_dir
+    def __init__(self, fd: int | None):
         self._finalizer = weakref.finalize(self, _unlock, fd) if fd is not None else None
 
     @classmethod
@@ -480,7 +505,7 @@ class WriterLock:
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
-            return cls(Path(run_dir), None)
+            return cls(None)
         path = Path(run_dir)
         fd = os.open(path / WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -500,7 +525,7 @@ class WriterLock:
                 "wait for it to end or stop it, then resume"
             ) from None
         _held_lock_fds.add(fd)
-        return cls(path, fd)
+        return cls(fd)
 
     def release(self) -> None:
         if self._finalizer is not None:

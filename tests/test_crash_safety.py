@@ -167,8 +167,7 @@ def test_sigkill_at_seeded_points_then_resume_equals_an_uninterrupted_run(tmp_pa
 
 
 def test_resume_cleanup_removes_only_the_atomic_writers_temporary_files(tmp_path):
-    from hemorrhage_core.runs import atomic_write_text
-    from training.trainer import remove_stale_temp_files
+    from hemorrhage_core.runs import atomic_write_text, remove_stale_temp_files
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "gallery").mkdir()

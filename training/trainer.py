@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -472,25 +471,6 @@ def fit(
         return _fit(config, runtime, on_start=on_start, resume=Path(resume) if resume else None)
 
 
-# mkstemp names of the atomic writers (hemorrhage_core.runs, .checkpoint): ".<file>.<8 random chars>.tmp".
-_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-
-
-def remove_stale_temp_files(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that atomic writes of a killed process left in a run (its folder,
-    checkpoints/ and gallery/) and return them. A checkpoint's can be as large as the checkpoint, and
-    only a dead writer leaves one, so this runs when ``--resume`` takes the run over."""
-    removed = []
-    for folder in (Path(run_dir), Path(run_dir) / "checkpoints", Path(run_dir) / "gallery"):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if _TEMP_NAME.match(path.name) and path.is_file():
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
-
-
 def resume_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The TrainConfig stored in an existing run's run.json."""
     from hemorrhage_core.runs import RunFormatError, load_run_json
@@ -506,7 +486,7 @@ def resume_config(run_dir: str | os.PathLike) -> TrainConfig:
 
 def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None) -> Path:
     from hemorrhage_core.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-    from hemorrhage_core.runs import RunWriter, WriterLock
+    from hemorrhage_core.runs import RunWriter, WriterLock, remove_stale_temp_files
 
     env, device = runtime.env, runtime.device
     started = time.perf_counter()
