@@ -259,6 +259,18 @@ def threshold_metrics(y_true, y_prob, threshold: float = 0.5) -> ThresholdMetric
     )
 
 
+def youden_threshold(y_true, y_prob) -> float | None:
+    """The threshold maximising Youden's J (sensitivity + specificity - 1) of one label, or None when
+    only one class is present. Ties go to the highest such threshold (fewest false alarms)."""
+    t, p = _pair(y_true, y_prob, 1)
+    if not _has_both_classes(t):
+        return None
+    fpr, tpr, thresholds = skm.roc_curve(t, p, drop_intermediate=False)
+    finite = np.isfinite(thresholds)  # sklearn's first threshold is +inf (nothing called positive)
+    j = (tpr - fpr)[finite]
+    return float(thresholds[finite][int(np.argmax(j))])
+
+
 # ------------------------------------------------------------------------- patient-level bootstrap
 @dataclass(frozen=True)
 class AucInterval:

@@ -52,6 +52,7 @@ FORMAT_VERSION = 1
 RUN_JSON = "run.json"
 METRICS_CSV = "metrics.csv"
 PREDICTIONS_CSV = "predictions.csv"
+SPLIT_CSV = "split.csv"
 GALLERY_DIR = "gallery"
 GALLERY_INDEX = "gallery/index.csv"
 GRID_RESULTS_CSV = "grid_results.csv"
@@ -726,6 +727,12 @@ class RunWriter:
         df[list(PREDICTION_COLUMNS)].to_csv(buf, index=False, lineterminator="\n")
         atomic_write_text(self.path / PREDICTIONS_CSV, buf.getvalue())
 
+    def write_split(self, frame: pd.DataFrame) -> None:
+        """Replace split.csv atomically: ``patient`` (hashed) and ``role`` (train, val, test, unused)."""
+        buf = io.StringIO()
+        frame[["patient", "role"]].to_csv(buf, index=False, lineterminator="\n")
+        atomic_write_text(self.path / SPLIT_CSV, buf.getvalue())
+
     def write_gallery(self, entries: Iterable[GalleryEntry]) -> None:
         """Write each entry's two PNGs atomically, then replace gallery/index.csv atomically."""
         folder = self.path / GALLERY_DIR
@@ -842,6 +849,7 @@ class RunSummary:
     last_epoch: int | None = None
     epochs_planned: int | None = None
     format_version: Any = None
+    config: dict[str, Any] | None = field(default=None, hash=False)  # run.json's config, for the runs table
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -942,6 +950,7 @@ def summarise_run(run_dir: str | PathLike) -> RunSummary:
             last_epoch=_num(info.get("last_epoch"), int),
             epochs_planned=_num(info.get("epochs_planned"), int),
             format_version=info.get("format_version"),
+            config=dict(info["config"]) if isinstance(info.get("config"), Mapping) else None,
         )
     except Exception as exc:  # noqa: BLE001
         return RunSummary(id=path.name, path=path, status=MALFORMED, reason=f"unreadable: {type(exc).__name__}")

@@ -129,6 +129,62 @@ def _call(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # ------------------------------------------------------------------------------------------ evaluate
+def _with_validation(run: Path, dest: Path, truth: dict) -> Path:
+    """A copy of ``run`` with a validation predictions.csv (random probabilities) to calibrate on."""
+    import shutil
+
+    copy = Path(shutil.copytree(run, dest))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (image_id, six) in enumerate(sorted(truth.items())):
+        row = {"image_id": image_id, "patient": f"h{i // 3}", "series": f"s{i // 3}", "z": float(i % 3)}
+        row.update({f"true_{label}": v for label, v in zip(LABELS, six, strict=True)})
+        row.update({f"prob_{label}": float(rng.uniform(0.05, 0.95)) for label in LABELS})
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(copy / "predictions.csv", index=False)
+    return copy
+
+
+def test_evaluate_save_calibrate_writes_the_evaluation_it_prints(dataset, runs, capsys, tmp_path):
+    from hemorrhage_core.calibration import Calibration
+    from hemorrhage_core.evaluations import load_evaluation
+
+    run = _with_validation(runs[2], tmp_path / "run", dataset["truth"])
+    code, out, err = _call(capsys, "evaluate", "--run", str(run), "--data", str(dataset["root"]), "--json",
+                           "--save", "external", "--calibrate", "--batch-size", "4", "--workers", "1")
+    assert code == 0, err
+    result = json.loads(out)
+    saved = json.loads((run / "evaluations" / "external" / "metrics.json").read_text())
+    assert saved == result
+    calibration = Calibration.from_dict(json.loads((run / "calibration.json").read_text()))
+    assert result["calibration"]["applied"] is True
+    assert result["calibration"]["temperatures"] == calibration.temperatures
+    assert set(result["calibration"]["before"]) == {"brier", "ece", "weighted_log_loss"}
+    # The saved probabilities are the model's, calibrated with the stored temperatures.
+    data = load_evaluation(run, "external")
+    files = [dataset["root"] / "stage_2_train" / f"{i}.dcm" for i in data.predictions["image_id"]]
+    raw = _reference(run, files)
+    saved_probs = data.predictions[[f"prob_{label}" for label in LABELS]].to_numpy()
+    np.testing.assert_allclose(saved_probs, calibration.apply(raw), atol=1e-5)
+    np.testing.assert_allclose(data.raw()[[f"prob_{label}" for label in LABELS]].to_numpy(), raw, atol=1e-5)
+    for key in ("brier", "ece", "threshold", "sensitivity", "specificity", "ppv", "npv", "average_precision"):
+        assert set(result[key]) == set(LABELS) and set(result["study"][key]) == set(LABELS)
+    assert result["n_studies"] == data.predictions["series"].nunique()
+
+
+def test_evaluate_split_test_refuses_a_run_without_a_test_set(dataset, runs, capsys):
+    code, out, err = _call(capsys, "evaluate", "--run", str(runs[2]), "--data", str(dataset["root"]),
+                           "--split", "test", "--workers", "1")
+    assert code == 2 and out == "" and "held out no test set" in err
+
+
+def test_evaluate_refuses_an_evaluation_name_that_is_not_a_folder_name(dataset, runs, capsys):
+    code, _, err = _call(capsys, "evaluate", "--run", str(runs[2]), "--data", str(dataset["root"]),
+                         "--save", "../../etc", "--workers", "1")
+    assert code == 2 and "evaluation name" in err
+    assert not (runs[2] / "evaluations").exists()
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_evaluate_json_matches_reference(stage, dataset, runs, capsys):
     code, out, err = _call(capsys, "evaluate", "--run", str(runs[stage]), "--data", str(dataset["root"]),

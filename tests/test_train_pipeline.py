@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 from train_fixtures import write_tiny_set
 
+from hemorrhage_core.labels import LABELS
 from training import trainer
 from training.pipeline_cmd import PIPELINE_JSON, run_pipeline
 
@@ -46,11 +49,14 @@ def test_pipeline_runs_the_recipe_and_names_each_run_as_it_starts(tmp_path, monk
     record_path = run_pipeline(str(data), str(preset), runs_dir=str(runs))
     assert record_path == runs / PIPELINE_JSON
     record = json.loads(record_path.read_text())
-    assert set(record) == {"phase1", "phase2"} and all(set(record[p]) == {"stage1", "stage2"} for p in record)
+    assert set(record) == {"phase1", "phase2", "test"}
+    phases = ("phase1", "phase2")
+    assert all(set(record[p]) == {"stage1", "stage2"} for p in phases)
     # As each run started, the runs after it were still null.
-    assert [sum(v is not None for ph in snap.values() for v in ph.values()) for snap in seen_at_start] == [1, 2, 3, 4]
+    assert [sum(v is not None for p in phases for v in snap[p].values()) for snap in seen_at_start] == [1, 2, 3, 4]
+    assert all(snap["test"] is None for snap in seen_at_start)
 
-    infos = {(p, s): json.loads((runs / record[p][s] / "run.json").read_text()) for p in record for s in record[p]}
+    infos = {(p, s): json.loads((runs / record[p][s] / "run.json").read_text()) for p in phases for s in record[p]}
     assert all(info["status"] == "finished" for info in infos.values())
     assert infos["phase1", "stage1"]["backbone"] == infos["phase1", "stage2"]["backbone"] == "vgg16_bn"
     assert infos["phase2", "stage1"]["backbone"] == infos["phase2", "stage2"]["backbone"] == "inception_v3"
@@ -59,3 +65,47 @@ def test_pipeline_runs_the_recipe_and_names_each_run_as_it_starts(tmp_path, monk
         assert infos[phase, "stage2"]["stage"] == 2
     # Phase 1 trains on a patient subset, phase 2 on all the data.
     assert infos["phase1", "stage1"]["data"]["n_images"] < infos["phase2", "stage1"]["data"]["n_images"]
+
+
+def _saved_test(run_dir: Path) -> tuple[pd.DataFrame, dict]:
+    folder = run_dir / "evaluations" / "test"
+    return pd.read_csv(folder / "predictions.csv"), json.loads((folder / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_pipeline_holds_out_test_patients_and_evaluates_all_four_runs_on_them(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_set(data, n_patients=12)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(TINY_PRESET)
+    runs = tmp_path / "runs"
+    record = json.loads(run_pipeline(str(data), str(preset), runs_dir=str(runs), test_fraction=0.25).read_text())
+    test = record["test"]
+    assert test == {"source": "holdout", "n_patients": 3, "n_images": 12, "evaluation": "test",
+                    "fraction": 0.25, "seed": 0}
+    run_dirs = [runs / record[p][s] for p in ("phase1", "phase2") for s in ("stage1", "stage2")]
+    held_out = None
+    image_ids = None
+    for run_dir in run_dirs:
+        split = pd.read_csv(run_dir / "split.csv")
+        roles = split.groupby("role")["patient"].apply(set).to_dict()
+        # The test patients (from the saved, hashed ids) are neither trained nor validated on.
+        assert roles["test"].isdisjoint(roles["train"]) and roles["test"].isdisjoint(roles["val"])
+        held_out = roles["test"] if held_out is None else held_out
+        assert roles["test"] == held_out  # every run holds out the same patients
+        val_patients = set(pd.read_csv(run_dir / "predictions.csv")["patient"])
+        assert val_patients <= roles["val"] and val_patients.isdisjoint(held_out)
+        predictions, saved = _saved_test(run_dir)
+        assert set(predictions["patient"]) == held_out
+        ids = sorted(predictions["image_id"])
+        image_ids = ids if image_ids is None else image_ids
+        assert ids == image_ids  # the four runs are scored on exactly the same images
+        # Saved metrics agree with a recomputation from the saved predictions.
+        assert saved["n_images"] == len(predictions) == 12 and saved["n_studies"] == predictions["series"].nunique()
+        for label in LABELS:
+            truth, prob = predictions[f"true_{label}"], predictions[f"prob_{label}"]
+            expected = roc_auc_score(truth, prob) if 0 < truth.sum() < len(truth) else None
+            assert saved["auc"][label] == (pytest.approx(expected) if expected is not None else None)
+            assert saved["brier"][label] == pytest.approx(float(((prob - truth) ** 2).mean()))
+        thresholds = json.loads((run_dir / "thresholds.json").read_text())
+        assert saved["threshold"] == thresholds["slice"]

@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("training.pipeline_cmd", "run the two-phase recipe (VGG16 subset, then Inception_v3)"),
     "evaluate": ("training.evaluate_cmd", "evaluate a run's model on a data set"),
     "predict": ("training.predict_cmd", "predict hemorrhage probabilities for DICOM files"),
+    "compare": ("training.compare_cmd", "paired comparison of two runs on the images both were evaluated on"),
+    "report": ("training.report_cmd", "write a self-contained HTML report of a runs folder"),
     "grid-search": ("training.grid_search_cmd", "patient-grouped cross-validated hyper-parameter search"),
 }
 

@@ -36,6 +36,8 @@ class TrainConfig:
     data: str = ""  # RSNA-layout folder: stage_2_train/ + stage_2_train.csv
     subset: float = 1.0  # fraction of patients used (phase 1 trains on a subset), class mix kept
     val_fraction: float = 0.2  # share of patients held out for validation
+    test_fraction: float = 0.0  # share of patients held out as a test set before anything else (0 = none)
+    test_seed: int = 0  # draws the test patients; the pipeline gives all four runs the same one
     seed: int = 0  # split, initialisation, shuffling and augmentation all derive from it
     image_size: int = 224  # preprocessed (cached) slice size in px; the STN resamples to input_size
     windows: list = field(default_factory=lambda: ["brain", "subdural", "bone"])
@@ -78,6 +80,7 @@ class TrainConfig:
     # -- selection and records
     metric: str = "auc_mean"  # auc_mean (higher is better) | weighted_log_loss (lower is better)
     z_smooth: bool = True  # also report z-smoothed validation metrics
+    calibrate: bool = False  # fit per-label temperature scaling on the validation predictions at the end
     gallery_size: int = 24
     eval_batch_size: int | None = None  # None = 2 x batch_size
     runs_dir: str = "runs"
@@ -94,6 +97,7 @@ class TrainConfig:
         _check(self.stage in (1, 2), "stage", self.stage, "must be 1 or 2")
         _check(0.0 < self.subset <= 1.0, "subset", self.subset, "must be in (0, 1]")
         _check(0.0 < self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "must be in (0, 0.5]")
+        _check(0.0 <= self.test_fraction < 0.5, "test_fraction", self.test_fraction, "must be in [0, 0.5)")
         _check(self.image_size >= 32, "image_size", self.image_size, "must be >= 32 px")
         _check(self.input_size is None or self.input_size >= 32, "input_size", self.input_size, "must be >= 32 px")
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")

@@ -1,11 +1,16 @@
-"""``pipeline``: the seed's two-phase recipe, four runs in a row.
+"""``pipeline``: the original report's two-phase recipe, four runs in a row, then a held-out test.
 
-Phase 1 trains VGG16 on a patient subset (stage 1, then stage 2 from it); phase 2 trains Inception_v3
-on all the data (stage 1, then stage 2). ``RUNS_DIR/pipeline.json`` names the four runs
-(``{"phase1": {"stage1": RUN, "stage2": RUN}, "phase2": {...}}``, run ids, null until started) and is
-rewritten atomically as each run starts, so a dashboard can follow. Presets are YAML files in
-``training/configs/`` (``quick`` for a 2-core CPU, ``full`` for GPUs). The last line of stdout is the
-path of pipeline.json. Exit 0 when all four runs finished, 1 when one failed, 2 on unusable input.
+First a patient-disjoint test set is held out of DATA (``--test-fraction``, default 0.2, stratified on
+``any`` at patient level, drawn with the seed), or ``--test-data DIR`` is taken instead; neither phase
+trains, validates or selects on it. Phase 1 trains VGG16 on a patient subset (stage 1, then stage 2 from
+it); phase 2 trains Inception_v3 on all the rest (stage 1, then stage 2). Then all four runs are
+evaluated on exactly the same test images and each saves that as its evaluation ``test``, so the final
+models compare slice by slice (``python -m training compare``). ``RUNS_DIR/pipeline.json`` names the
+four runs (``{"phase1": {"stage1": RUN, "stage2": RUN}, "phase2": {...}, "test": {"source", "n_patients",
+"n_images"}}``, run ids, null until started) and is rewritten atomically as each run starts, so a
+dashboard can follow. Presets are YAML files in ``training/configs/`` (``quick`` for a 2-core CPU,
+``full`` for GPUs). The last line of stdout is the path of pipeline.json. Exit 0 when all four runs
+finished, 1 when one failed, 2 on unusable input.
 """
 
 from __future__ import annotations
@@ -31,11 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a TrainConfig field in all four runs (value parsed as YAML; repeatable)",
     )
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.2, metavar="F",
+        help="share of DATA's patients held out as the test set before anything else (default 0.2; 0 = none)",
+    )
+    parser.add_argument(
+        "--test-data", metavar="DIR",
+        help="a separate data set (RSNA layout) to test on instead of holding patients out of DATA",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
-def empty_record() -> dict[str, dict[str, str | None]]:
-    return {"phase1": {"stage1": None, "stage2": None}, "phase2": {"stage1": None, "stage2": None}}
+def empty_record() -> dict[str, dict[str, Any]]:
+    return {"phase1": {"stage1": None, "stage2": None}, "phase2": {"stage1": None, "stage2": None}, "test": None}
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
@@ -44,18 +57,34 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     atomic_write_text(path, dumps_json(record))
 
 
-def run_pipeline(data: str, preset_name: str, *, runs_dir: str | None = None, overrides: dict | None = None) -> Path:
-    """Run the four trainings; return the path of pipeline.json. Stops at the first failed run."""
-    from training.config import PHASES, PipelinePreset
+def run_pipeline(
+    data: str,
+    preset_name: str,
+    *,
+    runs_dir: str | None = None,
+    overrides: dict | None = None,
+    test_fraction: float = 0.2,
+    test_data: str | None = None,
+) -> Path:
+    """Run the four trainings, then evaluate them on the test set; return the path of pipeline.json.
+    Stops at the first failed run."""
+    from training.config import PHASES, ConfigError, PipelinePreset
     from training.distributed import broadcast, detect
     from training.train_cmd import exit_code_for
     from training.trainer import fit
 
+    if test_data is not None and not Path(test_data).is_dir():
+        raise ConfigError(f"--test-data {test_data}: no such folder")
+    if test_data is not None and Path(test_data).resolve() == Path(data).resolve():
+        raise ConfigError("--test-data must be another data set than --data (its patients would be trained on)")
     preset = PipelinePreset.load(preset_name)
     fixed = dict(overrides or {})
     fixed["data"] = data
     if runs_dir is not None:
         fixed["runs_dir"] = runs_dir
+    # Every run holds out the same test patients: one fraction and one seed for all four.
+    fixed["test_fraction"] = 0.0 if test_data is not None else test_fraction
+    fixed.setdefault("test_seed", preset.config("phase1", "stage1", fixed).seed)
     configs = {phase: {stage: preset.config(phase, stage, fixed) for stage in ("stage1", "stage2")} for phase in PHASES}
     root = Path(configs["phase1"]["stage1"].runs_dir)
     main = detect().is_main
@@ -83,8 +112,48 @@ def run_pipeline(data: str, preset_name: str, *, runs_dir: str | None = None, ov
                 raise PipelineStopped(f"{phase} {stage} run {run_dir.name} did not finish", run_dir)
             stage1_dir = run_dir
     if main:
+        log.info("pipeline trained its four runs in %.1f s", time.perf_counter() - started)
+        record["test"] = evaluate_on_test(root, record, configs["phase1"]["stage1"], test_data)
+        write_record(record_path, record)
         log.info("pipeline finished in %.1f s", time.perf_counter() - started)
     return record_path
+
+
+def evaluate_on_test(root: Path, record: dict[str, Any], config, test_data: str | None) -> dict[str, Any]:
+    """Evaluate the four runs on the same test images, each saved as its evaluation ``test``;
+    returns pipeline.json's ``test`` entry (no identifiers)."""
+    from hemorrhage_core.data import build_index
+    from hemorrhage_core.evaluations import TEST
+    from training.config import PHASES
+    from training.evaluate_cmd import evaluate
+    from training.trainer import holdout_test
+
+    if test_data is not None:
+        index = build_index(test_data, progress=False)
+        rows, source, data_dir = index.table, "test_data", test_data
+    else:
+        index = build_index(config.data, progress=False)
+        rows, source, data_dir = holdout_test(config, index.table)[1], "holdout", config.data
+    entry: dict[str, Any] = {
+        "source": source, "n_patients": int(rows["patient_id"].nunique()), "n_images": len(rows),
+        "evaluation": TEST,
+    }
+    if test_data is not None:
+        entry["dir"] = str(test_data)
+    else:
+        entry.update(fraction=config.test_fraction, seed=config.test_seed)
+    for phase in PHASES:
+        for stage in ("stage1", "stage2"):
+            run_dir = root / record[phase][stage]
+            result = evaluate(str(run_dir), data_dir, index=index, rows=rows, save=TEST,
+                              batch_size=config.effective_eval_batch_size)
+            log.info("pipeline %s %s test: AUC any %s on %d images", phase, stage,
+                     _fmt(result["auc"]["any"]), result["n_images"])
+    return entry
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 class PipelineStopped(RuntimeError):
@@ -101,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
         overrides = parse_sets(args.set)
         if args.no_progress:
             overrides["progress"] = False
-        return run_pipeline(args.data, args.preset, runs_dir=args.runs_dir, overrides=overrides)
+        return run_pipeline(args.data, args.preset, runs_dir=args.runs_dir, overrides=overrides,
+                            test_fraction=args.test_fraction, test_data=args.test_data)
 
     record_path = run_reporting_errors(work, failed=(PipelineStopped,))
     if isinstance(record_path, int):

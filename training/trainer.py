@@ -120,6 +120,8 @@ class DataBundle:
     index: pd.DataFrame  # usable rows after the patient subset
     train: pd.DataFrame
     val: pd.DataFrame
+    test: pd.DataFrame  # held-out test patients' rows (empty when test_fraction is 0): never trained on
+    patient_ids: np.ndarray  # every patient of the data set (split.csv lists the unused ones too)
     cache: Any  # SliceCache or None
     skipped: list[str]
     fingerprint: str
@@ -173,6 +175,24 @@ def data_fingerprint(rows: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
+def holdout_test(config: TrainConfig, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rest, test) rows of the index: the config's held-out test patients (none when test_fraction is 0)."""
+    from hemorrhage_core.data import split_test
+
+    if config.test_fraction <= 0.0:
+        return table, table.iloc[:0]
+    return split_test(table, fraction=config.test_fraction, seed=config.test_seed)
+
+
+def split_roles(data: DataBundle) -> pd.DataFrame:
+    """split.csv: every patient of the data set (hashed) and its role: train, val, test or unused."""
+    role = dict.fromkeys(data.patient_ids, "unused")
+    for name, rows in (("test", data.test), ("train", data.train), ("val", data.val)):
+        role.update(dict.fromkeys(rows["patient_id"].unique(), name))
+    frame = pd.DataFrame({"patient": _hash(role), "role": list(role.values())})
+    return frame.sort_values(["role", "patient"], kind="stable").reset_index(drop=True)
+
+
 def prepare_data(config: TrainConfig, env: D.DistEnv) -> DataBundle:
     """Index -> patient subset -> patient-grouped train/validation split -> cache."""
     from hemorrhage_core.data import split_train_val, subset_patients
@@ -180,7 +200,8 @@ def prepare_data(config: TrainConfig, env: D.DistEnv) -> DataBundle:
     index = load_index(config, env)
     # One cache over the whole data set serves every subset and split of it (and the next run).
     cache = build_cache(config, index.table, env)
-    table = index.table
+    # The test patients go first, from the whole index, so every run of a recipe holds out the same ones.
+    table, test = holdout_test(config, index.table)
     if config.subset < 1.0:
         table = subset_patients(table, fraction=config.subset, seed=config.seed)
     skipped = set(index.report.missing_ids) | set(index.report.unreadable)
@@ -190,7 +211,8 @@ def prepare_data(config: TrainConfig, env: D.DistEnv) -> DataBundle:
         table = cache.usable(table)
     train, val = split_train_val(table, val_fraction=config.val_fraction, seed=config.seed)
     return DataBundle(
-        data_dir=Path(config.data), index=table, train=train, val=val, cache=cache,
+        data_dir=Path(config.data), index=table, train=train, val=val, test=test, cache=cache,
+        patient_ids=index.table["patient_id"].unique(),
         skipped=sorted(skipped), fingerprint=data_fingerprint(table),
     )
 
@@ -484,6 +506,19 @@ def resume_config(run_dir: str | os.PathLike) -> TrainConfig:
     return TrainConfig.from_dict(info.get("config") or {})
 
 
+def record_operating_points(writer, config: TrainConfig) -> None:
+    """Save with the run what is chosen on its validation predictions at the best epoch: the
+    calibration (``calibrate``) and the Youden thresholds (on calibrated probabilities when calibrated)."""
+    from hemorrhage_core import evaluations
+
+    if config.calibrate:
+        calibration = evaluations.fit_calibration(writer.path)
+        temps = ", ".join(f"{k} {v:.2f}" for k, v in calibration.temperatures.items())
+        writer.log(f"temperature scaling fitted on validation: {temps}")
+    else:
+        evaluations.write_thresholds(writer.path, None)
+
+
 def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None) -> Path:
     from hemorrhage_core.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from hemorrhage_core.runs import RunWriter, WriterLock, remove_stale_temp_files
@@ -541,12 +576,15 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
                     "n_train": len(train_set), "n_val": len(val_set),
                     "n_patients_train": int(data.train["patient_id"].nunique()),
                     "n_patients_val": int(data.val["patient_id"].nunique()),
+                    "n_test": len(data.test), "n_patients_test": int(data.test["patient_id"].nunique()),
                     "skipped": data.skipped,
                 },
                 split={"seed": config.seed, "val_fraction": config.val_fraction,
-                       "val_patients": sorted(_hash(data.val["patient_id"].unique()))},
+                       "val_patients": sorted(_hash(data.val["patient_id"].unique())),
+                       "test_fraction": config.test_fraction, "test_seed": config.test_seed},
                 epochs_planned=config.epochs, device=device_label(device), world_size=env.world_size,
             )
+            writer.write_split(split_roles(data))
             writer.log(
                 f"{config.backbone} stage {config.stage}: {len(train_set)} training and {len(val_set)} "
                 f"validation images, {loop.steps_per_epoch} steps per epoch, device {device_label(device)}, "
@@ -609,6 +647,7 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
             if best is None:
                 writer.finish("failed", "no epoch produced a finite validation metric; no best model")
             else:
+                record_operating_points(writer, config)
                 writer.log(f"finished in {time.perf_counter() - started:.1f}s; best epoch {best['epoch']} "
                            f"{best['metric']} {best['value']:.4f}")
                 writer.finish("finished")

@@ -119,6 +119,35 @@ def split_train_val(
     return best
 
 
+def split_test(index: pd.DataFrame, *, fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Patient-disjoint (rest, test) rows: a held-out test set of ``fraction`` of the patients.
+
+    Stratified on ``any`` at patient level (patients with and without a bleed keep their mix), drawn
+    with ``seed`` from a random stream of its own, so the validation split made later from ``rest``
+    does not depend on it. The same index, fraction and seed always give the same test patients.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"test fraction must be in (0, 1), got {fraction}")
+    patients = patient_table(index)
+    total = len(patients)
+    n_test = round(fraction * total)
+    if n_test < 1 or n_test >= total:
+        raise DatasetError(
+            f"a test fraction of {fraction:g} of {total} patients leaves "
+            f"{'no test patient' if n_test < 1 else 'no patient to train on'}: add patients or change it"
+        )
+    strata = patients["any"].map({0: "none", 1: "any"})
+    quota = _allocate(strata.value_counts().sort_index(), n_test, 1)
+    # A stream of its own (the seed plus a fixed tag) keeps the test draw apart from the other splits.
+    rng = np.random.default_rng([seed, 0x7E57])
+    chosen: list[str] = []
+    for name, k in quota.items():
+        members = np.sort(strata.index[strata == name].to_numpy())
+        chosen.extend(rng.choice(members, size=int(k), replace=False).tolist())
+    held_out = index["patient_id"].isin(chosen).to_numpy()
+    return index[~held_out], index[held_out]
+
+
 def subset_patients(
     index: pd.DataFrame,
     *,

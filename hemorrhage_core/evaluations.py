@@ -1,0 +1,428 @@
+"""Saved evaluations of a run and the metrics every evaluation reports (no torch, no Shiny).
+
+A run's model evaluated on a data set leaves, inside the run::
+
+    RUN/evaluations/NAME/predictions.csv   # PREDICTION_COLUMNS, the probabilities as evaluated
+    RUN/evaluations/NAME/metrics.json      # written last: a folder without it is incomplete
+    RUN/thresholds.json                    # operating points chosen on validation (Youden's J)
+    RUN/calibration.json                   # per-label temperatures fitted on validation (optional)
+
+``VALIDATION`` names the run's own predictions.csv (the split that chose the best epoch, so its
+numbers are optimistic) as one more data set beside the saved ones. Study level means one row per
+series, the maximum over its slices for each label (truth and probability alike).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hemorrhage_core import metrics
+from hemorrhage_core.calibration import ECE_BINS, Calibration, brier, expected_calibration_error
+from hemorrhage_core.errors import HemorrhageError
+from hemorrhage_core.labels import LABEL_WEIGHTS, LABELS
+from hemorrhage_core.runs import (
+    PREDICTION_COLUMNS,
+    PREDICTIONS_CSV,
+    atomic_write_text,
+    dumps_json,
+    read_csv_tolerant,
+)
+
+EVALUATIONS_DIR = "evaluations"
+EVALUATION_METRICS = "metrics.json"
+THRESHOLDS_JSON = "thresholds.json"
+CALIBRATION_JSON = "calibration.json"
+VALIDATION = "validation"  # the run's own validation predictions, offered beside saved evaluations
+TEST = "test"  # the name the pipeline saves its held-out test evaluation under
+DEFAULT_THRESHOLD = 0.5  # used for a label whose validation data cannot choose one (one class only)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TRUE_COLUMNS = [f"true_{label}" for label in LABELS]
+PROB_COLUMNS = [f"prob_{label}" for label in LABELS]
+
+
+class EvaluationError(HemorrhageError):
+    """A saved evaluation, threshold or calibration file that is missing, incomplete or damaged."""
+
+
+# ------------------------------------------------------------------------------------ frames
+def check_name(name: str) -> str:
+    """An evaluation name is a plain folder name (letters, digits, ``._-``); ``validation`` is reserved."""
+    if not isinstance(name, str) or not _NAME.match(name) or name == VALIDATION:
+        raise EvaluationError(
+            f"evaluation name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (and not {VALIDATION!r})"
+        )
+    return name
+
+
+def arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(y_true (N, 6) int, y_prob (N, 6) float) of a predictions frame, in LABELS order."""
+    return frame[TRUE_COLUMNS].to_numpy(dtype=np.int64), frame[PROB_COLUMNS].to_numpy(dtype=np.float64)
+
+
+def study_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per series: ``series``, ``patient``, ``n_slices`` and the maximum of each true_/prob_ column."""
+    grouped = frame.groupby("series", sort=True)
+    out = grouped[TRUE_COLUMNS + PROB_COLUMNS].max()
+    out.insert(0, "patient", grouped["patient"].first())
+    out.insert(1, "n_slices", grouped.size())
+    return out.reset_index()
+
+
+def with_probabilities(frame: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
+    """A copy of a predictions frame with its prob_ columns replaced by ``probs`` (N, 6)."""
+    out = frame.copy()
+    out[PROB_COLUMNS] = probs
+    return out
+
+
+# ---------------------------------------------------------------------------------- metrics
+def choose_thresholds(frame: pd.DataFrame) -> dict[str, Any]:
+    """Operating points from (validation) predictions: Youden's J per label, slice and study level.
+
+    A label whose data have one class only gets ``DEFAULT_THRESHOLD``, named in ``defaulted``.
+    """
+    out: dict[str, Any] = {"method": "youden_j", "default": DEFAULT_THRESHOLD}
+    for level, data in (("slice", frame), ("study", study_frame(frame))):
+        t, p = arrays(data)
+        chosen = {label: metrics.youden_threshold(t[:, j], p[:, j]) for j, label in enumerate(LABELS)}
+        out[level] = {label: DEFAULT_THRESHOLD if v is None else v for label, v in chosen.items()}
+        out[f"{level}_defaulted"] = [label for label, v in chosen.items() if v is None]
+    return out
+
+
+def binary_report(y_true: np.ndarray, y_prob: np.ndarray, thresholds: Mapping[str, float]) -> dict[str, Any]:
+    """Per-label maps for (N, 6) truth and probabilities: discrimination, calibration, operating point."""
+    report: dict[str, Any] = {
+        "auc": metrics.per_label_auc(y_true, y_prob),
+        "average_precision": {},
+        "brier": {},
+        "ece": {},
+        "threshold": {},
+        "sensitivity": {},
+        "specificity": {},
+        "ppv": {},
+        "npv": {},
+        "positives": {},
+    }
+    report["auc_mean"] = metrics.mean_defined(report["auc"])
+    for j, label in enumerate(LABELS):
+        t, p = y_true[:, j], y_prob[:, j]
+        at = metrics.threshold_metrics(t, p, float(thresholds[label]))
+        report["average_precision"][label] = metrics.average_precision(t, p)
+        report["brier"][label] = brier(t, p)
+        report["ece"][label] = expected_calibration_error(t, p, n_bins=ECE_BINS)
+        report["threshold"][label] = float(thresholds[label])
+        for key in ("sensitivity", "specificity", "ppv", "npv"):
+            report[key][label] = getattr(at, key)
+        report["positives"][label] = int(t.sum())
+    report["weighted_log_loss"] = metrics.weighted_log_loss(y_true, y_prob)
+    return report
+
+
+def evaluation_metrics(frame: pd.DataFrame, thresholds: Mapping[str, Any], *, stage: int | None) -> dict[str, Any]:
+    """The metrics object of an evaluation (see docs/run-format.md), from its predictions frame.
+
+    Keeps the evaluate command's historic keys (``n_images``, ``auc``, ``weighted_log_loss``,
+    ``accuracy``, ...) and adds the calibration and operating-point maps, ``n_patients``,
+    ``n_studies`` and ``study`` (the same maps over one row per series, maxima over its slices).
+    """
+    y_true, y_prob = arrays(frame)
+    stage1_pred = metrics.stage1_probs_from_labels(y_prob) if stage == 1 else None
+    out = metrics.summarise(y_true, y_prob, stage1_pred)
+    out.update(binary_report(y_true, y_prob, thresholds["slice"]))
+    out["ece_bins"] = ECE_BINS
+    out["n_patients"] = int(frame["patient"].nunique())
+    studies = study_frame(frame)
+    out["n_studies"] = len(studies)
+    st_true, st_prob = arrays(studies)
+    out["study"] = {"n_studies": len(studies), **binary_report(st_true, st_prob, thresholds["study"])}
+    out["thresholds_from"] = {
+        "method": thresholds.get("method", "youden_j"), "data": thresholds.get("data", VALIDATION),
+        "defaulted": {"slice": thresholds.get("slice_defaulted", []), "study": thresholds.get("study_defaulted", [])},
+    }
+    return out
+
+
+def calibration_report(y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray) -> dict[str, Any]:
+    """Brier, ECE and the weighted log loss before and after calibration, per label."""
+
+    def side(p: np.ndarray) -> dict[str, Any]:
+        return {
+            "brier": {label: brier(y_true[:, j], p[:, j]) for j, label in enumerate(LABELS)},
+            "ece": {label: expected_calibration_error(y_true[:, j], p[:, j], n_bins=ECE_BINS)
+                    for j, label in enumerate(LABELS)},
+            "weighted_log_loss": metrics.weighted_log_loss(y_true, p, weights=LABEL_WEIGHTS),
+        }
+
+    return {"before": side(raw), "after": side(calibrated)}
+
+
+# ------------------------------------------------------------------------ run-level files
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise EvaluationError(f"cannot read {what} ({exc.strerror or type(exc).__name__})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EvaluationError(f"{what} is damaged (not valid JSON)") from None
+    if not isinstance(value, dict):
+        raise EvaluationError(f"{what} is damaged (not a JSON object)")
+    return value
+
+
+def read_calibration(run_dir: str | PathLike) -> Calibration | None:
+    """The run's calibration.json, or None when the run has none; EvaluationError when it is damaged."""
+    path = Path(run_dir) / CALIBRATION_JSON
+    if not path.is_file():
+        return None
+    try:
+        return Calibration.from_dict(_read_json(path, CALIBRATION_JSON))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise EvaluationError(f"{CALIBRATION_JSON} is damaged: {exc}") from None
+
+
+def validation_frame(run_dir: str | PathLike) -> pd.DataFrame:
+    """The run's validation predictions (predictions.csv) as written by training, uncalibrated."""
+    path = Path(run_dir) / PREDICTIONS_CSV
+    if not path.is_file():
+        raise EvaluationError("the run has no validation predictions yet (predictions.csv)")
+    return _checked_predictions(path, PREDICTIONS_CSV)
+
+
+def fit_calibration(run_dir: str | PathLike) -> Calibration:
+    """Fit temperature scaling on the run's validation predictions; write calibration.json and the
+    thresholds chosen on the calibrated validation probabilities."""
+    frame = validation_frame(run_dir)
+    y_true, y_prob = arrays(frame)
+    calibration = Calibration.fit(y_true, y_prob, fitted_on=VALIDATION)
+    atomic_write_text(Path(run_dir) / CALIBRATION_JSON, dumps_json(calibration.to_dict()))
+    write_thresholds(run_dir, calibration)
+    return calibration
+
+
+def write_thresholds(run_dir: str | PathLike, calibration: Calibration | None) -> dict[str, Any]:
+    """Choose the operating points on the run's validation predictions and save them (thresholds.json)."""
+    frame = validation_frame(run_dir)
+    if calibration is not None:
+        frame = with_probabilities(frame, calibration.apply(arrays(frame)[1]))
+    chosen = {**choose_thresholds(frame), "calibrated": calibration is not None, "data": VALIDATION}
+    atomic_write_text(Path(run_dir) / THRESHOLDS_JSON, dumps_json(chosen))
+    return chosen
+
+
+def run_thresholds(run_dir: str | PathLike, calibration: Calibration | None) -> dict[str, Any]:
+    """The run's operating points: thresholds.json when it matches the calibration in use, else
+    chosen again from the validation predictions (the same rule, so the same values)."""
+    path = Path(run_dir) / THRESHOLDS_JSON
+    if path.is_file():
+        try:
+            saved = _read_json(path, THRESHOLDS_JSON)
+            if bool(saved.get("calibrated")) == (calibration is not None) and all(
+                isinstance(saved.get(level), dict) and all(
+                    isinstance(saved[level].get(label), (int, float)) for label in LABELS)
+                for level in ("slice", "study")
+            ):
+                return saved
+        except EvaluationError:
+            pass  # damaged: chosen again below
+    try:
+        frame = validation_frame(run_dir)
+    except EvaluationError:  # no validation predictions to choose on (a run from outside training)
+        fixed = dict.fromkeys(LABELS, DEFAULT_THRESHOLD)
+        return {"method": "default", "default": DEFAULT_THRESHOLD, "calibrated": calibration is not None,
+                "data": None, "slice": fixed, "study": dict(fixed),
+                "slice_defaulted": list(LABELS), "study_defaulted": list(LABELS)}
+    if calibration is not None:
+        frame = with_probabilities(frame, calibration.apply(arrays(frame)[1]))
+    return {**choose_thresholds(frame), "calibrated": calibration is not None, "data": VALIDATION}
+
+
+# ---------------------------------------------------------------------- saved evaluations
+def evaluation_dir(run_dir: str | PathLike, name: str) -> Path:
+    return Path(run_dir) / EVALUATIONS_DIR / check_name(name)
+
+
+def write_evaluation(run_dir: str | PathLike, name: str, frame: pd.DataFrame, result: Mapping[str, Any]) -> Path:
+    """Save an evaluation atomically: predictions.csv first, then metrics.json (the completion mark)."""
+    folder = evaluation_dir(run_dir, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"predictions lack columns {missing}")
+    buf = io.StringIO()
+    frame[list(PREDICTION_COLUMNS)].to_csv(buf, index=False, lineterminator="\n")
+    # A reader that finds metrics.json finds the predictions it describes (written first).
+    atomic_write_text(folder / PREDICTIONS_CSV, buf.getvalue())
+    atomic_write_text(folder / EVALUATION_METRICS, dumps_json(dict(result)))
+    return folder
+
+
+@dataclass(frozen=True)
+class EvaluationStatus:
+    """What a run folder holds under a data name: usable (``ok``) or why not (``problem``)."""
+
+    name: str
+    ok: bool
+    n_images: int | None = None
+    problem: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name == VALIDATION:
+            return f"validation ({self.n_images} images; chose the epoch, optimistic)"
+        if not self.ok:
+            return f"{self.name} (unusable: {self.problem})"
+        return f"{self.name} ({self.n_images} images)"
+
+
+def _status(folder: Path) -> EvaluationStatus:
+    name = folder.name
+    if not (folder / EVALUATION_METRICS).is_file():
+        return EvaluationStatus(name, False, problem="incomplete (no metrics.json; interrupted while saving?)")
+    try:
+        saved = _read_json(folder / EVALUATION_METRICS, "metrics.json")
+    except EvaluationError as exc:
+        return EvaluationStatus(name, False, problem=str(exc))
+    n = saved.get("n_images")
+    if not (folder / PREDICTIONS_CSV).is_file():
+        return EvaluationStatus(name, False, problem="predictions.csv is missing")
+    return EvaluationStatus(name, True, n_images=n if isinstance(n, int) else None)
+
+
+def list_evaluations(run_dir: str | PathLike) -> list[EvaluationStatus]:
+    """The run's data choices: saved evaluations (``test`` first, then by name), then validation.
+
+    Damaged or incomplete folders are listed with ``ok=False`` and the reason, never raised.
+    """
+    root = Path(run_dir) / EVALUATIONS_DIR
+    found: list[EvaluationStatus] = []
+    try:
+        entries = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+    except OSError:
+        entries = []
+    for folder in entries:
+        found.append(_status(folder))
+    found.sort(key=lambda s: (s.name != TEST, s.name))
+    val_path = Path(run_dir) / PREDICTIONS_CSV
+    if val_path.is_file():
+        try:
+            n_val = sum(1 for _ in val_path.open("rb")) - 1
+        except OSError:
+            n_val = None
+        found.append(EvaluationStatus(VALIDATION, True, n_images=n_val))
+    return found
+
+
+def _checked_predictions(path: Path, what: str) -> pd.DataFrame:
+    try:
+        frame = read_csv_tolerant(path, PREDICTION_COLUMNS)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a damaged file, said in words
+        raise EvaluationError(f"{what} cannot be read ({type(exc).__name__})") from None
+    if frame.empty:
+        raise EvaluationError(f"{what} holds no predictions")
+    try:
+        frame["image_id"] = frame["image_id"].astype(str)
+        frame["patient"] = frame["patient"].astype(str)
+        frame["series"] = frame["series"].astype(str)
+        frame["z"] = pd.to_numeric(frame["z"], errors="coerce")
+        truth = frame[TRUE_COLUMNS].apply(pd.to_numeric, errors="coerce")
+        probs = frame[PROB_COLUMNS].apply(pd.to_numeric, errors="coerce")
+    except (KeyError, ValueError, TypeError):
+        raise EvaluationError(f"{what} is damaged (columns missing or not numbers)") from None
+    if truth.isna().any().any() or not truth.isin([0, 1]).all().all():
+        raise EvaluationError(f"{what} is damaged (truth columns must hold 0 or 1)")
+    if probs.isna().any().any() or (probs.to_numpy() < 0).any() or (probs.to_numpy() > 1).any():
+        raise EvaluationError(f"{what} is damaged (probabilities must be numbers in [0, 1])")
+    frame[TRUE_COLUMNS] = truth.astype(np.int64)
+    frame[PROB_COLUMNS] = probs.astype(np.float64)
+    return frame
+
+
+@dataclass(frozen=True)
+class EvaluationData:
+    """Predictions of one run on one data set, as every panel and report should use them.
+
+    ``predictions`` hold calibrated probabilities when the run has a calibration (``calibration``);
+    ``raw`` gives the model's own. ``saved`` is the evaluation's metrics.json (None for validation).
+    """
+
+    run_dir: Path
+    name: str
+    predictions: pd.DataFrame
+    calibration: Calibration | None
+    saved: dict[str, Any] | None
+
+    @property
+    def optimistic(self) -> bool:
+        return self.name == VALIDATION
+
+    @property
+    def n_images(self) -> int:
+        return len(self.predictions)
+
+    @property
+    def n_patients(self) -> int:
+        return int(self.predictions["patient"].nunique())
+
+    @property
+    def n_studies(self) -> int:
+        return int(self.predictions["series"].nunique())
+
+    def describe(self) -> str:
+        """One line naming the data set and its size (and, for validation, why it flatters)."""
+        size = f"{self.n_images} images, {self.n_patients} patients, {self.n_studies} series"
+        if self.optimistic:
+            return f"validation set ({size}): the split that chose the best epoch, so its numbers are optimistic"
+        return f"saved evaluation '{self.name}' ({size})"
+
+    def raw(self) -> pd.DataFrame:
+        """The predictions before calibration (identical to ``predictions`` when uncalibrated)."""
+        if self.calibration is None:
+            return self.predictions
+        return with_probabilities(self.predictions, self.calibration.invert(arrays(self.predictions)[1]))
+
+    def thresholds(self) -> dict[str, Any]:
+        """The run's operating points on the probability scale of ``predictions``."""
+        return run_thresholds(self.run_dir, self.calibration)
+
+    def metrics(self, stage: int | None = None) -> dict[str, Any]:
+        """The evaluation's metrics: metrics.json when saved, else computed the same way."""
+        if self.saved is not None:
+            return self.saved
+        return evaluation_metrics(self.predictions, self.thresholds(), stage=stage)
+
+
+def load_evaluation(run_dir: str | PathLike, name: str) -> EvaluationData:
+    """Predictions of a run on data ``name`` (``validation`` or a saved evaluation); EvaluationError
+    with a reason when it is missing, incomplete or damaged."""
+    run_dir = Path(run_dir)
+    if name == VALIDATION:
+        calibration = read_calibration(run_dir)
+        frame = validation_frame(run_dir)
+        if calibration is not None:
+            frame = with_probabilities(frame, calibration.apply(arrays(frame)[1]))
+        return EvaluationData(run_dir, name, frame, calibration, None)
+    folder = evaluation_dir(run_dir, name)
+    status = _status(folder) if folder.is_dir() else EvaluationStatus(name, False, problem="no such evaluation")
+    if not status.ok:
+        raise EvaluationError(f"evaluation {name!r}: {status.problem}")
+    saved = _read_json(folder / EVALUATION_METRICS, "metrics.json")
+    frame = _checked_predictions(folder / PREDICTIONS_CSV, f"evaluation {name!r} predictions.csv")
+    calibration = None
+    applied = saved.get("calibration")
+    if isinstance(applied, dict) and applied.get("applied"):
+        try:
+            calibration = Calibration.from_dict(applied)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise EvaluationError(f"evaluation {name!r}: its calibration record is damaged: {exc}") from None
+    return EvaluationData(run_dir, name, frame, calibration, saved)
