@@ -617,6 +617,134 @@ def grid_scores_figure(results: pd.DataFrame, *, scoring: str = "score") -> go.F
     return _base_layout(fig, height=STYLE.small_height + 60)
 
 
+# Parameters with at most this many distinct values get one labelled tick per value.
+PARCOORDS_MAX_TICKS = 12
+# A numeric parameter whose positive values span this ratio or more is drawn on a log10 axis.
+PARCOORDS_LOG_RATIO = 100.0
+# The tick text of a combination that left a parameter unset (an empty grid_results.csv cell).
+PARAM_UNSET = "(unset)"
+
+
+def _unset(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _param_text(value: object) -> str:
+    if _unset(value):
+        return PARAM_UNSET
+    if _is_number(value):
+        return f"{value:g}"
+    if isinstance(value, list | tuple | Mapping):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def grid_param_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """The parameters of each grid combination: the ``param_<name>`` columns renamed to ``<name>``,
+    or, when there are none, the ``params`` JSON text parsed into columns."""
+    columns = [c for c in results.columns if str(c).startswith("param_")]
+    if columns:
+        return results[columns].rename(columns=lambda c: str(c)[len("param_") :])
+    if "params" not in results:
+        return pd.DataFrame(index=results.index)
+    rows = []
+    for value in results["params"]:
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else value
+        except json.JSONDecodeError:
+            parsed = None
+        rows.append(dict(parsed) if isinstance(parsed, Mapping) else {})
+    return pd.DataFrame(rows, index=results.index)
+
+
+def _parcoords_dimension(name: str, values: Sequence[object]) -> dict:
+    """One parallel-coordinates axis: numbers as numbers (log10 when they span decades), anything
+    else (text, lists, unset cells) as integer codes named by tickvals/ticktext."""
+    if values and all(_is_number(v) and math.isfinite(v) for v in values):
+        numbers = np.asarray(values, dtype=float)
+        log = bool(numbers.min() > 0 and numbers.max() / numbers.min() >= PARCOORDS_LOG_RATIO)
+        plotted = np.log10(numbers) if log else numbers
+        dimension: dict = {"label": _safe(name + (" (log scale)" if log else "")), "values": plotted}
+        distinct = sorted(set(numbers.tolist()))
+        if len(distinct) <= PARCOORDS_MAX_TICKS:
+            dimension["tickvals"] = [math.log10(d) if log else d for d in distinct]
+            dimension["ticktext"] = [f"{d:g}" for d in distinct]
+        low, high = float(plotted.min()), float(plotted.max())
+        if low == high:  # a constant parameter: centre its one value on the axis
+            pad = abs(low) / 2 or 1.0
+            dimension["range"] = [low - pad, high + pad]
+        return dimension
+    texts = [_param_text(v) for v in values]
+    first: dict[str, object] = {}
+    for value, text in zip(values, texts, strict=True):
+        first.setdefault(text, value)
+
+    def order(text: str) -> tuple[int, float, str]:
+        # Unset first, then numbers in numeric order, then everything else alphabetically.
+        if text == PARAM_UNSET:
+            return (0, 0.0, "")
+        value = first[text]
+        return (1, float(value), "") if _is_number(value) else (2, 0.0, text)
+
+    categories = sorted(first, key=order)
+    code = {text: i for i, text in enumerate(categories)}
+    return {
+        "label": _safe(name),
+        "values": [code[t] for t in texts],
+        "tickvals": list(range(len(categories))),
+        "ticktext": [_safe(t) for t in categories],
+        "range": [-0.5, len(categories) - 0.5],
+    }
+
+
+def grid_parallel_figure(results: pd.DataFrame, *, scoring: str = "score") -> go.Figure:
+    """Parallel coordinates of a grid search (sklearn ``cv_results_`` as grid_results.csv holds it):
+    one axis per parameter in column order, then ``mean_test_score``; each line is one combination,
+    coloured by that score, drawn worst first. Combinations without a finite score (failed fits)
+    are left out."""
+    if results is None or results.empty or "mean_test_score" not in results:
+        return empty_figure("This grid run has no results yet.")
+    scores = pd.to_numeric(results["mean_test_score"], errors="coerce")
+    kept = results[np.isfinite(scores.to_numpy(dtype=float))]
+    if kept.empty:
+        return empty_figure("No parameter combination of this grid run has a score.")
+    # Plotly draws lines in row order: best last, so the best combinations are on top.
+    kept = kept.iloc[np.argsort(scores[kept.index].to_numpy(dtype=float), kind="stable")]
+    params = grid_param_frame(kept)
+    if params.shape[1] == 0:
+        return empty_figure("The grid results do not name their parameters.")
+    score_label = f"mean {scoring} (CV)"
+    dimensions = [
+        _parcoords_dimension(str(name), [None if _unset(v) else v for v in params[name].tolist()])
+        for name in params.columns
+    ]
+    score_values = scores[kept.index].to_numpy(dtype=float)
+    dimensions.append({"label": _safe(score_label), "values": score_values, "tickformat": ".3f"})
+    fig = go.Figure(
+        go.Parcoords(
+            dimensions=dimensions,
+            line={
+                "color": score_values,
+                "colorscale": "Viridis",
+                "showscale": True,
+                "colorbar": {"title": {"text": _safe(score_label), "side": "right"}},
+            },
+        )
+    )
+    dropped = len(results) - len(kept)
+    title = f"Parameters against cross-validated {scoring}" + (
+        f" ({dropped} failed combination{'s' if dropped != 1 else ''} not shown)" if dropped else ""
+    )
+    _base_layout(fig, height=STYLE.height, title=title)
+    # Parcoords writes its axis names above the axes and tick labels beside the outer ones.
+    fig.update_layout(margin={"l": 80, "r": 40, "t": 110, "b": 30})
+    return fig
+
+
 # ---------------------------------------------------------------- prediction
 
 

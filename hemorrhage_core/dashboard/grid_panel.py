@@ -33,6 +33,15 @@ def grid_ui() -> Tag:
             ui.card_header("Mean score of each combination (± standard deviation over folds)"),
             figure_output("scores"),
         ),
+        ui.card(
+            ui.card_header("Parameters against the score (parallel coordinates)"),
+            help_text(
+                "Each line is one parameter combination, coloured by its mean cross-validated score. "
+                "Drag along an axis to keep only the lines inside a range; drag an axis name to reorder."
+            ),
+            figure_output("parallel"),
+            full_screen=True,
+        ),
     )
 
 
@@ -92,3 +101,10 @@ def grid_server(input, output, session, ctx: AppContext) -> None:
         if item is None or item.frame is None:
             return plots.empty_figure("No results to plot.")
         return plots.grid_scores_figure(item.frame, scoring=str(info().get("scoring") or "score"))
+
+    @render_figure
+    def parallel():
+        item = loaded()
+        if item is None or item.frame is None:
+            return plots.empty_figure("No results to plot.")
+        return plots.grid_parallel_figure(item.frame, scoring=str(info().get("scoring") or "score"))

@@ -32,7 +32,9 @@ def runs_ui() -> Tag:
             ui.card_header("Runs"),
             help_text(
                 "All runs in the runs folder, newest first. The table refreshes by itself while runs "
-                "train. Click a row for its details."
+                "train. Click a row for its details, a column header to sort, and type in the boxes "
+                "under the headers to filter (a range for numbers). The config.* columns are the "
+                "hyper-parameters that differ between the runs listed."
             ),
             ui.output_data_frame("runs_grid"),
             full_screen=True,
@@ -137,11 +139,42 @@ def run_details(info: Mapping[str, Any], log_tail: str) -> Tag:
     )
 
 
+def runs_data_grid(frame: pd.DataFrame) -> render.DataGrid:
+    """The runs table as the grid the panel shows: one row selectable, every column sortable and
+    filterable (text columns by substring, numeric ones by range), statuses coloured."""
+    note = list(frame.columns).index("note")
+    styles = [
+        {"cols": [0], "class": "run-id-cell"},
+        {"cols": [note], "class": "note-cell"},
+        *_status_styles(frame),
+    ]
+    return render.DataGrid(
+        frame,
+        selection_mode="row",
+        filters=True,
+        styles=styles,
+        width="100%",
+        height="60vh" if len(frame) > 12 else None,
+        summary=False,
+    )
+
+
 @module.server
 def runs_server(input, output, session, ctx: AppContext) -> None:
-    @reactive.calc
+    shown = reactive.value(tables.runs_table((), params=True), name="runs_table")
+
+    # Redraw the grid only when what it shows changed, as a redraw resets the user's sorting, filters
+    # and selection: a poll that saw only logs, gallery or predictions change keeps them.
+    @reactive.effect(priority=100)
+    def _follow_table() -> None:
+        frame = tables.runs_table(ctx.snapshot().summaries, params=True)
+        with reactive.isolate():
+            same = frame.equals(shown.get()) and list(frame.columns) == list(shown.get().columns)
+        if not same:
+            shown.set(frame)
+
     def table() -> pd.DataFrame:
-        return tables.runs_table(ctx.snapshot().summaries)
+        return shown.get()
 
     @render.ui
     def counts() -> Tag:
@@ -173,21 +206,7 @@ def runs_server(input, output, session, ctx: AppContext) -> None:
 
     @render.data_frame
     def runs_grid():
-        frame = table()
-        note = list(frame.columns).index("note")
-        styles = [
-            {"cols": [0], "class": "run-id-cell"},
-            {"cols": [note], "class": "note-cell"},
-            *_status_styles(frame),
-        ]
-        return render.DataGrid(
-            frame,
-            selection_mode="row",
-            styles=styles,
-            width="100%",
-            height="60vh" if len(frame) > 12 else None,
-            summary=False,
-        )
+        return runs_data_grid(table())
 
     @reactive.calc
     def selected_run() -> str | None:

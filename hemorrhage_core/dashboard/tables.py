@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -64,8 +66,13 @@ def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def runs_table(summaries: Iterable[RunSummary]) -> pd.DataFrame:
-    """One display row per run, in the given order (newest first from RunIndex.snapshot)."""
+def runs_table(summaries: Iterable[RunSummary], *, params: bool = False) -> pd.DataFrame:
+    """One display row per run, in the given order (newest first from RunIndex.snapshot).
+
+    With ``params``, the configuration values that differ between the runs follow the fixed
+    columns as ``config.<key>`` columns (see ``param_columns``).
+    """
+    summaries = list(summaries)
     rows = []
     for s in summaries:
         images = ""
@@ -94,7 +101,103 @@ def runs_table(summaries: Iterable[RunSummary]) -> pd.DataFrame:
                 "note": _shorten(s.reason or "", NOTE_CHARS),
             }
         )
-    return pd.DataFrame(rows, columns=list(RUNS_TABLE_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(RUNS_TABLE_COLUMNS))
+    if not params:
+        return frame
+    return pd.concat([frame, param_columns(summaries)], axis=1)
+
+
+# Config keys never shown as parameter columns: where data and records go, how the machine runs the
+# same computation (workers, threads, device, caching, memory format, progress bars), what is only
+# reported (gallery size, z-smoothed metrics), the stage-1 run a stage-2 run starts from (its own
+# path, always different), and what a fixed column shows already (backbone, stage).
+RUN_PARAM_EXCLUDED: frozenset[str] = frozenset(
+    {
+        "data",
+        "runs_dir",
+        "init_from",
+        "progress",
+        "threads",
+        "device",
+        "num_workers",
+        "cache",
+        "channels_last",
+        "eval_batch_size",
+        "gallery_size",
+        "z_smooth",
+        "backbone",
+        "stage",
+    }
+)
+PARAM_PREFIX = "config."
+_MISSING = object()
+
+
+def flat_config(config: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """A run's config with nested mappings flattened to dotted keys (``{"a": {"b": 1}}`` -> ``a.b``)."""
+    out: dict[str, Any] = {}
+    for key, value in (config or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flat_config(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _same_key(value: Any) -> str:
+    """Text equal for equal config values (1 and 1.0 alike, lists and mappings by content)."""
+    if _number(value):
+        return repr(float(value))
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def compact_text(value: Any) -> str:
+    """A config value as short cell text: ``[brain, subdural, bone]``, ``{a: 1}``; None -> ``""``."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(compact_text(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {compact_text(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def differing_params(
+    configs: Iterable[Mapping[str, Any] | None], *, exclude: frozenset[str] = RUN_PARAM_EXCLUDED
+) -> list[str]:
+    """Flattened config keys whose values are not all equal across the configs, in first-seen order.
+
+    Runs without a config (unreadable ones) are left out; a key some configs lack differs. A key
+    is excluded when its top-level name is in ``exclude``.
+    """
+    flats = [flat_config(c) for c in configs if c is not None]
+    keys = list(dict.fromkeys(k for flat in flats for k in flat if k.split(".", 1)[0] not in exclude))
+    return [k for k in keys if len({_same_key(flat.get(k, _MISSING)) for flat in flats}) > 1]
+
+
+def param_columns(summaries: Sequence[RunSummary]) -> pd.DataFrame:
+    """``config.<key>`` columns (one row per summary) for the keys ``differing_params`` finds.
+
+    Numeric parameters stay numbers (so the grid sorts and filters them as numbers, a missing or
+    None value blank); any other parameter is compact text.
+    """
+    flats = [flat_config(s.config) if s.config is not None else None for s in summaries]
+    columns: dict[str, pd.Series] = {}
+    for key in differing_params(s.config for s in summaries):
+        values = [None if flat is None else flat.get(key) for flat in flats]
+        present = [v for v in values if v is not None]
+        if present and all(_number(v) for v in present):
+            whole = len(present) == len(values) and all(isinstance(v, int) for v in present)
+            column = [math.nan if v is None else v for v in values]
+            columns[PARAM_PREFIX + key] = pd.Series(column, dtype="int64" if whole else "float64")
+        else:
+            columns[PARAM_PREFIX + key] = pd.Series([compact_text(v) for v in values], dtype="str")
+    return pd.DataFrame(columns, index=range(len(summaries)))
 
 
 # ------------------------------------------------------------------------------ predictions helpers
