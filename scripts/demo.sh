@@ -8,7 +8,7 @@ DATA=${DATA:-data/synthetic}
 RUNS=${RUNS:-runs}
 PORT=${PORT:-8000}
 HOST=${DASHBOARD_HOST:-127.0.0.1}  # not $HOST: tcsh exports it (the machine name), which would serve the network
-PATIENTS=${SYNTH_PATIENTS:-60}
+PATIENTS=${SYNTH_PATIENTS:-75}
 SLICES=${SYNTH_SLICES:-10}
 LOG_DIR="$RUNS/logs"
 mkdir -p "$LOG_DIR"
@@ -49,6 +49,7 @@ try:
     plan = json.loads((runs / "pipeline.json").read_text())
     ids = [plan[p][s] for p in ("phase1", "phase2") for s in ("stage1", "stage2")]
     ok = all(json.loads((runs / Path(i).name / "run.json").read_text())["status"] == "finished" for i in ids)
+    ok = ok and bool(plan.get("test"))  # and the four runs were evaluated on the held-out test set
 except Exception:
     ok = False
 sys.exit(0 if ok else 1)
@@ -65,7 +66,7 @@ else
   pids+=($!)
   # The progress echo ends with the pipeline (tail --pid), so nothing is left behind after Ctrl-C.
   tail --pid="$!" -n +1 -F "$LOG_DIR/pipeline.log" 2>/dev/null \
-    | grep --line-buffered -E "epoch [0-9]+/|run dir|finished|failed|Error|error" &
+    | grep --line-buffered -E "epoch [0-9]+/|run dir| test:|finished|failed|Error|error" &
 fi
 say "press Ctrl-C to stop"
 wait "${pids[0]}"
