@@ -103,7 +103,10 @@ def fit_temperature(y_true, y_prob) -> float:
     logits = _clipped_logit(p)
     bounds = (math.log(TEMPERATURE_BOUNDS[0]), math.log(TEMPERATURE_BOUNDS[1]))
     result = minimize_scalar(
-        lambda log_t: _nll(t, logits, math.exp(log_t)), bounds=bounds, method="bounded", options={"xatol": 1e-8}
+        lambda log_t: _nll(t, logits, math.exp(log_t)),
+        bounds=bounds,
+        method="bounded",
+        options={"xatol": 1e-8},
     )
     temperature = float(math.exp(result.x))
     # Brent stops within a tolerance; never return a T that is worse than leaving the model alone.
@@ -126,7 +129,8 @@ def apply_temperature(y_prob, temperature) -> np.ndarray:
 def invert_temperature(y_prob, temperature) -> np.ndarray:
     """sigmoid(T * logit(q)): the raw probability behind a calibrated one, inverse of apply_temperature.
 
-    Exact up to float rounding, except where the calibrated value has saturated to 0.0 or 1.0.
+    Exact up to float rounding, which loses digits where either probability is within ~1e-8 of 0 or 1
+    (float64 keeps few digits of 1 - p there; a value rounded to 0.0 or 1.0 stays there).
     """
     temps = _check_temperature(temperature)
     return expit(logit(_as_prob(y_prob)) * temps)
