@@ -174,7 +174,8 @@ def pipeline(tmp_path_factory) -> SimpleNamespace:
     stage2 = train(2, "--init-from", str(stage1))
     images = sorted((data / "stage_2_train").glob("*.dcm"))
     # evaluate and predict only read the run: run them side by side to save wall time.
-    evaluate = _start("evaluate", "--run", str(stage2), "--data", str(data), "--json")
+    # --save: the saved evaluation (predictions.csv, metrics.json) is scanned for markers too.
+    evaluate = _start("evaluate", "--run", str(stage2), "--data", str(data), "--json", "--save", "canary")
     predict = _start("predict", "--run", str(stage2), *map(str, images), "--json")
     codes["evaluate"], evaluate_out = _finish(evaluate, "evaluate", outputs)
     codes["predict"], predict_out = _finish(predict, "predict", outputs)
@@ -255,6 +256,9 @@ def test_no_marker_in_any_file_under_the_runs_folder(pipeline):
         "best.pt",
         "last.pt",
         "train.log",
+        "split.csv",
+        "thresholds.json",
+        "metrics.json",  # the saved evaluation's
     ):
         assert expected in names, expected
     assert any(n.endswith(".png") for n in names)

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs. Defaults follow the seed report (batch size 10)."""
+    """Everything one training run needs. Defaults follow the original report (batch size 10)."""
 
     # -- data
     data: str = ""  # RSNA-layout folder: stage_2_train/ + stage_2_train.csv
@@ -60,7 +60,7 @@ class TrainConfig:
     # -- optimisation
     epochs: int = 10
     batch_size: int = 10
-    optimizer: str = "adamw"  # adamw (the seed's) | sgd (momentum; exact to compare gradients, e.g. the DDP test)
+    optimizer: str = "adamw"  # adamw (the original report's) | sgd (momentum; exact to compare gradients, e.g. the DDP test)
     momentum: float = 0.9  # sgd only
     lr: float = 1e-4
     stn_lr_scale: float = 0.1  # the STN localisation net learns at lr * stn_lr_scale

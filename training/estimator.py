@@ -4,7 +4,7 @@
 ``series_uid``, ``z``, the six labels and ``stage1_class``); ``fit`` trains on those rows with the same
 loop as ``train`` (no validation split, no run directory) and ``predict_proba`` returns (N, 6)
 probabilities over LABELS. Scorers judge the held-out rows by validation AUC or weighted log loss, as
-the seed asks (not by the loss the model minimises). Cross-validate with ``GroupKFold`` on
+the original report asks (not by the loss the model minimises). Cross-validate with ``GroupKFold`` on
 ``X["patient_id"]`` so no patient is on both sides.
 """
 

@@ -91,7 +91,8 @@ def grid_search(config, grid_spec: dict[str, Any], *, folds: int, scoring: str):
     config = trainer.adopt_parent(config)
     index = trainer.load_index(config, env)
     cache = trainer.build_cache(config, index.table, env)  # once, for every fit and score
-    table = index.table
+    # A held-out test set (test_fraction) stays out of the search too: it chooses nothing.
+    table, _ = trainer.holdout_test(config, index.table)
     if config.subset < 1.0:
         table = subset_patients(table, fraction=config.subset, seed=config.seed)
     skipped = sorted(set(index.report.missing_ids) | set(index.report.unreadable))

@@ -46,7 +46,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", metavar="NAME", help="vgg16, vgg16_bn, inception_v3, resnet18, mobilenet_v3_small")
     parser.add_argument("--stage", type=int, choices=(1, 2), help="1: multi-class, 2: multi-label (needs --init-from)")
     parser.add_argument("--epochs", type=int, metavar="N")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="default 10, as in the seed")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="default 10, as in the original report")
     parser.add_argument("--lr", type=float, metavar="X", help="learning rate of backbone and head")
     parser.add_argument("--image-size", type=int, metavar="PX", help="preprocessed slice size (cache)")
     parser.add_argument("--input-size", type=int, metavar="PX", help="backbone input size (STN output)")

@@ -181,7 +181,7 @@ def build_model(spec: ModelSpec, *, weights: str | os.PathLike = "none", freeze:
 
     weights: ``"imagenet"`` (torchvision's cached file, never downloaded; WeightsUnavailableError
     naming the file when absent), ``"none"`` or a PATH to a torchvision state dict of the backbone.
-    freeze: None = the seed's policy. The seed trains its layers 1, 2 (STN: localisation and sampler),
+    freeze: None = the original report's policy. It trains its layers 1, 2 (STN: localisation and sampler),
     4 and 5 (the added layers) and keeps layer 3 (the pretrained backbone) fixed; here that is a frozen
     trunk when pretrained weights are loaded (imagenet or PATH) and a trainable one otherwise. STN and
     head always train. True/False overrides.
