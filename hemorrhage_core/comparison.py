@@ -1,5 +1,6 @@
 """Paired comparison of two runs evaluated on the same images: per-label AUC difference, a patient
-bootstrap interval, DeLong's test for correlated ROC curves and Holm's adjustment over the six labels.
+bootstrap interval, DeLong's test for correlated ROC curves (clustered by patient, Obuchowski 1997)
+and Holm's adjustment over the six labels.
 
 Slice level resamples patients (a drawn patient brings all their slices); study level compares one row
 per series (the maximum over its slices) and resamples patients too.
@@ -54,14 +55,16 @@ def _label_rows(
 ) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for j, label in enumerate(LABELS):
-        test = delong_test(t[:, j], pa[:, j], pb[:, j])
+        test = delong_test(t[:, j], pa[:, j], pb[:, j], clusters=patients)
         boot = metrics.bootstrap_auc_difference(
             t[:, j], pa[:, j], pb[:, j], patients, n_resamples=n_resamples, confidence=CONFIDENCE, seed=seed
         )
+        # AUCs are shown whenever defined; the test needs two patients on each side.
+        auc_a, auc_b = metrics.roc_auc(t[:, j], pa[:, j]), metrics.roc_auc(t[:, j], pb[:, j])
         rows[label] = {
-            "auc_a": None if test is None else test.auc_a,
-            "auc_b": None if test is None else test.auc_b,
-            "diff": None if test is None else test.difference,
+            "auc_a": auc_a,
+            "auc_b": auc_b,
+            "diff": None if auc_a is None or auc_b is None else auc_a - auc_b,
             "ci": [None, None] if boot is None else [boot.low, boot.high],
             "p_value": None if test is None else test.p_value,
             "positives": int(t[:, j].sum()),
@@ -80,7 +83,8 @@ def paired_comparison(
     Returns ``{"paired": True, "n_images", "n_patients", "n_studies", "labels": {label: {"auc_a", "auc_b",
     "diff" (A minus B), "ci" [low, high] (95% patient bootstrap of the difference), "p_value" (DeLong),
     "p_holm" (Holm over the six labels), "positives"}}, "study": {"n_studies", "n_patients", "labels":
-    {...the same...}}, "method": {...}}``. A label with one class only has None values.
+    {...the same...}}, "method": {...}}``. A label with one class only has None values; one whose
+    positives (or negatives) come from a single patient keeps its AUCs but has no p-value.
     """
     fa, fb = paired_frames(a, b)
     t, pa = arrays(fa)
@@ -103,7 +107,8 @@ def paired_comparison(
     }
     out["method"] = {
         "ci": f"{int(CONFIDENCE * 100)}% percentile bootstrap of AUC(A) - AUC(B), {n_resamples} resamples of patients (seed {seed})",
-        "p_value": "DeLong's test for two correlated ROC curves (two-sided)",
+        "p_value": "DeLong's test for two correlated ROC curves (two-sided), with Obuchowski's (1997) "
+                   "clustered variance: a patient's slices count as one draw",
         "p_holm": "Holm's step-down adjustment over the labels with a p-value",
         "study": "one row per series: the maximum over its slices of each truth and probability",
     }
@@ -142,5 +147,7 @@ def summary_sentences(result: dict[str, Any], name_a: str, name_b: str, *, level
             f"No significant difference for {', '.join(tied)}: these data cannot tell the two models apart there."
         )
     if untestable:
-        out.append(f"Not testable (one class only in these data): {', '.join(untestable)}.")
+        out.append(
+            f"Not testable ({', '.join(untestable)}): one class only, or all positives from one patient."
+        )
     return out

@@ -1,5 +1,10 @@
 """Significance tests on plain arrays: DeLong's test for two correlated AUCs, Holm's adjustment.
 
+Slices of one patient are correlated, so a test over slices that treats them as independent cases is
+too confident. With ``clusters`` (a patient id per case) the variance is Obuchowski's (1997)
+extension of DeLong's to clustered data: each patient's structural components are summed first, and
+a patient who brings many slices counts as one draw. With one case per cluster it equals DeLong's.
+
 Pure numpy/scipy, no I/O. A statistic that is undefined on the data is ``None``, never NaN, as in
 ``hemorrhage_core.metrics``.
 """
@@ -64,27 +69,63 @@ def _variance(v10: np.ndarray, v01: np.ndarray) -> float:
     return s10 / v10.size + s01 / v01.size
 
 
+def _clustered_variance(y_true: np.ndarray, v10: np.ndarray, v01: np.ndarray, auc: float, clusters: np.ndarray) -> float | None:
+    """Obuchowski (1997): S10/M + S01/N + 2 S11/(M N) over cluster sums of the components.
+
+    ``v10`` (M,) and ``v01`` (N,) are the components of the positives and negatives in row order of
+    ``y_true``; ``clusters`` (len(y_true),) the cluster of each row. None with fewer than 2 clusters
+    holding positives or negatives (the between-cluster variance is then undefined).
+    """
+    _, index = np.unique(clusters.astype(str), return_inverse=True)
+    n_clusters = int(index.max()) + 1
+    pos, neg = y_true == 1, y_true == 0
+    m_k = np.bincount(index[pos], minlength=n_clusters).astype(np.float64)
+    n_k = np.bincount(index[neg], minlength=n_clusters).astype(np.float64)
+    i10, i01 = int((m_k > 0).sum()), int((n_k > 0).sum())
+    if i10 < 2 or i01 < 2:
+        return None
+    r10 = np.bincount(index[pos], weights=v10, minlength=n_clusters) - m_k * auc
+    r01 = np.bincount(index[neg], weights=v01, minlength=n_clusters) - n_k * auc
+    m, n = float(pos.sum()), float(neg.sum())
+    s10 = i10 / ((i10 - 1) * m) * float(np.sum(r10**2))
+    s01 = i01 / ((i01 - 1) * n) * float(np.sum(r01**2))
+    s11 = n_clusters / (n_clusters - 1) * float(np.sum(r10 * r01))
+    return max(0.0, s10 / m + s01 / n + 2.0 * s11 / (m * n))
+
+
+def _check_clusters(clusters, n: int) -> np.ndarray:
+    arr = np.asarray(clusters)
+    if arr.shape != (n,):
+        raise ValueError(f"clusters must be (N,) = ({n},), got {arr.shape}")
+    return arr
+
+
 def _enough_cases(y_true: np.ndarray) -> bool:
     # The sample variances divide by (m - 1) and (n - 1): each class needs two cases.
     n_pos = int(y_true.sum())
     return n_pos >= 2 and y_true.size - n_pos >= 2
 
 
-def delong_auc_variance(y_true, prob) -> tuple[float, float] | None:
-    """(AUC, DeLong variance of the AUC) for one model, or None with fewer than 2 cases in a class."""
+def delong_auc_variance(y_true, prob, *, clusters=None) -> tuple[float, float] | None:
+    """(AUC, DeLong variance of the AUC) for one model, or None with fewer than 2 cases (with
+    ``clusters``: 2 clusters) in a class."""
     t, p = _pair(y_true, prob, 1)
     if not _enough_cases(t):
         return None
     auc, v10, v01 = _components(t, p[None, :])
-    return float(auc[0]), _variance(v10[0], v01[0])
+    if clusters is None:
+        return float(auc[0]), _variance(v10[0], v01[0])
+    variance = _clustered_variance(t, v10[0], v01[0], float(auc[0]), _check_clusters(clusters, len(t)))
+    return None if variance is None else (float(auc[0]), variance)
 
 
-def delong_test(y_true, prob_a, prob_b, *, confidence: float = 0.95) -> DelongResult | None:
+def delong_test(y_true, prob_a, prob_b, *, clusters=None, confidence: float = 0.95) -> DelongResult | None:
     """DeLong, DeLong & Clarke-Pearson (1988) test of AUC(A) = AUC(B) on the same cases.
 
-    ``prob_a`` and ``prob_b`` are (N,) scores of two models for the same rows of ``y_true`` (N,). The
-    interval is the Wald interval ``difference +/- z_q * sqrt(variance)``. None with fewer than 2 cases
-    in a class (one class only included), where the variance is undefined.
+    ``prob_a`` and ``prob_b`` are (N,) scores of two models for the same rows of ``y_true`` (N,);
+    ``clusters`` (N,), e.g. patient ids, makes the variance Obuchowski's clustered one. The interval is
+    the Wald interval ``difference +/- z_q * sqrt(variance)``. None with fewer than 2 cases (or
+    clusters) in a class (one class only included), where the variance is undefined.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError("confidence must be in (0, 1)")
@@ -95,7 +136,15 @@ def delong_test(y_true, prob_a, prob_b, *, confidence: float = 0.95) -> DelongRe
     auc, v10, v01 = _components(t, np.stack([pa, pb]))
     difference = float(auc[0] - auc[1])
     # var(A - B) from the differences of the components = var A + var B - 2 cov(A, B).
-    variance = _variance(v10[0] - v10[1], v01[0] - v01[1])
+    if clusters is None:
+        variance = _variance(v10[0] - v10[1], v01[0] - v01[1])
+    else:
+        clustered = _clustered_variance(
+            t, v10[0] - v10[1], v01[0] - v01[1], difference, _check_clusters(clusters, len(t))
+        )
+        if clustered is None:
+            return None
+        variance = clustered
     if variance > 0:
         z: float | None = difference / math.sqrt(variance)
         p_value: float | None = float(2.0 * norm.sf(abs(z)))

@@ -56,7 +56,7 @@ def test_compare_json_matches_the_statistics_computed_directly(two_runs, capsys)
     _, pb = ev.arrays(fb)
     for j, label in enumerate(LABELS):
         row = result["labels"][label]
-        direct = delong_test(t[:, j], pa[:, j], pb[:, j])
+        direct = delong_test(t[:, j], pa[:, j], pb[:, j], clusters=fa["patient"].to_numpy())
         assert row["auc_a"] == pytest.approx(direct.auc_a) and row["auc_b"] == pytest.approx(direct.auc_b)
         assert row["diff"] == pytest.approx(direct.auc_a - direct.auc_b)
         assert row["p_value"] == pytest.approx(direct.p_value)
@@ -72,7 +72,8 @@ def test_compare_json_matches_the_statistics_computed_directly(two_runs, capsys)
     st, spa = ev.arrays(studies_a)
     _, spb = ev.arrays(studies_b)
     j = LABELS.index("any")
-    assert result["study"]["labels"]["any"]["p_value"] == pytest.approx(delong_test(st[:, j], spa[:, j], spb[:, j]).p_value)
+    direct = delong_test(st[:, j], spa[:, j], spb[:, j], clusters=studies_a["patient"].to_numpy())
+    assert result["study"]["labels"]["any"]["p_value"] == pytest.approx(direct.p_value)
     assert result["a"]["backbone"] == "vgg16_bn" and result["b"]["backbone"] == "inception_v3"
 
 
@@ -124,4 +125,4 @@ def test_summary_says_when_a_difference_is_not_significant():
     text = " ".join(summary_sentences(result, "VGG16", "Inception"))
     assert "VGG16 has the higher AUC for any" in text
     assert "No significant difference for subdural" in text
-    assert "Not testable (one class only in these data): epidural" in text
+    assert "Not testable (epidural): one class only, or all positives from one patient" in text

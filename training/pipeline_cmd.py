@@ -105,7 +105,9 @@ def run_pipeline(
                 record[phase][stage] = run_dir.name
                 write_record(record_path, record)
 
-            log.info("pipeline %s %s: %s stage %d", phase, stage, config.backbone, config.stage)
+            # A stage-2 config takes its backbone from the stage-1 run it starts from.
+            backbone = configs[phase]["stage1"].backbone
+            log.info("pipeline %s %s: %s stage %d", phase, stage, backbone, config.stage)
             run_dir = fit(config, on_start=started_run if main else None)
             code = broadcast(exit_code_for(run_dir) if main else None, detect())
             if code != EXIT_OK:
