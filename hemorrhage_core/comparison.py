@@ -65,7 +65,8 @@ def _label_rows(
             "auc_a": auc_a,
             "auc_b": auc_b,
             "diff": None if auc_a is None or auc_b is None else auc_a - auc_b,
-            "ci": [None, None] if boot is None else [boot.low, boot.high],
+            # A resample without the one positive patient has no AUC: no honest interval either.
+            "ci": [None, None] if boot is None or test is None else [boot.low, boot.high],
             "p_value": None if test is None else test.p_value,
             "positives": int(t[:, j].sum()),
         }
