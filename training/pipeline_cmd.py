@@ -132,10 +132,10 @@ def evaluate_on_test(root: Path, record: dict[str, Any], config, test_data: str 
 
     if test_data is not None:
         index = build_index(test_data, progress=False)
-        rows, source, data_dir = index.table, "test_data", test_data
+        rows, source, data_dir, split = index.table, "test_data", test_data, "all"
     else:
         index = build_index(config.data, progress=False)
-        rows, source, data_dir = holdout_test(config, index.table)[1], "holdout", config.data
+        rows, source, data_dir, split = holdout_test(config, index.table)[1], "holdout", config.data, "test"
     entry: dict[str, Any] = {
         "source": source, "n_patients": int(rows["patient_id"].nunique()), "n_images": len(rows),
         "evaluation": TEST,
@@ -147,7 +147,7 @@ def evaluate_on_test(root: Path, record: dict[str, Any], config, test_data: str 
     for phase in PHASES:
         for stage in ("stage1", "stage2"):
             run_dir = root / record[phase][stage]
-            result = evaluate(str(run_dir), data_dir, index=index, rows=rows, save=TEST,
+            result = evaluate(str(run_dir), data_dir, index=index, rows=rows, split=split, save=TEST,
                               batch_size=config.effective_eval_batch_size)
             log.info("pipeline %s %s test: AUC any %s on %d images", phase, stage,
                      _fmt(result["auc"]["any"]), result["n_images"])
