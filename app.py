@@ -17,11 +17,13 @@ from pathlib import Path
 from shiny import App, reactive, ui
 
 from hemorrhage_core.dashboard import (
+    calibration_panel,
     compare_panel,
     gallery_panel,
     grid_panel,
     metrics_panel,
     predict_panel,
+    report_panel,
     roc_panel,
     runs_panel,
     thresholds_panel,
@@ -45,10 +47,12 @@ PANELS = (
     ("metrics", "Training metrics", metrics_panel.metrics_ui, metrics_panel.metrics_server),
     ("roc", "ROC", roc_panel.roc_ui, roc_panel.roc_server),
     ("thresholds", "Thresholds", thresholds_panel.thresholds_ui, thresholds_panel.thresholds_server),
+    ("calibration", "Calibration", calibration_panel.calibration_ui, calibration_panel.calibration_server),
     ("stn", "STN gallery", gallery_panel.gallery_ui, gallery_panel.gallery_server),
     ("compare", "Compare", compare_panel.compare_ui, compare_panel.compare_server),
     ("predict", "Predict", predict_panel.predict_ui, predict_panel.predict_server),
     ("grid", "Grid search", grid_panel.grid_ui, grid_panel.grid_server),
+    ("report", "Report", report_panel.report_ui, report_panel.report_server),
 )
 
 app_ui = ui.page_navbar(

@@ -283,3 +283,142 @@ def write_many_runs(
             (target / "run.json").write_text(dumps_json(info))
             ids.append(run_id)
     return ids
+
+
+# ---------------------------------------------------------------- saved evaluations (data selector)
+TINY_PIPELINE_PRESET = """
+defaults: {image_size: 32, input_size: 32, epochs: 1, batch_size: 4, threads: 1, max_steps_per_epoch: 2,
+           gallery_size: 4, val_fraction: 0.3, augment: false, progress: false, warmup_epochs: 0,
+           calibrate: true}
+phase1:
+  subset: 0.6
+  stage1: {backbone: resnet18}
+  stage2: {lr: 5.0e-4}
+phase2:
+  stage1: {backbone: mobilenet_v3_small}
+  stage2: {}
+"""
+
+
+def write_evaluation_from(run_dir: Path, name: str, frame: pd.DataFrame, *, stage: int = 2) -> Path:
+    """Save ``frame`` (predictions.csv columns) as evaluation ``name`` of a run, with its metrics, as
+    ``evaluate --save`` writes it (uncalibrated)."""
+    from hemorrhage_core import evaluations as ev
+
+    result = ev.evaluation_metrics(frame, ev.run_thresholds(run_dir, None), stage=stage)
+    return ev.write_evaluation(run_dir, name, frame, {**result, "calibration": {"applied": False}})
+
+
+def damage_evaluations(run_dir: Path) -> dict[str, Path]:
+    """Evaluation folders a crash or a hand edit can leave: ``half`` (predictions written, metrics.json
+    not yet) and ``garbled`` (metrics.json that is not JSON)."""
+    root = run_dir / "evaluations"
+    half, garbled = root / "half", root / "garbled"
+    for folder in (half, garbled):
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "predictions.csv", folder / "predictions.csv")
+    (garbled / "metrics.json").write_text('{"n_images": 12, ')
+    return {"half": half, "garbled": garbled}
+
+
+def write_tiny_pipeline(root: Path) -> dict[str, Path]:
+    """A real ``pipeline`` over a tiny data set (about 15 s on 2 CPU cores): four calibrated runs, each
+    evaluated on the same held-out test patients (``evaluations/test``), and pipeline.json. Then, on
+    the two final models, an evaluation ``external`` on images that the two do not share (so the
+    comparison cannot pair) and, on the phase-2 one, the damaged folders of ``damage_evaluations``.
+
+    Returns the runs folder and the run folders by role (``phase1_stage2`` ...).
+    """
+    from train_fixtures import write_tiny_set
+
+    from training.pipeline_cmd import run_pipeline
+
+    data, runs_dir = root / "data", root / "runs"
+    write_tiny_set(data, n_patients=16)
+    preset = root / "tiny.yaml"
+    preset.write_text(TINY_PIPELINE_PRESET)
+    record = json.loads(run_pipeline(str(data), str(preset), runs_dir=str(runs_dir), test_fraction=0.25).read_text())
+    out = {"runs": runs_dir}
+    for phase in ("phase1", "phase2"):
+        for stage in ("stage1", "stage2"):
+            out[f"{phase}_{stage}"] = runs_dir / record[phase][stage]
+    for key, seed in (("phase1_stage2", 1), ("phase2_stage2", 2)):
+        frame = synthetic_predictions(n_patients=6, slices=4, seed=seed)
+        frame["image_id"] = frame["image_id"] + f"_{key[5]}"  # each run its own images: nothing to pair
+        write_evaluation_from(out[key], "external", frame)
+    damage_evaluations(out["phase2_stage2"])
+    return out
+
+
+# ------------------------------------------------- the report and the predict panel's series verdict
+REPORT_ROLES: tuple[tuple[str, str, str, int, float], ...] = (
+    # (phase, stage, backbone, stage number, skill on the test images)
+    ("phase1", "stage1", "vgg16_bn", 1, 0.8),
+    ("phase1", "stage2", "vgg16_bn", 2, 1.2),
+    ("phase2", "stage1", "inception_v3", 1, 1.0),
+    ("phase2", "stage2", "inception_v3", 2, 2.2),
+)
+
+
+def write_report_runs(runs_dir: Path, *, pipeline: bool = True, checkpoint_writer=None) -> dict[str, Path]:
+    """Four finished runs laid out as a pipeline, from generated numbers (no training): each has a
+    saved evaluation ``test`` on the same 60 images of 10 patients (one truth, each run its own skill);
+    the two stage-2 runs are calibrated (calibration.json fitted on validation, their test
+    probabilities calibrated, as ``evaluate --save`` writes them). With ``pipeline``, pipeline.json
+    names the four. ``checkpoint_writer`` goes to ``write_run`` (e.g. a real tiny model).
+
+    Returns the runs folder (``runs``) and the run folders by role (``phase1_stage2`` ...).
+    """
+    from hemorrhage_core import evaluations as ev
+
+    truth = synthetic_predictions(n_patients=10, slices=6, seed=100)
+    true_cols = [f"true_{lb}" for lb in LABELS]
+    out: dict[str, Path] = {"runs": runs_dir}
+    record: dict = {"phase1": {}, "phase2": {}}
+    for i, (phase, stage, backbone, stage_no, skill) in enumerate(REPORT_ROLES):
+        run = write_run(runs_dir, backbone=backbone, stage=stage_no, seed=i, checkpoint_writer=checkpoint_writer)
+        rng = np.random.default_rng(10 + i)
+        signs = truth[true_cols].to_numpy() * 2 - 1
+        raw = 1.0 / (1.0 + np.exp(-(rng.normal(0.0, 1.0, signs.shape) + skill * signs)))
+        calibration = ev.fit_calibration(run) if stage_no == 2 else None
+        if calibration is None:
+            ev.write_thresholds(run, None)
+        frame = ev.with_probabilities(truth, raw if calibration is None else calibration.apply(raw))
+        result = ev.evaluation_metrics(frame, ev.run_thresholds(run, calibration), stage=stage_no)
+        if calibration is None:
+            result["calibration"] = {"applied": False}
+        else:
+            y_true = truth[true_cols].to_numpy()
+            report = ev.calibration_report(y_true, raw, calibration.apply(raw))
+            result["calibration"] = {"applied": True, **calibration.to_dict(), **report}
+        ev.write_evaluation(run, ev.TEST, frame, {"n_images": len(frame), **result})
+        record[phase][stage] = run.name
+        out[f"{phase}_{stage}"] = run
+    record["test"] = {"source": "holdout", "n_patients": 10, "n_images": len(truth), "evaluation": ev.TEST,
+                      "fraction": 0.2, "seed": 0}
+    if pipeline:
+        (runs_dir / "pipeline.json").write_text(dumps_json(record))
+    return out
+
+
+def write_dicom_series(folder: Path, n: int = 4, *, size: int = 64, seed: int = 0) -> list[Path]:
+    """``n`` CT slices of one series (z = 0, 5, ...): an air-bone-brain head with a bright blob that
+    moves and grows from slice to slice, so each slice gets its own probabilities."""
+    from hemorrhage_core.dicom import new_uid, write_ct_slice
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = new_uid(f"verdict-study-{seed}"), new_uid(f"verdict-series-{seed}")
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    r = np.hypot(yy, xx)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k in range(n):
+        hu = np.full((size, size), -1000.0)
+        hu[r < size * 0.45] = 1000.0
+        hu[r < size * 0.38] = 35.0 + rng.normal(0, 4, (size, size))[r < size * 0.38]
+        hu[np.hypot(yy - 4 * k + 6, xx - 5) < 2 + 2 * k] = 75.0
+        path = folder / f"ID_{seed:02d}verdict{k}.dcm"
+        write_ct_slice(path, np.rint(hu + 1024).astype(np.int16), patient_id="VERDICT-PATIENT", study_uid=study,
+                       series_uid=series, sop_uid=new_uid(f"verdict-{seed}-{k}"), z=5.0 * k, instance_number=k + 1)
+        paths.append(path)
+    return paths

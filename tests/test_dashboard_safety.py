@@ -151,10 +151,12 @@ def test_app_module_assembles_with_the_cap_and_sanitised_errors(tmp_path, monkey
             "metrics",
             "roc",
             "thresholds",
+            "calibration",
             "stn",
             "compare",
             "predict",
             "grid",
+            "report",
         ]
         page = str(app_module.app_ui)
         assert dash_config.DISCLAIMER in page

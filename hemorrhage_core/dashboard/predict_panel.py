@@ -1,5 +1,9 @@
 """Predict panel: upload DICOM slices, pick a model, see probabilities, the STN alignment and Grad-CAM.
 
+Above the per-slice view, the series verdict: per label the highest probability over the uploaded
+slices of the shown slice's series, and the slice it came from, against the run's study-level
+threshold chosen on its validation set. Probabilities are calibrated when the run has a calibration.
+
 Uploaded files are read into memory and deleted from disk at once; their bytes live only in this
 session. Prediction runs in an extended task on a worker thread (other sessions and this session's
 controls stay responsive) through the one shared Predictor of the chosen run.
@@ -19,7 +23,14 @@ from shiny import module, reactive, render, ui
 from hemorrhage_core import plots
 from hemorrhage_core.dashboard.common import AppContext, help_text, message, sync_run_select
 from hemorrhage_core.dashboard.figures import figure_output, render_figure
-from hemorrhage_core.dashboard.predictors import Upload, UploadResult, analyse_uploads, series_groups
+from hemorrhage_core.dashboard.predictors import (
+    SeriesVerdict,
+    Upload,
+    UploadResult,
+    analyse_uploads,
+    series_groups,
+    series_verdict,
+)
 from hemorrhage_core.dashboard.safety import user_message
 from hemorrhage_core.dashboard.state import run_key, run_label
 from hemorrhage_core.labels import LABELS
@@ -42,15 +53,22 @@ class PredictRequest:
     model_path: Path
     uploads: tuple[Upload, ...]
     saliency_label: str
+    run_dir: Path | None = None  # for the run's calibration and thresholds
 
 
 @dataclass
 class PredictBatch:
-    """The outcome of one prediction request: per-file results, or one message for the whole batch."""
+    """The outcome of one prediction request: per-file results, or one message for the whole batch.
+
+    ``thresholds`` are the run's operating points (``evaluations.run_thresholds``) on the scale of the
+    probabilities shown; ``calibrated`` says whether those were calibrated.
+    """
 
     run_name: str
     results: list[UploadResult] = field(default_factory=list)
     error: str | None = None
+    thresholds: dict | None = None
+    calibrated: bool = False
 
     @property
     def usable(self) -> list[UploadResult]:
@@ -133,6 +151,96 @@ def batch_notices(batch: PredictBatch, shown: UploadResult | None) -> list[Tag]:
     return lines
 
 
+def _prob(p: float) -> str:
+    return f"{p:.3f}"
+
+
+def verdict_card(batch: PredictBatch, shown: UploadResult | None) -> Tag | None:
+    """The series verdict of the shown slice's series, or None before a prediction."""
+    if shown is None or not batch.usable:
+        return None
+    groups = series_groups(batch.usable)
+    group = next((g for g in groups if any(x is shown for x in g)), [shown])
+    thresholds = (batch.thresholds or {}).get("study")
+    verdict: SeriesVerdict = series_verdict(group, thresholds)
+    rows = []
+    for v in verdict.labels:
+        where = f"slice {v.slice_position}" + (f" (z = {v.z:.1f} mm)" if v.z is not None else "")
+        if v.above is None:
+            flag, css = "no threshold", ""
+        elif v.above:
+            flag, css = "at or above threshold", "table-warning"
+        else:
+            flag, css = "below threshold", ""
+        rows.append(
+            ui.tags.tr(
+                ui.tags.td(v.label),
+                ui.tags.td(_prob(v.probability), class_="text-end"),
+                ui.tags.td(where, ui.tags.span(f" · {v.slice_name}", class_="text-muted")),
+                ui.tags.td("–" if v.threshold is None else _prob(v.threshold), class_="text-end"),
+                ui.tags.td(flag),
+                class_=css,
+                **{"data-label": v.label},
+            )
+        )
+    table = ui.tags.table(
+        ui.tags.thead(
+            ui.tags.tr(
+                ui.tags.th("label"),
+                ui.tags.th("highest probability", class_="text-end"),
+                ui.tags.th("on"),
+                ui.tags.th("study threshold", class_="text-end"),
+                ui.tags.th("verdict"),
+            )
+        ),
+        ui.tags.tbody(*rows),
+        class_="table table-sm verdict-table",
+    )
+    n = verdict.n_slices
+    coverage = (
+        f"Covers the {n} uploaded slice{'s' if n != 1 else ''} of this series: each label's highest "
+        "probability over them. A series is only as complete as the slices uploaded."
+    )
+    if len(groups) > 1:
+        coverage += f" {len(groups)} series were uploaded; this is the series of the slice shown below."
+    notes = [ui.p(coverage, class_="small mb-1")]
+    chosen = batch.thresholds or {}
+    defaulted = chosen.get("study_defaulted") or []
+    if thresholds is None:
+        notes.append(ui.p("The run offers no thresholds: probabilities only.", class_="small text-muted mb-1"))
+    elif chosen.get("data") is None:
+        notes.append(
+            ui.p(
+                "This run has no validation predictions to choose thresholds on: 0.5 for every label.",
+                class_="small text-muted mb-1",
+            )
+        )
+    else:
+        text = "Thresholds chosen on the run's validation set at study level (Youden's J)"
+        if defaulted:
+            text += f"; 0.5 where validation could not choose one ({', '.join(defaulted)})"
+        notes.append(ui.p(text + ".", class_="small text-muted mb-1"))
+    if batch.calibrated:
+        notes.append(
+            ui.p(
+                "Probabilities are calibrated (temperature scaling fitted on the run's validation set).",
+                class_="small text-muted mb-1",
+            )
+        )
+    notes.append(
+        ui.p(
+            "Research use only: a model's output to question, not a diagnosis.",
+            class_="small fw-semibold mb-0",
+        )
+    )
+    return ui.card(
+        ui.card_header("Series verdict (study level)"),
+        table,
+        *notes,
+        class_="series-verdict",
+    )
+
+
 def default_model(runs: list[RunSummary]) -> str | None:
     """The newest finished stage-2 run, else the newest finished run."""
     stage2 = [s for s in runs if s.stage == 2]
@@ -159,6 +267,7 @@ def predict_ui() -> Tag:
             width=320,
         ),
         ui.output_ui("status"),
+        ui.output_ui("verdict"),
         ui.div(
             ui.input_select("slice", "Slice (in z order)", choices={}, width="100%"),
             class_="slice-picker",
@@ -251,7 +360,12 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
             return None
         summary = ctx.snapshot().by_id(run_id)
         return PredictRequest(
-            run_id, run_label(summary) if summary else run_id, model_path, files, input.cam_label()
+            run_id,
+            run_label(summary) if summary else run_id,
+            model_path,
+            files,
+            input.cam_label(),
+            record.path,
         )
 
     @reactive.effect
@@ -332,6 +446,11 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
             lines += batch_notices(b, current())
         return ui.div(*lines)
 
+    @render.ui
+    def verdict():
+        b = batch()
+        return None if b is None else verdict_card(b, current())
+
     def _img(array, alt: str) -> Tag:
         return ui.img(src=plots.png_data_uri(array), alt=alt, class_="ct-image")
 
@@ -391,11 +510,22 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
 
 
 def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
-    """Worker-thread body: load (or reuse) the run's Predictor and analyse every upload."""
+    """Worker-thread body: load (or reuse) the run's calibrated Predictor, analyse every upload, and
+    read the run's thresholds on the same probability scale."""
+    from hemorrhage_core.evaluations import run_thresholds
+
     try:
-        predictor = ctx.predictors.get(request.run_id, request.model_path)
+        predictor = ctx.predictors.get(request.run_id, request.model_path, request.run_dir)
     except Exception as exc:  # noqa: BLE001 - a message for the page, details in the log
         return PredictBatch(
             request.run_name, error=f"The model cannot be loaded: {user_message(exc, context='model load')}"
         )
-    return PredictBatch(request.run_name, analyse_uploads(predictor, request.uploads, request.saliency_label))
+    calibration = getattr(predictor, "calibration", None)
+    thresholds = None
+    if request.run_dir is not None:
+        try:
+            thresholds = run_thresholds(request.run_dir, calibration)
+        except Exception as exc:  # noqa: BLE001 - the verdict then shows probabilities without thresholds
+            log.info("no thresholds for run %s: %s", request.run_id, user_message(exc, context="thresholds"))
+    results = analyse_uploads(predictor, request.uploads, request.saliency_label)
+    return PredictBatch(request.run_name, results, thresholds=thresholds, calibrated=calibration is not None)

@@ -2,16 +2,20 @@
 
 ``PredictorCache`` keys models by run id and the checkpoint's modification time, so a retrained
 ``best.pt`` is picked up and an unchanged one is never loaded twice (a lock stops two sessions from
-loading the same model at once). ``analyse_uploads`` is the blocking work behind the Predict panel's
-extended task: it decodes each uploaded slice (for the window sliders) and predicts it, turning every
-failure into a per-file message so that one bad file never sinks the others.
+loading the same model at once). Given the run's folder it also applies the run's calibration.json,
+read on every request (a small file), so a calibration fitted later is used at once and a damaged one
+refuses the run as a damaged checkpoint does. ``analyse_uploads`` is the blocking work behind the
+Predict panel's extended task: it decodes each uploaded slice (for the window sliders) and predicts
+it, turning every failure into a per-file message so that one bad file never sinks the others.
+``series_verdict`` is the study-level reading of one uploaded series: per label, the highest
+probability over its slices, on which slice, against the run's study-level threshold.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ import numpy as np
 
 from hemorrhage_core.dashboard.safety import user_message
 from hemorrhage_core.errors import CheckpointError
+from hemorrhage_core.labels import LABELS
 
 log = logging.getLogger("hemorrhage_core.dashboard")
 
@@ -39,12 +44,32 @@ class PredictorCache:
 
         return Predictor.from_checkpoint(path)
 
-    def get(self, run_id: str, model_path: Path) -> Any:
-        """The run's Predictor, loading it on first use; CheckpointError when the file is absent."""
+    def get(self, run_id: str, model_path: Path, run_dir: Path | None = None) -> Any:
+        """The run's Predictor, loading it on first use; CheckpointError when the file is absent.
+
+        With ``run_dir`` the Predictor applies the run's calibration.json when it has one; a damaged
+        one raises EvaluationError naming the run (the model itself stays cached).
+        """
         try:
             mtime = model_path.stat().st_mtime_ns
         except OSError:
             raise CheckpointError("this run has no saved model yet") from None
+        calibration = self._calibration(run_id, run_dir)
+        predictor = self._model(run_id, model_path, mtime)
+        return predictor if calibration is None else predictor.with_calibration(calibration)
+
+    @staticmethod
+    def _calibration(run_id: str, run_dir: Path | None) -> Any:
+        if run_dir is None:
+            return None
+        from hemorrhage_core.evaluations import EvaluationError, read_calibration
+
+        try:
+            return read_calibration(run_dir)
+        except EvaluationError as exc:
+            raise EvaluationError(f"run {run_id}: {exc}") from None
+
+    def _model(self, run_id: str, model_path: Path, mtime: int) -> Any:
         with self._lock:
             cached = self._models.get(run_id)
             if cached is not None and cached[0] == mtime:
@@ -78,7 +103,8 @@ class UploadResult:
     pixel_spacing: tuple[float, float] | None = None
     modality: str | None = None
     shape: tuple[int, int] | None = None
-    probabilities: dict[str, float] = field(default_factory=dict)
+    probabilities: dict[str, float] = field(default_factory=dict)  # calibrated when the run is
+    raw_probabilities: dict[str, float] = field(default_factory=dict)  # the model's own values
     image: np.ndarray | None = None  # windowed model input, uint8 (C, S, S)
     aligned: np.ndarray | None = None  # STN output, uint8 (C, s, s)
     theta: np.ndarray | None = None
@@ -124,6 +150,8 @@ def analyse_uploads(
         result.modality = ct.meta.modality
         result.shape = (ct.meta.rows, ct.meta.columns)
         result.probabilities = {str(k): float(v) for k, v in prediction.probabilities.items()}
+        raw = getattr(prediction, "raw_probabilities", None) or prediction.probabilities
+        result.raw_probabilities = {str(k): float(v) for k, v in raw.items()}
         result.image = prediction.image
         result.aligned = prediction.aligned
         result.theta = np.asarray(prediction.theta, dtype=float)
@@ -151,3 +179,47 @@ def series_groups(results: Sequence[UploadResult]) -> list[list[UploadResult]]:
         if r.ok:
             groups.setdefault(r.series, []).append(r)
     return list(groups.values())
+
+
+@dataclass(frozen=True)
+class LabelVerdict:
+    """One label of a series verdict: the highest probability, the slice it came from, the threshold."""
+
+    label: str
+    probability: float
+    slice_position: int  # 1-based, in the series' z order
+    slice_name: str
+    z: float | None
+    threshold: float | None  # None when the run offers no threshold for this label
+
+    @property
+    def above(self) -> bool | None:
+        """probability >= threshold (the rule thresholds were chosen with); None without a threshold."""
+        return None if self.threshold is None else self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
+class SeriesVerdict:
+    """Study level for one uploaded series: per label the maximum over its ``n_slices`` slices."""
+
+    n_slices: int
+    labels: tuple[LabelVerdict, ...]
+
+
+def series_verdict(group: Sequence[UploadResult], thresholds: Mapping[str, float] | None) -> SeriesVerdict:
+    """The verdict of one series' usable results (in z order, as ``series_groups`` gives them).
+
+    Per label the maximum probability over the slices (the first slice in z order on a tie), as the
+    evaluations define study level, compared with ``thresholds[label]`` (study-level operating points).
+    """
+    usable = [r for r in group if r.ok]
+    if not usable:
+        raise ValueError("a series verdict needs at least one predicted slice")
+    verdicts = []
+    for label in LABELS:
+        values = [r.probabilities[label] for r in usable]
+        best = int(np.argmax(values))  # argmax keeps the first of equal maxima
+        threshold = None if thresholds is None or label not in thresholds else float(thresholds[label])
+        r = usable[best]
+        verdicts.append(LabelVerdict(label, float(values[best]), best + 1, r.name, r.z, threshold))
+    return SeriesVerdict(len(usable), tuple(verdicts))

@@ -1,4 +1,5 @@
-"""ROC panel: per-class ROC and precision-recall curves of a run's validation predictions, two runs overlaid."""
+"""ROC panel: per-class ROC and precision-recall curves of a run on a chosen data set, two runs overlaid,
+slice by slice or study by study."""
 
 from __future__ import annotations
 
@@ -6,16 +7,11 @@ from htmltools import Tag
 from shiny import module, reactive, render, ui
 
 from hemorrhage_core import plots
-from hemorrhage_core.dashboard.common import (
-    AppContext,
-    Loaded,
-    distinct,
-    help_text,
-    load_run_table,
-    sync_run_select,
-)
+from hemorrhage_core.dashboard.common import AppContext, help_text, sync_run_select
+from hemorrhage_core.dashboard.evaluation_data import data_note, data_select, data_selector, level_select
 from hemorrhage_core.dashboard.figures import figure_output, render_figure
 from hemorrhage_core.dashboard.state import run_key
+from hemorrhage_core.evaluations import study_frame
 from hemorrhage_core.labels import LABELS
 from hemorrhage_core.runs import PREDICTIONS_CSV
 
@@ -26,14 +22,18 @@ def roc_ui() -> Tag:
         ui.sidebar(
             ui.input_select("run_a", "Run", choices={}),
             ui.input_select("run_b", "Overlay a second run (dashed)", choices={}),
+            data_select("data"),
+            level_select("level"),
             ui.input_checkbox_group("labels", "Classes", choices=list(LABELS), selected=list(LABELS)),
             help_text(
-                "Curves are computed from each run's validation predictions at its best epoch. "
-                "The legend gives each class's area under the curve (AUC) or average precision (AP)."
+                "Curves of each run's predictions on the chosen data set: a saved evaluation such as the "
+                "held-out test set, or the validation set (which chose the best epoch, so it flatters). "
+                "The legend gives each class's area under the curve (AUC) or average precision (AP). "
+                "Study level scores each series by its most suspicious slice."
             ),
-            ui.output_ui("notes"),
             width=320,
         ),
+        ui.output_ui("notes"),
         ui.card(ui.card_header("ROC curves"), figure_output("roc"), full_screen=True),
         ui.card(ui.card_header("Precision-recall curves"), figure_output("pr"), full_screen=True),
     )
@@ -52,25 +52,25 @@ def roc_server(input, output, session, ctx: AppContext) -> None:
         allow_none="(none)",
         default=lambda runs: run_key(runs[1]) if len(runs) > 1 else "",
     )
-
-    chosen = distinct(
-        lambda: tuple((r, ctx.snapshot().stamps.get(r)) for r in (input.run_a(), input.run_b()) if r),
-        initial=(),
-        name="chosen",
+    loaded = data_selector(
+        ctx,
+        "data",
+        lambda: [("run", input.run_a())] + ([("overlay", input.run_b())] if input.run_b() != input.run_a() else []),
+        lambda: input.data(),
     )
 
     @reactive.calc
-    def loaded() -> list[Loaded]:
-        out = []
-        for run_id, _ in dict.fromkeys(chosen()):
-            item = load_run_table(ctx, run_id, "predictions")
-            if item is not None:
-                out.append(item)
+    def frames() -> dict:
+        """Run name -> predictions at the chosen level (one calc for both figures)."""
+        out = {item.name: item.frame for item in loaded() if item.frame is not None}
+        if input.level() == "study":
+            out = {name: study_frame(frame) for name, frame in out.items()}
         return out
 
     def figure(kind: str):
-        frames = {item.name: item.frame for item in loaded() if item.frame is not None}
-        return plots.roc_figure(frames, labels=list(input.labels() or ()), kind=kind)
+        if not frames():
+            return plots.empty_figure("Select a run and a data set with predictions.")
+        return plots.roc_figure(frames(), labels=list(input.labels() or ()), kind=kind)
 
     @render_figure
     def roc():
@@ -82,15 +82,4 @@ def roc_server(input, output, session, ctx: AppContext) -> None:
 
     @render.ui
     def notes():
-        items = loaded()
-        lines = [
-            ui.p(f"{item.name}: {item.problem}", class_="small text-warning-emphasis")
-            for item in items
-            if item.problem
-        ]
-        lines += [
-            ui.p(f"{item.name}: {len(item.frame)} validation slices", class_="small text-muted")
-            for item in items
-            if item.frame is not None
-        ]
-        return ui.div(*lines)
+        return data_note(loaded(), level=input.level())

@@ -410,3 +410,178 @@ def grid_table(results: pd.DataFrame) -> tuple[pd.DataFrame, int | None]:
     else:
         best = None
     return frame.rename(columns=names), best
+
+
+# ------------------------------------------------------------------ saved evaluations (data selector)
+LEVELS: tuple[str, ...] = ("slice", "study")
+
+
+@dataclass(frozen=True)
+class EvaluationComparison:
+    """Two runs' predictions on one data set, compared at slice and study level.
+
+    ``tables[level]`` has ``comparison_table``'s columns plus ``p_value`` (DeLong, paired only),
+    ``p_holm`` (Holm over the labels) and ``positives``. ``result`` is ``paired_comparison``'s output
+    when paired; ``reason`` says why the comparison is unpaired otherwise.
+    """
+
+    paired: bool
+    tables: Mapping[str, pd.DataFrame]
+    n_a: int
+    n_b: int
+    n_shared: int
+    result: dict[str, Any] | None = None
+    reason: str | None = None
+
+
+def _series_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Study level as comparison_table reads it: one row per series, keyed by the series id."""
+    from hemorrhage_core.evaluations import study_frame
+
+    studies = study_frame(frame)
+    return studies.assign(image_id=studies["series"])
+
+
+def _paired_level_table(
+    rows: Mapping[str, Mapping[str, Any]], fa: pd.DataFrame, fb: pd.DataFrame, *, n_resamples: int, seed: int
+) -> pd.DataFrame:
+    patients = fa["patient"].astype(str).to_numpy()
+    out = []
+    for label, row in rows.items():
+        truth = fa[f"true_{label}"].to_numpy(dtype=int)
+        intervals = {
+            suffix: metrics.bootstrap_auc(
+                truth, frame[f"prob_{label}"].to_numpy(dtype=float), patients, n_resamples=n_resamples, seed=seed
+            )
+            for suffix, frame in (("a", fa), ("b", fb))
+        }
+        low, high = row["ci"]
+        out.append(
+            {
+                "label": label,
+                **_interval_cols(intervals["a"], "a"),
+                **_interval_cols(intervals["b"], "b"),
+                "diff": _nan(row["diff"]),
+                "diff_lo": _nan(low),
+                "diff_hi": _nan(high),
+                "p_value": _nan(row["p_value"]),
+                "p_holm": _nan(row["p_holm"]),
+                "positives": row["positives"],
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def compare_evaluations(
+    frame_a: pd.DataFrame, frame_b: pd.DataFrame, *, n_resamples: int = 1000, seed: int = 0
+) -> EvaluationComparison:
+    """Paired comparison (``comparison.paired_comparison``: DeLong, Holm, patient bootstrap of the
+    difference, each run's AUC interval) on the images both frames hold; when they share none (or
+    disagree on their labels), each run's own intervals and an approximate unpaired difference."""
+    from hemorrhage_core.comparison import ComparisonError, paired_comparison, paired_frames
+    from hemorrhage_core.evaluations import study_frame
+
+    try:
+        result = paired_comparison(frame_a, frame_b, n_resamples=n_resamples, seed=seed)
+    except ComparisonError as exc:
+        tables = {}
+        for level, (a, b) in (("slice", (frame_a, frame_b)), ("study", (_series_rows(frame_a), _series_rows(frame_b)))):
+            # min_overlap above 1 never pairs: these frames share no image, or disagree on the ones they share.
+            table = comparison_table(a, b, n_resamples=n_resamples, seed=seed, min_overlap=2.0).table
+            tables[level] = table.assign(p_holm=math.nan, positives=pd.NA)
+        return EvaluationComparison(False, tables, len(frame_a), len(frame_b), 0, reason=str(exc))
+    fa, fb = paired_frames(frame_a, frame_b)
+    tables = {
+        "slice": _paired_level_table(result["labels"], fa, fb, n_resamples=n_resamples, seed=seed),
+        "study": _paired_level_table(
+            result["study"]["labels"], study_frame(fa), study_frame(fb), n_resamples=n_resamples, seed=seed
+        ),
+    }
+    return EvaluationComparison(True, tables, len(frame_a), len(frame_b), result["n_images"], result=result)
+
+
+def _with_interval(value: float, low: float, high: float, *, signed: bool = False) -> str:
+    if pd.isna(value):
+        return "n/a"
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    if pd.isna(low) or pd.isna(high):
+        return text
+    return f"{text} [{low:+.3f}, {high:+.3f}]" if signed else f"{text} [{low:.3f}, {high:.3f}]"
+
+
+def p_text(value: object) -> str:
+    """A p-value for a table cell: ``< 0.001`` below that, three decimals otherwise, ``n/a`` when undefined."""
+    if value is None or pd.isna(value):
+        return "n/a"
+    return "< 0.001" if float(value) < 0.001 else f"{float(value):.3f}"
+
+
+def comparison_display(table: pd.DataFrame, *, paired: bool) -> pd.DataFrame:
+    """An EvaluationComparison table as text cells: AUCs and the difference with their 95% intervals,
+    and (paired) the positives and the DeLong and Holm p-values."""
+    out = pd.DataFrame({"class": table["label"]})
+    if paired:
+        out["positives"] = table["positives"].astype(int).astype(str)
+    out["AUC A [95% CI]"] = [_with_interval(r.auc_a, r.lo_a, r.hi_a) for r in table.itertuples()]
+    out["AUC B [95% CI]"] = [_with_interval(r.auc_b, r.lo_b, r.hi_b) for r in table.itertuples()]
+    out["A − B [95% CI]"] = [_with_interval(r.diff, r.diff_lo, r.diff_hi, signed=True) for r in table.itertuples()]
+    if paired:
+        out["p (DeLong)"] = [p_text(p) for p in table["p_value"]]
+        out["p (Holm)"] = [p_text(p) for p in table["p_holm"]]
+    return out
+
+
+def calibration_table(
+    y_true: np.ndarray,
+    raw: np.ndarray,
+    calibrated: np.ndarray | None = None,
+    temperatures: Mapping[str, float] | None = None,
+) -> pd.DataFrame:
+    """Per class: positives, ECE (15 equal-width bins) and Brier score of the (N, 6) raw probabilities
+    and, when given, of the calibrated ones with each class's temperature."""
+    from hemorrhage_core.calibration import ECE_BINS, brier, expected_calibration_error
+
+    rows = []
+    for j, label in enumerate(LABELS):
+        row: dict[str, Any] = {"class": label, "positives": int(y_true[:, j].sum())}
+        sides = [("raw", raw)] + ([("calibrated", calibrated)] if calibrated is not None else [])
+        for name, prob in sides:
+            suffix = f" ({name})" if calibrated is not None else ""
+            row[f"ECE{suffix}"] = _round(expected_calibration_error(y_true[:, j], prob[:, j], n_bins=ECE_BINS))
+            row[f"Brier{suffix}"] = _round(brier(y_true[:, j], prob[:, j]))
+        if temperatures is not None:
+            row["temperature"] = _round(temperatures.get(label), 3)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if calibrated is not None:  # before beside after, measure by measure
+        order = ["class", "positives", "ECE (raw)", "ECE (calibrated)", "Brier (raw)", "Brier (calibrated)"]
+        frame = frame[order + (["temperature"] if temperatures is not None else [])]
+    return frame
+
+
+def gallery_outcomes_at(frame: pd.DataFrame, label: str | None, thresholds: Mapping[str, float]) -> pd.Series:
+    """``gallery_outcomes`` with one threshold per class (e.g. the run's own operating points)."""
+    labels = LABELS if label is None else (label,)
+    truth = np.stack([frame[f"true_{lb}"].to_numpy(dtype=float) for lb in labels], axis=1) > 0.5
+    called = np.stack(
+        [frame[f"prob_{lb}"].to_numpy(dtype=float) >= float(thresholds[lb]) for lb in labels], axis=1
+    )
+    missed = (truth & ~called).any(axis=1)
+    wrong = (~truth & called).any(axis=1)
+    outcome = np.where(missed, "false negative", np.where(wrong, "false positive", "correct"))
+    return pd.Series(outcome, index=frame.index, name="outcome")
+
+
+def filter_gallery_at(
+    frame: pd.DataFrame, *, label: str | None, outcome: str, thresholds: Mapping[str, float]
+) -> pd.DataFrame:
+    """``filter_gallery`` with one threshold per class."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+    out = frame.assign(outcome=gallery_outcomes_at(frame, label, thresholds))
+    if label is not None and outcome in ("all", "correct"):
+        called = out[f"prob_{label}"].astype(float) >= float(thresholds[label])
+        out = out[(out[f"true_{label}"].astype(float) > 0.5) | called]
+    if outcome != "all":
+        out = out[out["outcome"] == outcome]
+    return out
