@@ -3,7 +3,9 @@
 ``Predictor`` reads a file or bytes with ``hemorrhage_core.dicom.read_slice``, refuses what it was not
 made for, windows and resizes with the checkpoint's own settings (``prepare_slice`` + ``to_tensor``),
 runs the model and returns probabilities in ``LABELS`` order with the windowed input, the STN-aligned
-image, theta and optionally a Grad-CAM heatmap.
+image, theta and optionally a Grad-CAM heatmap. Given a run's ``Calibration`` (temperature scaling
+fitted on its validation set) the probabilities it returns are calibrated; each Prediction keeps the
+model's own values beside them (``raw_probabilities``).
 
 Refused (InputRejectedError): a modality other than CT, and everything the DICOM reader refuses
 (DicomReadError). Flagged, not refused: HU content that does not look like a head CT (no bone, no air,
@@ -17,13 +19,14 @@ Thread-safe: the shared model is put in eval mode once, at construction; each ca
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +37,9 @@ from hemorrhage_core.labels import LABELS
 from hemorrhage_core.models.net import HemorrhageNet, probabilities
 from hemorrhage_core.preprocess import prepare_slice, to_tensor
 from hemorrhage_core.windowing import WindowStack
+
+if TYPE_CHECKING:
+    from hemorrhage_core.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +88,12 @@ def hu_flags(hu: np.ndarray, limits: HuLimits = HU_LIMITS) -> list[str]:
 class Prediction:
     """One slice's result.
 
-    probabilities: label -> p in ``LABELS`` order; image: uint8 (C, S, S) windowed model input;
-    aligned: uint8 (C, s, s) STN output; theta: float32 (2, 3); heatmap: float32 (S, S) in [0, 1]
-    on the input image's grid, or None; meta: header fields (``META_FIELDS``, no patient identifiers);
-    flags: warnings about the input ("code: explanation").
+    probabilities: label -> p in ``LABELS`` order, calibrated when the Predictor has a calibration;
+    image: uint8 (C, S, S) windowed model input; aligned: uint8 (C, s, s) STN output; theta: float32
+    (2, 3); heatmap: float32 (S, S) in [0, 1] on the input image's grid, or None; meta: header fields
+    (``META_FIELDS``, no patient identifiers); flags: warnings about the input ("code: explanation");
+    raw_probabilities: the model's own values before calibration (equal to ``probabilities`` when
+    ``calibrated`` is False).
     """
 
     probabilities: dict[str, float]
@@ -96,6 +104,8 @@ class Prediction:
     meta: dict[str, Any]
     flags: list[str] = field(default_factory=list)
     saliency_label: str | None = None
+    raw_probabilities: dict[str, float] = field(default_factory=dict)
+    calibrated: bool = False
 
     def record(self) -> dict[str, Any]:
         """JSON-safe summary without arrays: image_id, probabilities, flags (for CSV / JSON output)."""
@@ -129,7 +139,7 @@ class Predictor:
     WindowStack or its ``to_list()``). ``batch_size`` bounds ``predict_many``'s forward batches.
     ``channels_last`` converts the model and inputs to NHWC, faster for convolutions on CPU.
     ``read_ahead`` (default: on for accelerators, off on CPU) overlaps reading with the model in
-    ``predict_many``.
+    ``predict_many``. ``calibration`` (a run's ``Calibration``) is applied to every probability returned.
     The Predictor takes the model over: it moves it to ``device``, sets its memory format and eval
     mode once, here, and never changes it afterwards.
     """
@@ -143,6 +153,7 @@ class Predictor:
         batch_size: int = 16,
         channels_last: bool = True,
         read_ahead: bool | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         get = checkpoint_meta.get if isinstance(checkpoint_meta, Mapping) else lambda k: getattr(checkpoint_meta, k)
         windows = get("windows")
@@ -153,6 +164,7 @@ class Predictor:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.stage = model.spec.stage
         self.read_ahead = self.device.type != "cpu" if read_ahead is None else bool(read_ahead)
+        self.calibration = calibration
         # Set once here, never per call: concurrent calls must not change the shared model.
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
 
@@ -163,6 +175,14 @@ class Predictor:
 
         model, ckpt = model_from_checkpoint(path)
         return cls(model, ckpt, device=device, **kwargs)
+
+    def with_calibration(self, calibration: Calibration | None) -> Predictor:
+        """A Predictor sharing this one's model (no copy, no reload) that applies ``calibration``."""
+        if calibration is self.calibration:
+            return self
+        other = copy.copy(self)
+        other.calibration = calibration
+        return other
 
     # -- reading ------------------------------------------------------------------------------------
     def prepare(self, source: Source) -> _Prepared:
@@ -247,7 +267,9 @@ class Predictor:
             heatmaps, theta, aligned = cam.heatmaps, cam.theta, cam.aligned
             with torch.inference_mode():
                 probs = probabilities(self.stage, cam.logits)
-        probs_np = probs.float().cpu().numpy()
+        raw_np = probs.float().cpu().numpy().astype(np.float64)
+        # Calibrated in float64 from the float32 output, as evaluate calibrates the saved raw values.
+        probs_np = raw_np if self.calibration is None else self.calibration.apply(raw_np)
         theta_np = theta.float().cpu().numpy().astype(np.float32)
         aligned_np = aligned.mul(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8).cpu().numpy()
         return [
@@ -260,6 +282,8 @@ class Predictor:
                 meta=dict(p.meta),
                 flags=list(p.flags),
                 saliency_label=saliency_label,
+                raw_probabilities={label: float(raw_np[i, j]) for j, label in enumerate(LABELS)},
+                calibrated=self.calibration is not None,
             )
             for i, p in enumerate(prepared)
         ]

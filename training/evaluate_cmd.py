@@ -123,7 +123,8 @@ def evaluate(
         ev.check_name(save)
     # Bulk evaluation is where a GPU pays off; the Predictor moves model and batches to it.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    record, predictor = load_run_predictor(run_dir, batch_size=batch_size, device=device)
+    # Raw probabilities from the Predictor: this command calibrates them itself, keeping both.
+    record, predictor = load_run_predictor(run_dir, calibrated=False, batch_size=batch_size, device=device)
     calibration = ev.read_calibration(record.path)
     if calibration is None and calibrate:
         calibration = ev.fit_calibration(record.path)
@@ -168,7 +169,7 @@ def evaluate(
     result["zsmoothed"] = {k: zs[k] for k in ("auc", "auc_mean", "weighted_log_loss")}
     # Flagged slices (HU unlike a head CT) are predicted and counted, not dropped.
     result.update(flagged=flagged, run=record.id, backbone=record.info.get("backbone"), stage=record.stage)
-    result["data"] = {"dir": str(data_dir), "split": "given rows" if rows is not None else split}
+    result["data"] = {"dir": str(data_dir), "split": split}
     if save is not None:
         folder = ev.write_evaluation(record.path, save, frame, result)
         log.info("saved the evaluation in %s", folder)

@@ -1,14 +1,17 @@
 """``predict --run RUN_DIR FILE... [--json] [--submission OUT.csv]``: probabilities for DICOM slices.
 
 Each input (a file, or a folder searched for ``.dcm``/``.dicom`` files) is predicted by the run's model
-through the one Predictor. ``--json`` prints a list, one object per input in order:
-``{"file", "probabilities": {label: p} or null, "error": null or message, "flags": [warnings]}`` (flags:
-the Predictor's notes on HU content unlike a head CT; the slice is still predicted). The table shows the
+through the one Predictor, calibrated with the run's calibration.json when it has one (temperature
+scaling fitted on its validation set; a damaged file refuses the run). ``--json`` prints a list, one
+object per input in order: ``{"file", "probabilities": {label: p} or null, "error": null or message,
+"flags": [warnings], "raw_probabilities": {label: p} or null, "calibrated": bool}`` (flags: the
+Predictor's notes on HU content unlike a head CT; the slice is still predicted; raw_probabilities: the
+model's own values, equal to probabilities when the run has no calibration). The table shows the
 flags in a last column, and either way stderr says how many predicted inputs were flagged, so an odd slice
 is never predicted silently. Exit 0 when every input was predicted (flagged or not), 2 when any failed (the
 others are still predicted) or the run cannot be used.
 ``--submission`` writes the RSNA long format ``ID,Label`` (``ID_<image>_<label>``, six rows per image,
-image id = file stem) for the inputs that succeeded.
+image id = file stem) for the inputs that succeeded, with the probabilities the table shows.
 """
 
 from __future__ import annotations
@@ -39,15 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class PredictionRow:
-    """One input's outcome: probabilities in LABELS order or an error message."""
+    """One input's outcome: probabilities in LABELS order (calibrated when the run is) or an error message."""
 
     file: str
     probabilities: dict[str, float] | None
     error: str | None
     flags: tuple[str, ...] = ()  # the Predictor's warnings (e.g. HU content unlike a head CT)
+    raw_probabilities: dict[str, float] | None = None  # the model's own values, before calibration
+    calibrated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "probabilities": self.probabilities, "error": self.error, "flags": list(self.flags)}
+        return {"file": self.file, "probabilities": self.probabilities, "error": self.error, "flags": list(self.flags),
+                "raw_probabilities": self.raw_probabilities, "calibrated": self.calibrated}
 
 
 def expand_inputs(items: Sequence[str]) -> list[tuple[str, str | None]]:
@@ -83,10 +89,13 @@ def _message(exc: BaseException) -> str:
     return f"internal error while predicting ({type(exc).__name__})"
 
 
-def load_run_predictor(run_dir: str, **predictor_options: Any):
+def load_run_predictor(run_dir: str, *, calibrated: bool = True, **predictor_options: Any):
     """(RunRecord, Predictor) for a run directory; HemorrhageError subclasses when unusable.
 
+    With ``calibrated`` the Predictor applies the run's calibration.json (if any; EvaluationError when
+    it is damaged); without, it returns the model's raw probabilities (what evaluate calibrates itself).
     ``predictor_options`` go to ``Predictor.from_checkpoint`` (e.g. ``batch_size``)."""
+    from hemorrhage_core.evaluations import read_calibration
     from hemorrhage_core.inference import Predictor
     from hemorrhage_core.runs import read_run
 
@@ -96,7 +105,9 @@ def load_run_predictor(run_dir: str, **predictor_options: Any):
         from hemorrhage_core.errors import CheckpointError
 
         raise CheckpointError(f"run {record.id} has no model file {record.info.get('model_file')}")
-    return record, Predictor.from_checkpoint(model_path, **predictor_options)
+    # Read before the model loads: a damaged file refuses the run at once.
+    calibration = read_calibration(record.path) if calibrated else None
+    return record, Predictor.from_checkpoint(model_path, calibration=calibration, **predictor_options)
 
 
 def predict_files(
@@ -131,10 +142,12 @@ def predict_files(
             rows.append(PredictionRow(f, None, _message(result)))
         else:
             probs = {label: float(p) for label, p in result.probabilities.items()}
-            if not all(math.isfinite(p) for p in probs.values()):
+            raw = {label: float(p) for label, p in (getattr(result, "raw_probabilities", None) or probs).items()}
+            if not all(math.isfinite(p) for p in [*probs.values(), *raw.values()]):
                 rows.append(PredictionRow(f, None, "the model gave a non-finite probability"))
             else:
-                rows.append(PredictionRow(f, probs, None, tuple(getattr(result, "flags", ()) or ())))
+                rows.append(PredictionRow(f, probs, None, tuple(getattr(result, "flags", ()) or ()), raw,
+                                          bool(getattr(result, "calibrated", False))))
     return rows
 
 
@@ -185,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     rows = predict_files(predictor, expand_inputs(args.files))
+    if predictor.calibration is not None:
+        print("note: probabilities are calibrated with the run's calibration.json (temperature scaling fitted on "
+              "its validation set); --json also gives the model's raw values", file=sys.stderr)
     failed = sum(row.error is not None for row in rows)
     if args.json:
         print(json.dumps([row.to_dict() for row in rows], indent=2, allow_nan=False))
