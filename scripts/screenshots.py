@@ -141,6 +141,10 @@ def main() -> int:
             open_panel("thresholds")
             controller.InputSelect(page, "thresholds-run").set(inception)
             shoot("thresholds")
+            open_panel("calibration")
+            controller.InputSelect(page, "calibration-run").set(inception)
+            page.wait_for_selector("#calibration-reliability.js-plotly-plot", timeout=120_000)
+            shoot("calibration")
             open_panel("stn")
             controller.InputSelect(page, "stn-run").set(inception)
             shoot("stn")
@@ -172,6 +176,13 @@ def main() -> int:
             if any(json.loads(p.read_text()).get("kind") == "grid" for p in args.runs.glob("*/run.json")):
                 open_panel("grid")
                 shoot("grid")
+            open_panel("report")
+            expect(page.locator("#report-download_report")).to_be_visible(timeout=300_000)
+            page.wait_for_function(
+                "() => ((document.getElementById('report-summary') || {}).innerText || '').length > 0",
+                timeout=300_000,
+            )
+            shoot("report")
             browser.close()
     finally:
         app.terminate()
