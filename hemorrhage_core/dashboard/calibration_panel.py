@@ -12,7 +12,7 @@ from hemorrhage_core.dashboard import tables
 from hemorrhage_core.dashboard.common import AppContext, help_text, message, sync_run_select
 from hemorrhage_core.dashboard.evaluation_data import RunData, data_note, data_select, data_selector
 from hemorrhage_core.dashboard.figures import figure_output, render_figure
-from hemorrhage_core.evaluations import arrays
+from hemorrhage_core.evaluations import EvaluationError, arrays, read_calibration
 from hemorrhage_core.runs import PREDICTIONS_CSV
 
 RAW = "raw (model output)"
@@ -62,6 +62,20 @@ def calibration_server(input, output, session, ctx: AppContext) -> None:
         return items[0] if items else None
 
     @reactive.calc
+    def calibration():
+        """(the calibration shown, whether it is the run's own fitted after these data were saved)."""
+        item = loaded()
+        if item is None or item.data is None:
+            return None, False
+        if item.data.calibration is not None:
+            return item.data.calibration, False
+        try:  # an evaluation saved before the run was calibrated: show what its temperatures do
+            fitted_later = read_calibration(item.data.run_dir)
+        except EvaluationError:
+            return None, False
+        return fitted_later, fitted_later is not None
+
+    @reactive.calc
     def series():
         """(truth (N, 6), {series name: probabilities (N, 6)}), raw first; None without data."""
         item = loaded()
@@ -69,9 +83,11 @@ def calibration_server(input, output, session, ctx: AppContext) -> None:
             return None
         data = item.data
         y_true, raw = arrays(data.raw())
-        if data.calibration is None:
+        shown, later = calibration()
+        if shown is None:
             return y_true, {RAW: raw}
-        return y_true, {RAW: raw, CALIBRATED: arrays(data.predictions)[1]}
+        calibrated = shown.apply(raw) if later else arrays(data.predictions)[1]
+        return y_true, {RAW: raw, CALIBRATED: calibrated}
 
     @render.ui
     def about():
@@ -79,8 +95,16 @@ def calibration_server(input, output, session, ctx: AppContext) -> None:
         if item is None:
             return message("No run with predictions yet.")
         notes = []
+        shown, later = calibration()
         if item.data is not None:
-            if item.data.calibration is None:
+            if later:
+                notes.append(
+                    help_text(
+                        "These predictions were saved before the run's calibration was fitted: 'after' "
+                        "applies the run's temperatures (fitted on its validation set) to them."
+                    )
+                )
+            elif shown is None:
                 notes.append(
                     help_text(
                         "This run has no calibration: raw probabilities only. Train with `calibrate: true` "
@@ -98,16 +122,16 @@ def calibration_server(input, output, session, ctx: AppContext) -> None:
 
     @render.data_frame
     def numbers():
-        got, item = series(), loaded()
+        got = series()
         if got is None:
             return None
         y_true, probs = got
-        calibration = item.data.calibration
+        shown, _ = calibration()
         frame = tables.calibration_table(
             y_true,
             probs[RAW],
             probs.get(CALIBRATED),
-            calibration.temperatures if calibration is not None else None,
+            shown.temperatures if shown is not None else None,
         )
         return render.DataGrid(frame, width="100%", summary=False)
 
