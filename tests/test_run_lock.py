@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,8 @@ WRITER_WITH_A_FORKED_CHILD = textwrap.dedent("""
     writer = RunWriter.create(sys.argv[1], backbone="resnet18", stage=1, config={})
     child = os.fork()  # as a DataLoader worker is forked: it inherits the lock file's descriptor
     if child == 0:
+        # The at-fork handler has run before any of the child's own code: its copy is closed now.
+        open(os.path.join(sys.argv[1], "child-running"), "w").close()
         time.sleep(120)
         os._exit(0)
     print(writer.path, child, flush=True)
@@ -87,6 +90,12 @@ def test_a_killed_writers_lock_is_gone_at_once_even_while_its_forked_child_lives
     )
     path_text, child_text = process.stdout.readline().split()
     run_dir, child = Path(path_text), int(child_text)
+    # A loaded machine may not have scheduled the child yet, and until it runs it still holds its
+    # inherited copy of the lock (a window the at-fork close cannot shorten): wait for it to run.
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "child-running").exists():
+        assert time.monotonic() < deadline, "the forked child never ran"
+        time.sleep(0.01)
     try:
         with pytest.raises(RunBusyError, match=f"process {process.pid} on"):
             WriterLock.acquire(run_dir).release()
