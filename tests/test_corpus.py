@@ -115,6 +115,8 @@ def test_reader_reads_exactly_or_refuses_with_the_expected_reason(case):
                 assert isinstance(result, DicomRefusal), f"{where} accepted a file it must refuse"
                 assert result.reason == expected, f"{where}: {result.reason} ({result})"
                 assert str(result) and "\n" not in str(result)
+                if case.says and read is read_slice:
+                    assert case.says in str(result), f"{where}: {result}"
                 assert result.__cause__ is None  # nothing chained that a log could print
     if case.accepted:
         hu = read_slice(path).hu

@@ -1,22 +1,41 @@
 """Property tests: whatever the bytes, the reader returns a consistent slice or raises DicomReadError.
 
-Random bytes, and real written slices (several transfer syntaxes) mutated by bit flips, truncation,
-insertions, overwrites and edits of the header values the reader trusts (Rows, Columns, bit depths,
-declared lengths). Any other exception type fails the property. A few crafted nasty files (deep
-nesting, many tiny elements, huge declared lengths) are kept as explicit regression cases.
+Random bytes, and real written slices (several transfer syntaxes, JPEG Lossless, JPEG Extended 12-bit
+and JPEG-LS among them) mutated by bit flips, truncation, insertions, overwrites and edits of the header
+values the reader trusts (Rows, Columns, bit depths, declared lengths, rescale, frame count). Any other
+exception type fails the property, and so does an accepted slice whose HU are not finite or leave
+``HU_RANGE``. A few crafted nasty files (deep nesting, many tiny elements, huge declared lengths) are
+kept as explicit regression cases.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import struct
+import warnings
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
+import pydicom
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless
 
-from hemorrhage_core.dicom import CtSlice, SliceMeta, new_uid, read_header, read_slice, write_ct_slice
+from hemorrhage_core.dicom import (
+    CtSlice,
+    DicomRefusal,
+    RefusalReason,
+    SliceMeta,
+    new_uid,
+    read_header,
+    read_slice,
+    write_ct_slice,
+)
+from hemorrhage_core.dicom.reader import HU_RANGE
 from hemorrhage_core.errors import DicomReadError
 
 FUZZ_SETTINGS = settings(
@@ -24,7 +43,10 @@ FUZZ_SETTINGS = settings(
     deadline=None,  # no timing assertions: a shared 2-core machine is noisy
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-SYNTAXES = ("explicit_le", "explicit_be", "rle", "j2k_lossless", "deflated_le")
+WRITTEN_SYNTAXES = ("explicit_le", "explicit_be", "rle", "j2k_lossless", "deflated_le")
+# Re-encoded from the explicit-VR seed here: the writer does not produce these.
+JPEG_SYNTAXES = ("jpeg_lossless", "jpeg_12bit", "jpeg_ls")
+SYNTAXES = WRITTEN_SYNTAXES + JPEG_SYNTAXES
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
@@ -48,10 +70,52 @@ def _slice_bytes(directory: Path, syntax: str) -> bytes:
     return path.read_bytes()
 
 
+def _rewritten(data: bytes, edit) -> bytes:
+    """``data`` read by pydicom, changed by ``edit(ds)``, written again (explicit VR little endian)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    with warnings.catch_warnings():  # pydicom warns about the invalid DS / IS values some edits write
+        warnings.simplefilter("ignore")
+        edit(ds)
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _jpeg_seed(explicit_le: bytes, syntax: str) -> bytes:
+    """The explicit-VR seed's pixels re-encoded as JPEG Lossless SV1, 12-bit JPEG Extended or JPEG-LS."""
+
+    def edit(ds: pydicom.Dataset) -> None:
+        stored = ds.pixel_array
+        if syntax == "jpeg_ls":
+            ds.compress(JPEGLSLossless, encoding_plugin="pyjpegls", generate_instance_uid=False)
+            return
+        if syntax == "jpeg_lossless":
+            codestream = imagecodecs.jpeg8_encode(stored.view(np.uint16), lossless=True, bitspersample=16)
+            uid = JPEGLosslessSV1
+        else:  # unsigned 12-bit, as lossy 12-bit CT is stored
+            unsigned = (stored.astype(np.int32) + 1024).astype(np.uint16)
+            codestream, uid = (
+                imagecodecs.jpeg8_encode(unsigned, level=90, bitspersample=12),
+                JPEGExtended12Bit,
+            )
+            ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleIntercept = 12, 11, 0, "-2048"
+        ds.PixelData = encapsulate([codestream])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = uid
+
+    return _rewritten(explicit_le, edit)
+
+
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory) -> dict[str, bytes]:
     directory = tmp_path_factory.mktemp("fuzz-seeds")
-    return {syntax: _slice_bytes(directory, syntax) for syntax in SYNTAXES}
+    written = {syntax: _slice_bytes(directory, syntax) for syntax in WRITTEN_SYNTAXES}
+    jpeg = {syntax: _jpeg_seed(written["explicit_le"], syntax) for syntax in JPEG_SYNTAXES}
+    plain = read_slice(written["explicit_le"]).hu
+    np.testing.assert_array_equal(read_slice(jpeg["jpeg_lossless"]).hu, plain)  # the seeds are valid slices
+    np.testing.assert_array_equal(read_slice(jpeg["jpeg_ls"]).hu, plain)
+    assert np.abs(read_slice(jpeg["jpeg_12bit"]).hu - plain).max() < 64  # lossy (quality 90) on noise
+    return written | jpeg
 
 
 def _assert_only_dicom_read_error(data: bytes) -> None:
@@ -65,6 +129,9 @@ def _assert_only_dicom_read_error(data: bytes) -> None:
         assert result.hu.dtype == np.float32 and result.hu.ndim == 2
         assert result.hu.shape == (result.meta.rows, result.meta.columns)
         assert 0 < result.meta.rows <= 4096 and 0 < result.meta.columns <= 4096
+        # an accepted slice always has finite HU within the stated bound
+        assert np.isfinite(result.hu).all()
+        assert HU_RANGE[0] <= result.hu.min() and result.hu.max() <= HU_RANGE[1]
     try:
         meta = read_header(data)
     except DicomReadError:
@@ -157,7 +224,7 @@ def _set_pixel_data_length(data: bytes, endian: str, length: int) -> bytes:
 
 @FUZZ_SETTINGS
 @given(
-    syntax=st.sampled_from(("explicit_le", "explicit_be", "rle", "j2k_lossless")),
+    syntax=st.sampled_from(("explicit_le", "explicit_be", "rle", "j2k_lossless") + JPEG_SYNTAXES),
     edits=st.dictionaries(st.sampled_from(sorted(_US_TAGS)), st.sampled_from(_INTERESTING_US), min_size=1),
     pixel_length=st.none() | st.sampled_from(_INTERESTING_LENGTHS),
 )
@@ -174,6 +241,53 @@ def test_edited_header_values(seeds, syntax, edits, pixel_length):
     if pixel_length is not None:
         data = _set_pixel_data_length(data, endian, pixel_length)
     _assert_only_dicom_read_error(data)
+
+
+# Rescale and frame-count values that a real archive can hold, sensible or not.
+_RESCALE_VALUES = [
+    "0", "-0", "0.0", "1", "-1", "10", "1000", "1e-30", "1e30", "1e400", "-1e400",
+    "NaN", "nan", "inf", "-inf", "Infinity", "-1024", "-10240", "-65536", "65536", "1e9", "",
+]  # fmt: skip
+_FRAME_VALUES = ["0", "-1", "1", "2", "", "1.5"]
+
+
+def _is_zero_or_not_finite(text: str | None) -> bool:
+    value = float(text) if text else 1.0
+    return value == 0 or not math.isfinite(value)
+
+
+@FUZZ_SETTINGS
+@given(
+    syntax=st.sampled_from(("explicit_le", "rle", "jpeg_lossless", "jpeg_12bit", "jpeg_ls")),
+    slope=st.none() | st.sampled_from(_RESCALE_VALUES),
+    intercept=st.none() | st.sampled_from(_RESCALE_VALUES),
+    frames=st.none() | st.sampled_from(_FRAME_VALUES),
+)
+@example(syntax="explicit_le", slope="0", intercept=None, frames=None)
+@example(syntax="explicit_le", slope="1e30", intercept=None, frames=None)  # overflows float32
+@example(syntax="jpeg_lossless", slope=None, intercept="1e9", frames=None)
+@example(syntax="explicit_le", slope=None, intercept=None, frames="0")
+def test_edited_rescale_and_frame_count(seeds, syntax, slope, intercept, frames):
+    def edit(ds: pydicom.Dataset) -> None:
+        for keyword, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+            if value is not None:
+                setattr(ds, keyword, value)
+        if frames is not None:
+            ds.NumberOfFrames = frames
+        elif "NumberOfFrames" in ds:
+            del ds.NumberOfFrames
+
+    data = _rewritten(seeds[syntax], edit)
+    _assert_only_dicom_read_error(data)
+    if frames in ("0", "-1"):  # a frame count other than 1, refused from the header alone
+        with pytest.raises(DicomRefusal) as info:
+            read_header(data)
+        assert info.value.reason == RefusalReason.MALFORMED and "frame count other than 1" in str(info.value)
+    elif frames in (None, "", "1") and _is_zero_or_not_finite(slope):
+        with pytest.raises(DicomRefusal) as info:
+            read_slice(data)
+        assert info.value.reason == RefusalReason.BAD_RESCALE
+        assert "slope zero or not finite" in str(info.value)
 
 
 # -------------------------------------------------------------------------------------------------

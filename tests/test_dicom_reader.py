@@ -26,6 +26,7 @@ from hemorrhage_core.dicom import (
     read_slice,
     write_ct_slice,
 )
+from hemorrhage_core.dicom.reader import HU_RANGE
 from hemorrhage_core.errors import DicomReadError
 
 TEST_FILES_ROOT = Path(pydicom.data.__file__).parent / "test_files"
@@ -142,7 +143,7 @@ def test_greyscale_ct_mr_match_pydicom_modality_lut(path):
 
 
 def test_encodings_of_one_image_give_the_same_hu():
-    """Little/big endian, implicit VR, RLE and JPEG 2000 lossless versions of MR_small agree."""
+    """Little/big endian, implicit VR, RLE, JPEG 2000 and JPEG-LS lossless versions of MR_small agree."""
     reference = read_slice(get_testdata_file("MR_small.dcm")).hu
     for name in (
         "MR_small_bigendian.dcm",
@@ -150,6 +151,7 @@ def test_encodings_of_one_image_give_the_same_hu():
         "MR_small_implicit.dcm",
         "MR_small_RLE.dcm",
         "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
         "MR_small_padded.dcm",
     ):
         np.testing.assert_array_equal(read_slice(get_testdata_file(name)).hu, reference, err_msg=name)
@@ -184,7 +186,6 @@ def test_colour_multiframe_nonimage_and_non_dicom_files_are_refused(path):
         ("no_meta.dcm", RefusalReason.NOT_DICOM),
         # its JPEG 2000 codestream declares 1024 x 3.7e9 pixels: refused before any decoder allocates
         ("JPEG2000-embedded-sequence-delimiter.dcm", RefusalReason.SHAPE_MISMATCH),
-        ("MR_small_jpeg_ls_lossless.dcm", RefusalReason.NO_DECODER),
     ],
 )
 def test_refusal_reasons_for_known_files(name, reason):
@@ -356,6 +357,105 @@ def test_monochrome1_unsigned_12_bit(tmp_path):
         extra={"PhotometricInterpretation": "MONOCHROME1"},
     )
     np.testing.assert_array_equal(read_slice(path).hu, (4095 - stored.astype(np.float32)) - 1024.0)
+
+
+# -------------------------------------------------------------------------------------------------
+# rescale, HU bound and frame count
+
+
+def _write_with(path: Path, stored: np.ndarray, **overrides) -> Path:
+    with warnings.catch_warnings():  # pydicom warns that NaN / inf are not valid DS values
+        warnings.simplefilter("ignore")
+        return _write(path, stored, **overrides)
+
+
+@pytest.mark.parametrize("slope", ["0", "0.0", "-0", "NaN", "inf", "-inf", "1e400"])
+def test_a_slope_zero_or_not_finite_is_refused(tmp_path, slope):
+    path = _write_with(tmp_path / "slope.dcm", _ramp(), extra={"RescaleSlope": slope})
+    refusal = _refusal(path)
+    assert refusal.reason == RefusalReason.BAD_RESCALE
+    assert "slope zero or not finite" in str(refusal)
+    assert read_header(path).rows == 64  # the header scan does not read the rescale
+
+
+@pytest.mark.parametrize("intercept", ["NaN", "inf", "-1e400"])
+def test_an_intercept_that_is_not_finite_is_refused(tmp_path, intercept):
+    path = _write_with(tmp_path / "intercept.dcm", _ramp(), extra={"RescaleIntercept": intercept})
+    refusal = _refusal(path)
+    assert refusal.reason == RefusalReason.BAD_RESCALE and "not finite" in str(refusal)
+
+
+@pytest.mark.parametrize(
+    ("stored", "slope", "intercept"),
+    [
+        (np.full((4, 4), 2024, np.int16), 1000.0, -1024.0),  # HU up to 2 million
+        (np.full((4, 4), 0, np.int16), 1.0, 1e6),
+        (np.full((4, 4), -32768, np.int16), 1.0, -32769.0),  # one below the bound
+        (np.full((4, 4), 65535, np.uint16), 1.0, 2.0),  # one above it
+        (np.full((4, 4), 30000, np.int16), 1e300, 0.0),  # overflows float32 to infinity
+    ],
+    ids=["slope-1000", "intercept-1e6", "below", "above", "overflow"],
+)
+def test_hu_outside_the_bound_are_refused_naming_the_bound(tmp_path, stored, slope, intercept):
+    representation = int(stored.dtype.kind == "i")
+    path = _write(
+        tmp_path / "range.dcm", stored, rescale_slope=slope, rescale_intercept=intercept,
+        pixel_representation=representation,
+    )  # fmt: skip
+    refusal = _refusal(path)
+    assert refusal.reason == RefusalReason.HU_OUT_OF_RANGE
+    low, high = HU_RANGE
+    assert f"outside the [{low:.0f}, {high:.0f}] HU" in str(refusal)
+
+
+# What real scanners write; none may be refused by the HU bound.
+REAL_CT_ENCODINGS = {
+    # name: (stored values, slope, intercept, bits stored, pixel representation)
+    "gantry-padding-3024": (np.array([[-2000, 0, 1024, 4095]], np.int16), 1.0, -1024.0, 16, 1),
+    "int16-min-padding": (np.array([[-32768, -1000, 0, 3071]], np.int16), 1.0, -1024.0, 16, 1),
+    "intercept-32768-edge": (np.array([[-32768, 0, 32767, 1]], np.int16), 1.0, -32768.0, 16, 1),
+    "uint16-full-range": (np.array([[0, 1024, 40000, 65535]], np.uint16), 1.0, -1024.0, 16, 0),
+    "uint16-max-at-the-bound": (np.array([[0, 65535, 1, 2]], np.uint16), 1.0, 1.0, 16, 0),
+    "extended-scale-slope-10": (np.array([[0, 1024, 2048, 4095]], np.uint16), 10.0, -10240.0, 12, 0),
+    "12bit-standard": (np.array([[0, 24, 1064, 4095]], np.uint16), 1.0, -1024.0, 12, 0),
+    "fractional-slope": (np.array([[-3000, 0, 3000, 32767]], np.int16), 0.5, -1000.25, 16, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CT_ENCODINGS))
+def test_real_ct_encodings_are_never_refused_by_the_hu_bound(tmp_path, name):
+    stored, slope, intercept, bits, representation = REAL_CT_ENCODINGS[name]
+    stored = stored.repeat(4, axis=0)
+    path = _write(
+        tmp_path / f"{name}.dcm", stored, rescale_slope=slope, rescale_intercept=intercept,
+        bits_stored=bits, pixel_representation=representation,
+    )  # fmt: skip
+    expected = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    hu = read_slice(path).hu
+    np.testing.assert_array_equal(hu, expected)
+    assert HU_RANGE[0] <= hu.min() and hu.max() <= HU_RANGE[1]
+
+
+def test_a_rescale_that_could_leave_the_bound_is_checked_on_the_actual_values(tmp_path):
+    # slope 4 on signed 16-bit data could reach +-131072, but these values stay near head HU
+    stored = np.array([[-250, 0, 10, 400]], np.int16).repeat(4, axis=0)
+    path = _write(tmp_path / "slope4.dcm", stored, rescale_slope=4.0, rescale_intercept=0.0)
+    np.testing.assert_array_equal(read_slice(path).hu, stored.astype(np.float32) * 4)
+
+
+@pytest.mark.parametrize("frames", ["0", "-1"])
+def test_a_frame_count_other_than_1_is_refused_from_the_header(tmp_path, frames):
+    path = _write(tmp_path / "frames.dcm", _ramp(), extra={"NumberOfFrames": frames})
+    for read in (read_slice, read_header):
+        with pytest.raises(DicomRefusal) as info:
+            read(path)
+        assert info.value.reason == RefusalReason.MALFORMED
+        assert "a frame count other than 1" in str(info.value)
+
+
+def test_number_of_frames_1_is_a_single_frame(tmp_path):
+    path = _write(tmp_path / "one.dcm", _ramp(), extra={"NumberOfFrames": "1"})
+    np.testing.assert_array_equal(read_slice(path).hu, _ramp().astype(np.float32) - 1024)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -13,7 +13,18 @@ This is the project's only door from untrusted DICOM bytes to arrays, so it is b
 * only the elements the project needs are parsed (``specific_tags``), and header reads stop before
   the pixel data, so a scan of 750k files never touches pixels; a data set with more top-level
   elements than any real slice has (``ReadLimits.max_elements``) is refused as soon as the count is
-  passed, so an element bomb costs milliseconds.
+  passed, so an element bomb costs milliseconds;
+* values that make a slice meaningless are refused rather than passed on: a NumberOfFrames other
+  than 1, a RescaleSlope of zero or not finite, and HU that are not finite or lie outside
+  :data:`HU_RANGE` after rescaling.
+
+Decoders: each compressed transfer syntax is decoded by one pinned pydicom plugin
+(:data:`_DECODING_PLUGINS`), whatever else is installed, so that results do not depend on the
+machine and a decoder that crashes on damaged data (python-gdcm aborts on some damaged JPEG
+lossless codestreams) is never reached. pydicom has no permissive plugin for JPEG Extended 12-bit
+and JPEG Lossless (its own is GPL ``pylibjpeg-libjpeg``), so this module registers ``imagecodecs``
+(libjpeg-turbo 3) as a pydicom decoder plugin for them (``is_available``, ``DECODER_DEPENDENCIES``
+and ``_imagecodecs_decode_frame`` are that plugin's interface).
 
 Speed (the uncached training path reads every slice every epoch): the file meta group is parsed once,
 here, and for the uncompressed syntaxes the data set goes straight to pydicom's ``read_dataset``;
@@ -51,7 +62,21 @@ from pydicom.filereader import read_dataset, read_partial
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.tag import BaseTag
-from pydicom.uid import UID, RLELossless
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pydicom.valuerep import IS, VR
 
 from hemorrhage_core.errors import DicomReadError
@@ -90,6 +115,15 @@ class ReadLimits:
 
 LIMITS = ReadLimits()
 
+# The widest HU a CT slice can hold, inclusive; a read whose HU leave it (or are not finite) is refused.
+# Nothing physical lies below air (-1000 HU), but scanners pad outside the field of view with -2000,
+# -3024 or -32768 (-33792 with intercept -1024); extended-scale CT reaches +30710 (12-bit stored,
+# slope 10, intercept -10240); unsigned 16-bit stored values with intercept -1024 reach +64511. So
+# +-2**16 holds every 16-bit stored value under any intercept a scanner writes, and what lies beyond
+# comes from a broken rescale (a slope in the hundreds, an intercept of 1e9, overflow to infinity).
+# Plausibility for a head (air present, no sign flip) is the Predictor's check, not this bound.
+HU_RANGE: tuple[float, float] = (-65536.0, 65536.0)
+
 
 class RefusalReason(StrEnum):
     """Why a file cannot be used; stable codes for counting (``inspect --summary``) and tests."""
@@ -109,6 +143,8 @@ class RefusalReason(StrEnum):
     NO_DECODER = "no_decoder"
     UNDECODABLE = "undecodable"
     OUT_OF_MEMORY = "out_of_memory"
+    BAD_RESCALE = "bad_rescale"
+    HU_OUT_OF_RANGE = "hu_out_of_range"
 
 
 class DicomRefusal(DicomReadError):
@@ -263,6 +299,34 @@ _JPEG_UIDS = frozenset(
         "1.2.840.10008.1.2.4.81",
     }
 )
+# The one pydicom plugin that decodes each compressed syntax, and the package that provides it.
+# RLE: pydicom's own (the Rust pylibjpeg-rle panics on malformed segments and its panic hook writes to
+# stderr, outside our control). JPEG 12-bit/lossless: imagecodecs, registered below (python-gdcm aborts
+# the process on about 1% of damaged lossless and 3% of damaged 12-bit codestreams; pylibjpeg-libjpeg
+# is GPL). Baseline 8-bit stays with Pillow, JPEG-LS with pyjpegls, JPEG 2000 with pylibjpeg-openjpeg.
+_DECODING_PLUGINS: dict[str, str] = {
+    RLELossless: "pydicom",
+    JPEGBaseline8Bit: "pillow",
+    JPEGExtended12Bit: "imagecodecs",
+    JPEGLossless: "imagecodecs",
+    JPEGLosslessSV1: "imagecodecs",
+    JPEGLSLossless: "pyjpegls",
+    JPEGLSNearLossless: "pyjpegls",
+    JPEG2000Lossless: "pylibjpeg",
+    JPEG2000: "pylibjpeg",
+    HTJ2KLossless: "pylibjpeg",
+    HTJ2KLosslessRPCL: "pylibjpeg",
+    HTJ2K: "pylibjpeg",
+}
+_PLUGIN_PACKAGES = {
+    "pillow": "pillow",
+    "imagecodecs": "imagecodecs",
+    "pyjpegls": "pyjpegls",
+    "pylibjpeg": "pylibjpeg and pylibjpeg-openjpeg",
+}
+# JPEG processes whose codestream must end with an EOI marker: libjpeg-turbo fills a truncated scan
+# with grey and reports it only as a warning that imagecodecs drops.
+_JPEG_DCT_AND_LOSSLESS_UIDS = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1})
 # Transfer syntax -> (implicit VR, little endian) of the syntaxes whose data set _parse hands to
 # pydicom's read_dataset directly, as dcmread would after reading the file meta group.
 _DIRECT_ENCODINGS: dict[str | None, tuple[bool, bool]] = {
@@ -310,12 +374,14 @@ def read_slice(source: Source, *, image_id: str | None = None) -> CtSlice:
     HU = stored x RescaleSlope + RescaleIntercept (first value of multi-valued tags; a Modality LUT
     Sequence is applied instead when present). MONOCHROME1 is inverted within the stored value range
     so that, as for MONOCHROME2, higher means brighter. The RSNA 12-bit fix is applied to CT files
-    with BitsStored 12, PixelRepresentation 0 and RescaleIntercept > -100. Big-endian and compressed
-    transfer syntaxes are decoded by pydicom and the installed pylibjpeg / Pillow plugins.
+    with BitsStored 12, PixelRepresentation 0 and RescaleIntercept > -100. Compressed transfer syntaxes
+    are decoded by the one plugin pinned for each (:data:`_DECODING_PLUGINS`). Refused besides what
+    :func:`read_header` refuses: a RescaleSlope of zero or not finite, a RescaleIntercept not finite,
+    HU not finite or outside :data:`HU_RANGE`, and pixel data that are truncated or undecodable.
     """
     name = _default_image_id(source, image_id)
     with _guarded():
-        ds, transfer_syntax = _parse(source, with_pixels=True)
+        ds, transfer_syntax = _parse_with_pixels(source)
         with _annotated(ds):
             header = _Header(ds)
             rows, columns = _check_image_header(header)
@@ -496,6 +562,32 @@ def _parse(source: Source, *, with_pixels: bool) -> tuple[Dataset, str | None]:
     return ds, None if transfer_syntax is None else str(transfer_syntax)
 
 
+def _parse_with_pixels(source: Source) -> tuple[Dataset, str | None]:
+    """:func:`_parse` with the pixel data; a file that ends inside them is refused as truncated.
+
+    When the file ends inside an encapsulated (undefined-length) element, pydicom either seeks past
+    the end or warns and drops every top-level element read so far; without this, a cut JPEG file
+    would be refused as "damaged" or even as "not an image". Only then is the header parsed again.
+    """
+    try:
+        ds, transfer_syntax = _parse(source, with_pixels=True)
+    except ValueError as exc:
+        if "seek out of range" not in str(exc):  # the words of mmap and _BytesFile
+            raise
+        ds, transfer_syntax = None, None
+    if ds is not None and _TAGS["Rows"] in ds:
+        return ds, transfer_syntax
+    header, _ = _parse(source, with_pixels=False)
+    if ds is not None and _TAGS["Rows"] not in header:
+        return ds, transfer_syntax  # no Rows either way: the header checks say what it is
+    with _annotated(header):
+        _check_image_header(_Header(header))  # what the header alone refuses (multi-frame, colour ...) first
+        # the header is whole: the file ends inside the pixel data
+        raise DicomRefusal(
+            RefusalReason.TRUNCATED, "the pixel data are truncated (the file ends inside them)"
+        )
+
+
 def _element_budget(limit: int, *, stop_at_pixels: bool) -> Callable[[int, str | None, int], bool]:
     """A ``stop_when`` for pydicom's reader: refuses past ``limit`` top-level elements, and stops at the
     first pixel data element (as ``dcmread(stop_before_pixels=True)``) when ``stop_at_pixels``."""
@@ -633,6 +725,11 @@ def _check_image_header(ds: _Header) -> tuple[int, int]:
     frames = 1 if raw_frames is None or raw_frames == "" else _int_or_none(raw_frames)
     if frames is None:
         raise DicomRefusal(RefusalReason.MALFORMED, "NumberOfFrames is not a valid number")
+    if frames < 1:
+        raise DicomRefusal(
+            RefusalReason.MALFORMED,
+            f"NumberOfFrames is {frames}: a frame count other than 1 on a single-frame slice",
+        )
     if frames > 1:
         raise DicomRefusal(
             RefusalReason.MULTI_FRAME, f"multi-frame object ({frames} frames); one slice per file is expected"
@@ -766,6 +863,7 @@ def _decode(ds: Dataset, header: _Header, transfer_syntax: str | None, rows: int
         raise DicomRefusal(RefusalReason.MALFORMED, "the file meta information has no transfer syntax")
     transfer_syntax = UID(transfer_syntax)
     byte_order = _NATIVE_BYTE_ORDER.get(str(transfer_syntax))
+    plugin = _DECODING_PLUGINS.get(transfer_syntax)
     if byte_order is None:  # pydicom's native decoder is always there
         try:
             decoder = get_decoder(transfer_syntax)
@@ -773,10 +871,11 @@ def _decode(ds: Dataset, header: _Header, transfer_syntax: str | None, rows: int
             raise DicomRefusal(
                 RefusalReason.NO_DECODER, f"unsupported transfer syntax '{_printable(transfer_syntax.name)}'"
             ) from exc
-        if not decoder.is_available:
+        if not (decoder.is_available if plugin is None else plugin in decoder.available_plugins):
+            package = f" (install {_PLUGIN_PACKAGES[plugin]})" if plugin in _PLUGIN_PACKAGES else ""
             raise DicomRefusal(
                 RefusalReason.NO_DECODER,
-                f"no decoder is installed for '{_printable(transfer_syntax.name)}' pixel data",
+                f"no decoder is installed for '{_printable(transfer_syntax.name)}' pixel data{package}",
             )
     if declared is not None and declared != _UNDEFINED_LENGTH and declared > len(pixel_data):
         raise DicomRefusal(
@@ -785,6 +884,8 @@ def _decode(ds: Dataset, header: _Header, transfer_syntax: str | None, rows: int
         )
     if transfer_syntax.is_encapsulated:
         _check_codestream_size(pixel_data, str(transfer_syntax), rows, columns)
+        if transfer_syntax in _JPEG_DCT_AND_LOSSLESS_UIDS:
+            _check_jpeg_end(pixel_data)
     else:
         expected = rows * columns * (int(header.get("BitsAllocated")) // 8)
         if len(pixel_data) < expected:
@@ -803,10 +904,8 @@ def _decode(ds: Dataset, header: _Header, transfer_syntax: str | None, rows: int
     if getattr(ds, "file_meta", None) is None:  # read by _parse without dcmread: pydicom needs it
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = transfer_syntax
-    if transfer_syntax == RLELossless:
-        # pydicom's own RLE decoder: the Rust plugin (pylibjpeg-rle) panics on malformed segments and
-        # its panic hook writes to stderr, outside our control.
-        ds.pixel_array_options(decoding_plugin="pydicom")
+    if plugin is not None:  # the pinned decoder, never another one that happens to be installed
+        ds.pixel_array_options(decoding_plugin=plugin)
     try:
         with warnings.catch_warnings(record=True) as decode_warnings:
             warnings.simplefilter("always")
@@ -923,6 +1022,19 @@ def _check_codestream_size(pixel_data: bytes, transfer_syntax: str, rows: int, c
         )
 
 
+def _check_jpeg_end(pixel_data: bytes) -> None:
+    """Refuse a JPEG codestream that does not end with its EOI marker (trailing 0x00 / 0xFF padding allowed)."""
+    last = b""
+    for fragment in islice(generate_fragments(pixel_data), 1, None):  # skip the basic offset table
+        if fragment:
+            last = fragment
+    if not last.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):
+        raise DicomRefusal(
+            RefusalReason.TRUNCATED,
+            "the compressed pixel data are truncated (the JPEG codestream has no end-of-image marker)",
+        )
+
+
 def _j2k_size(codestream: bytes) -> tuple[int, int] | None:
     """(rows, columns) from the SIZ segment of a JPEG 2000 codestream (optionally inside JP2 boxes)."""
     start = codestream.find(b"\xff\x4f\xff\x51", 0, 4096)
@@ -964,9 +1076,16 @@ def _to_hu(ds: Dataset, header: _Header, stored: np.ndarray, modality: str) -> n
         wide = stored.astype(np.int32)
         stored = (-1 - wide) if signed else ((1 << bits_stored) - 1 - wide)
     if header.get("ModalityLUTSequence"):
-        return np.ascontiguousarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        hu = np.ascontiguousarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        _check_hu_range(hu, stored)
+        return hu
 
     slope = _rescale_value(header, "RescaleSlope", default=1.0)
+    if slope == 0:
+        raise DicomRefusal(
+            RefusalReason.BAD_RESCALE,
+            "RescaleSlope is 0: a slope zero or not finite leaves no image (every pixel would be the intercept)",
+        )
     intercept = _rescale_value(header, "RescaleIntercept", default=0.0)
     if modality == "CT" and bits_stored == 12 and not signed and intercept > -100:
         stored, intercept = _rsna_12bit_fix(stored), -1000.0
@@ -975,19 +1094,55 @@ def _to_hu(ds: Dataset, header: _Header, stored: np.ndarray, modality: str) -> n
         # Exact in float32 (integers below 2**24): skips a float64 temporary on the hot path.
         hu = stored.astype(np.float32)
         hu += np.float32(intercept)
-        return hu
-    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    else:
+        hu = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    _check_hu_range(hu, stored, slope, intercept)
+    return hu
 
 
 def _rescale_value(ds: _Header, keyword: str, *, default: float) -> float:
-    """First value of a rescale tag; ``default`` when absent or empty, a refusal when not a number."""
+    """First value of a rescale tag; ``default`` when absent or empty, a refusal when not a finite number."""
     raw = ds.get(keyword)
     if raw is None or raw == "":
         return default
-    value = _first_float(raw)
-    if value is None:
-        raise DicomRefusal(RefusalReason.MALFORMED, f"{keyword} is not a valid number")
+    try:
+        value = float(_first(raw))
+    except (TypeError, ValueError, OverflowError):
+        raise DicomRefusal(RefusalReason.MALFORMED, f"{keyword} is not a valid number") from None
+    if not math.isfinite(value):
+        what = (
+            "a slope zero or not finite" if keyword == "RescaleSlope" else "an intercept that is not finite"
+        )
+        raise DicomRefusal(
+            RefusalReason.BAD_RESCALE, f"{keyword} is {value:g}: {what} leaves no meaningful HU"
+        )
     return value
+
+
+def _check_hu_range(
+    hu: np.ndarray, stored: np.ndarray, slope: float | None = None, intercept: float = 0.0
+) -> None:
+    """Refuse HU that are not finite or leave :data:`HU_RANGE`.
+
+    With a rescale, the ends of the stored type's range are mapped first: when they land inside (every
+    common CT encoding), no value can be outside and the pixels are not scanned.
+    """
+    low, high = HU_RANGE
+    if slope is not None and stored.dtype.kind in "iu":
+        info = np.iinfo(stored.dtype)
+        ends = (info.min * slope + intercept, info.max * slope + intercept)
+        if low <= min(ends) and max(ends) <= high:
+            return
+    lowest, highest = float(hu.min()), float(hu.max())  # NaN, if any, propagates to both
+    if low <= lowest and highest <= high:
+        return
+    worst = lowest if not low <= lowest else highest
+    shown = "NaN (not a number)" if math.isnan(worst) else f"{worst:.6g} HU"
+    raise DicomRefusal(
+        RefusalReason.HU_OUT_OF_RANGE,
+        f"the rescaled values reach {shown}, outside the [{low:.0f}, {high:.0f}] HU that any CT slice "
+        "can hold: RescaleSlope or RescaleIntercept is wrong",
+    )
 
 
 def _rsna_12bit_fix(stored: np.ndarray) -> np.ndarray:
@@ -1008,3 +1163,53 @@ def _rsna_12bit_fix(stored: np.ndarray) -> np.ndarray:
     fixed = stored.astype(np.int32) + 1000
     fixed[fixed >= 4096] -= 4096
     return fixed
+
+
+# --------------------------------------------------------------------------------------------------
+# imagecodecs as a pydicom decoder plugin (JPEG Extended 12-bit and JPEG Lossless)
+#
+# pydicom's plugin interface: ``is_available(uid)``, ``DECODER_DEPENDENCIES`` and a frame decoder taking
+# (encoded frame, DecodeRunner). pydicom then interprets the returned bytes as it does any plugin's
+# (BitsAllocated, PixelRepresentation, sign extension from BitsStored), so results match its rules.
+
+_IMAGECODECS_UIDS = (JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1)
+DECODER_DEPENDENCIES: dict[str, tuple[str, ...]] = {
+    uid: ("imagecodecs>=2026.3.6 (libjpeg-turbo 3)",) for uid in _IMAGECODECS_UIDS
+}
+
+
+def is_available(uid: str) -> bool:
+    """pydicom plugin interface: whether imagecodecs can decode ``uid`` here (libjpeg-turbo >= 3)."""
+    if uid not in _IMAGECODECS_UIDS:
+        return False
+    try:
+        import imagecodecs
+    except ImportError:
+        return False
+    version = imagecodecs.jpeg8_version() if imagecodecs.JPEG8.available else ""
+    match = re.match(r"libjpeg_turbo (\d+)\.", version)
+    return match is not None and int(match.group(1)) >= 3  # 12-bit and lossless came with 3.0
+
+
+def _imagecodecs_decode_frame(src: bytes, runner: Any) -> bytes:
+    """pydicom plugin interface: one JPEG frame -> its samples as little-endian bytes of BitsAllocated."""
+    import imagecodecs
+
+    samples = imagecodecs.jpeg8_decode(src)
+    if samples.shape != (runner.rows, runner.columns) or runner.samples_per_pixel != 1:
+        raise ValueError("the JPEG codestream does not hold one greyscale frame of Rows x Columns")
+    itemsize = runner.bits_allocated // 8
+    if samples.dtype.itemsize > itemsize or itemsize not in (1, 2):
+        raise ValueError("the JPEG sample precision exceeds BitsAllocated")
+    return samples.astype(f"<u{itemsize}", copy=False).tobytes()
+
+
+def _register_imagecodecs() -> None:
+    for uid in _IMAGECODECS_UIDS:
+        try:
+            get_decoder(uid).add_plugin("imagecodecs", (__name__, "_imagecodecs_decode_frame"))
+        except ValueError:  # registered already (this module was imported twice under one name)
+            pass
+
+
+_register_imagecodecs()

@@ -10,7 +10,8 @@ is the single list of files and what must happen to each; README.md is written f
 Expectations: ``reader``/``header`` is ``"ok"`` or the ``RefusalReason`` code that ``read_slice`` /
 ``read_header`` must raise; ``hu`` maps the phantom's HU to the HU the reader must return; ``predict``
 is ``"ok"`` (probabilities, no flags), ``"flag:<code>,..."`` (probabilities and exactly these flags) or
-``"refuse"`` (an error message instead of probabilities).
+``"refuse"`` (an error message instead of probabilities); ``says``, when given, is a phrase the
+refusal's message must contain.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import struct
 import sys
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     RLELossless,
 )
 
@@ -142,6 +146,75 @@ def _encapsulated(ds: Dataset, syntax: str, codestream: bytes) -> bytes:
     out = io.BytesIO()
     pydicom.dcmwrite(out, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
     return out.getvalue()
+
+
+def _jpeg_lossless(stored: np.ndarray, predictor: int = 1) -> bytes:
+    """A JPEG lossless codestream (ITU-T T.81 annex H, process 14) of 16-bit ``stored``.
+
+    Written here rather than by a library so that the corpus bytes never change with an encoder's
+    version. One Huffman table, every difference category (0-16) a 5-bit code; signed values are
+    coded as their 16-bit two's-complement patterns, as DICOM stores them. Checked against three
+    independent decoders (libjpeg-turbo, liblj92, jpegsof3) for all seven predictors.
+    """
+    rows, columns = stored.shape
+    x = stored.astype(np.int64) & 0xFFFF
+    ra, rb, rc = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
+    ra[:, 1:], rb[1:, :], rc[1:, 1:] = x[:, :-1], x[:-1, :], x[:-1, :-1]
+    predictions = {
+        1: ra,
+        2: rb,
+        3: rc,
+        4: ra + rb - rc,
+        5: ra + ((rb - rc) >> 1),
+        6: rb + ((ra - rc) >> 1),
+        7: (ra + rb) >> 1,
+    }
+    prediction = predictions[predictor].copy()
+    prediction[0, 1:] = x[0, :-1]  # first row: the left neighbour, whatever the predictor (H.1.2.1)
+    prediction[1:, 0] = x[:-1, 0]  # first column: the sample above
+    prediction[0, 0] = 1 << 15  # first sample: 2 ** (P - 1)
+    differences = ((x - prediction) % 65536).ravel().tolist()
+
+    scan, accumulator, pending = bytearray(), 0, 0
+
+    def put(value: int, length: int) -> None:
+        nonlocal accumulator, pending
+        accumulator = (accumulator << length) | (value & ((1 << length) - 1))
+        pending += length
+        while pending >= 8:
+            pending -= 8
+            byte = (accumulator >> pending) & 0xFF
+            scan.extend((byte, 0) if byte == 0xFF else (byte,))  # byte stuffing
+        accumulator &= (1 << pending) - 1
+
+    for difference in differences:
+        if difference == 32768:  # category 16 carries no extra bits
+            put(16, 5)
+            continue
+        difference = difference - 65536 if difference > 32768 else difference
+        category = abs(difference).bit_length()
+        put(category, 5)
+        if category:
+            put(difference if difference > 0 else difference + (1 << category) - 1, category)
+    if pending:
+        put(0xFF, 8 - pending)  # pad the last byte with 1 bits
+    frame = struct.pack(">BHHB", 16, rows, columns, 1) + b"\x01\x11\x00"
+    table = b"\x00" + bytes([0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17))
+    return (
+        b"\xff\xd8"
+        + b"\xff\xc3"
+        + struct.pack(">H", 2 + len(frame))
+        + frame
+        + b"\xff\xc4"
+        + struct.pack(">H", 2 + len(table))
+        + table
+        + b"\xff\xda"
+        + struct.pack(">HB", 8, 1)
+        + b"\x01\x00"
+        + bytes([predictor, 0, 0])
+        + bytes(scan)
+        + b"\xff\xd9"
+    )
 
 
 def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
@@ -374,6 +447,34 @@ def _deflated() -> bytes:
     return _encode(_ct(), DeflatedExplicitVRLittleEndian)
 
 
+def _jpeg_lossless_slice(syntax: str, predictor: int) -> Callable[[], bytes]:
+    def build() -> bytes:
+        stored = (head_hu() + 1024).astype(np.int16)
+        return _encapsulated(_ct(stored), syntax, _jpeg_lossless(stored, predictor))
+
+    return build
+
+
+def _jpeg_lossless_truncated() -> bytes:
+    stored = (head_hu() + 1024).astype(np.int16)
+    codestream = _jpeg_lossless(stored)
+    return _encapsulated(_ct(stored), JPEGLosslessSV1, codestream[: len(codestream) // 2])
+
+
+def _jpeg_lossless_file_cut() -> bytes:
+    data = _jpeg_lossless_slice(JPEGLosslessSV1, 1)()
+    return data[: len(data) - 500]  # the file ends inside the encapsulated pixel data
+
+
+def _rescale(**values: str) -> Callable[[], bytes]:
+    def build() -> bytes:
+        with warnings.catch_warnings():  # pydicom warns that NaN / inf are not valid DS values
+            warnings.simplefilter("ignore")
+            return _encode(_ct(**values))
+
+    return build
+
+
 def _empty_file() -> bytes:
     return b""
 
@@ -406,6 +507,7 @@ class Case:
     header: str
     predict: str
     hu: HuRule | None = None
+    says: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -416,7 +518,8 @@ class Case:
         return self.predict.removeprefix("flag:").split(",") if self.predict.startswith("flag:") else []
 
 
-# One row per file: name, what it is, builder; read_slice, read_header, predict; HU rule (accepted files).
+# One row per file: name, what it is, builder; read_slice, read_header, predict; HU rule (accepted files)
+# or the phrase the refusal must say.
 # fmt: off
 CASES: tuple[Case, ...] = (
     # accepted by the reader
@@ -432,6 +535,10 @@ CASES: tuple[Case, ...] = (
          "ok", "ok", "ok", PHANTOM),
     Case("ok-rsna-12bit.dcm", "RSNA 2019 quirk: unsigned 12-bit wrapped pixels, intercept 0, multi-valued window",
          _rsna_12bit, "ok", "ok", "ok", PHANTOM),
+    Case("ok-jpeg-lossless.dcm", "JPEG Lossless, first-order prediction (process 14 SV1), 16-bit signed",
+         _jpeg_lossless_slice(JPEGLosslessSV1, 1), "ok", "ok", "ok", PHANTOM),
+    Case("ok-jpeg-lossless-p14.dcm", "JPEG Lossless (process 14), predictor 7: (left + above) / 2",
+         _jpeg_lossless_slice(JPEGLossless, 7), "ok", "ok", "ok", PHANTOM),
     # accepted by the reader, flagged or refused by the Predictor
     Case("flag-sign-flipped.dcm", "RescaleSlope -1: HU sign-flipped (bright air border)", _sign_flipped,
          "ok", "ok", "flag:inverted", NEGATED),
@@ -466,6 +573,20 @@ CASES: tuple[Case, ...] = (
          "multi_frame", "multi_frame", "refuse"),
     Case("bad-frames-huge.dcm", "NumberOfFrames 2147483647 over one frame of pixels", _frames("2147483647", 1),
          "multi_frame", "multi_frame", "refuse"),
+    Case("bad-frames-0.dcm", "NumberOfFrames 0 over one frame of pixels (a frame count other than 1)",
+         _frames("0", 1), "malformed", "malformed", "refuse", says="a frame count other than 1"),
+    Case("bad-slope-0.dcm", "RescaleSlope 0: every pixel would be the intercept", _rescale(RescaleSlope="0"),
+         "bad_rescale", "ok", "refuse", says="slope zero or not finite"),
+    Case("bad-slope-nan.dcm", "RescaleSlope NaN", _rescale(RescaleSlope="NaN"),
+         "bad_rescale", "ok", "refuse", says="slope zero or not finite"),
+    Case("bad-slope-inf.dcm", "RescaleSlope inf", _rescale(RescaleSlope="inf"),
+         "bad_rescale", "ok", "refuse", says="slope zero or not finite"),
+    Case("bad-hu-out-of-range.dcm", "RescaleSlope 1000: HU up to 2 million, past the +-65536 any CT can hold",
+         _rescale(RescaleSlope="1000"), "hu_out_of_range", "ok", "refuse", says="outside the [-65536, 65536] HU"),
+    Case("bad-jpeg-lossless-truncated.dcm", "JPEG Lossless codestream cut in half (no end-of-image marker)",
+         _jpeg_lossless_truncated, "truncated", "ok", "refuse", says="no end-of-image marker"),
+    Case("bad-jpeg-lossless-file-cut.dcm", "JPEG Lossless file cut inside its encapsulated pixel data",
+         _jpeg_lossless_file_cut, "truncated", "ok", "refuse", says="the file ends inside them"),
     Case("bad-nested-sequences.dcm", "1000 levels of nested undefined-length sequences", _nested_sequences,
          "malformed", "malformed", "refuse"),
     Case("bad-huge-private-length.dcm", "a private element declaring 4 GiB in a 2 KB file", _huge_private_length,
@@ -515,12 +636,13 @@ means `read_slice` returns exactly the HU given (the phantom is `head_hu()` in `
 
 def expectation(case: Case) -> str:
     """One README cell: what must happen to the file."""
+    reason = f'{case.reader}: "{case.says}"' if case.says else case.reader
     if case.accepted:
         read = f"read, {case.hu.text}" if case.hu else "read"
     elif case.header == "ok":
-        read = f"header read; slice refused ({case.reader})"
+        read = f"header read; slice refused ({reason})"
     else:
-        read = f"refused ({case.reader})"
+        read = f"refused ({reason})"
     predict = {"ok": "predicted, no flags", "refuse": "an error message"}.get(
         case.predict, f"predicted and flagged `{case.predict.removeprefix('flag:')}`"
     )
