@@ -282,6 +282,43 @@ def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict
     return result
 
 
+def bench_cpu_precision(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict[str, Any]:
+    """The trainer's optimizer step in float32 and with ``cpu_bf16`` (bf16 autocast + channels_last),
+    timed round-robin on the same batch in this run; the ratio is bf16 over float32 images/s.
+
+    ``native`` says whether the CPU computes bf16 itself; elsewhere the trainer keeps float32 (the
+    bf16 timing here then forces emulated bf16 to show what the fallback avoids).
+    """
+    from hemorrhage_core.machine import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    steps_by_name: dict[str, Callable[[], object]] = {}
+    for name, bf16 in (("float32", False), ("bf16", True)):
+        config = case.config.replace(cpu_bf16=bf16)
+        torch.manual_seed(config.seed)
+        loop = Loop(config, build_network(config), RandomSlices(config.batch_size, case.size, config.seed), runtime)
+        settings = dataclasses.replace(loop.settings, progress=False, max_steps=None)
+        if bf16 and not settings.amp:  # no native bf16: force it, to measure what the fallback avoids
+            settings = dataclasses.replace(settings, amp=True, channels_last=True)
+            loop.net.to(memory_format=torch.channels_last)
+        batch = next(iter(loop.loader))
+
+        def step(loop=loop, settings=settings, batch=batch) -> None:
+            train_one_epoch(loop.model, [batch], loop.optimizer, loop.scheduler, loop.loss_fn, settings,
+                            epoch=1, scaler=loop.scaler)
+
+        steps_by_name[name] = step
+    if warmup:
+        interleaved(steps_by_name, warmup, runtime.device)
+    t = interleaved(steps_by_name, steps, runtime.device)
+    images = case.config.batch_size
+    out: dict[str, Any] = {"backbone": case.backbone, "px": case.size, "native_bf16": native, "seconds": t}
+    for clock in ("wall", "cpu"):
+        fp32, bf16 = images / t["float32"][clock], images / t["bf16"][clock]
+        out[clock] = {"float32_img_s": fp32, "bf16_img_s": bf16, "ratio": bf16 / fp32}
+    return out
+
+
 # ----------------------------------------------------------------------------------------- report
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})"
@@ -371,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON"
     )
+    parser.add_argument(
+        "--cpu-bf16-ratio",
+        action="store_true",
+        help="on CPU: time each case's step in float32 and with cpu_bf16, round-robin, and print the ratio",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 2:
         parser.error(
@@ -424,6 +466,17 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()  # the case's model and optimizer state are gone: free their memory
         print(row(report["results"][-1], clock), flush=True)
     print_footer(report)
+    if args.cpu_bf16_ratio and device.type == "cpu":
+        print()
+        print("| backbone | px | native bf16 | float32 img/s | bf16 + channels_last img/s | bf16 / float32 |")
+        print("| --- | ---: | --- | ---: | ---: | ---: |", flush=True)
+        report["cpu_precision"] = []
+        for case in cases:
+            r = bench_cpu_precision(case, runtime, steps=args.steps, warmup=args.warmup)
+            report["cpu_precision"].append(r)
+            c = r[clock]
+            print(f"| {r['backbone']} | {r['px']} | {'yes' if r['native_bf16'] else 'no (emulated)'} "
+                  f"| {c['float32_img_s']:.2f} | {c['bf16_img_s']:.2f} | {c['ratio']:.2f}x |", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -24,6 +24,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ import torch
 from hemorrhage_core.dicom import read_slice
 from hemorrhage_core.errors import HemorrhageError, InputRejectedError
 from hemorrhage_core.labels import LABELS
+from hemorrhage_core.machine import cpu_has_native_bf16
 from hemorrhage_core.models.net import HemorrhageNet, probabilities
 from hemorrhage_core.preprocess import prepare_slice, to_tensor
 from hemorrhage_core.windowing import WindowStack
@@ -154,6 +156,7 @@ class Predictor:
         channels_last: bool = True,
         read_ahead: bool | None = None,
         calibration: Calibration | None = None,
+        bf16: bool | None = None,
     ) -> None:
         get = checkpoint_meta.get if isinstance(checkpoint_meta, Mapping) else lambda k: getattr(checkpoint_meta, k)
         windows = get("windows")
@@ -165,6 +168,14 @@ class Predictor:
         self.stage = model.spec.stage
         self.read_ahead = self.device.type != "cpu" if read_ahead is None else bool(read_ahead)
         self.calibration = calibration
+        if bf16 is None:  # a model trained in bf16 on CPU is served in bf16 on CPU
+            try:
+                config = get("config")
+            except (AttributeError, KeyError):
+                config = None
+            bf16 = bool((config or {}).get("cpu_bf16", False)) if isinstance(config, Mapping) else False
+        # Only on a CPU that computes bf16 natively: emulated bf16 is slower than float32.
+        self.bf16 = bool(bf16) and self.device.type == "cpu" and cpu_has_native_bf16()
         # Set once here, never per call: concurrent calls must not change the shared model.
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
 
@@ -255,18 +266,22 @@ class Predictor:
         batch = to_tensor(np.stack([p.image for p in prepared]))
         x = batch.to(self.device).contiguous(memory_format=self.memory_format)
         heatmaps: np.ndarray | None = None
+        # bf16 autocast for the network only; probabilities are taken from float32 logits.
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         if saliency_label is None:
             with torch.inference_mode():
-                out = self.model.forward_extras(x)
-                logits, theta, aligned = out.logits, out.theta, out.aligned
+                with autocast:
+                    out = self.model.forward_extras(x)
+                logits, theta, aligned = out.logits.float(), out.theta, out.aligned
                 probs = probabilities(self.stage, logits)
         else:
             from hemorrhage_core.saliency import grad_cam
 
-            cam = grad_cam(self.model, x, saliency_label)
+            with autocast:
+                cam = grad_cam(self.model, x, saliency_label)
             heatmaps, theta, aligned = cam.heatmaps, cam.theta, cam.aligned
             with torch.inference_mode():
-                probs = probabilities(self.stage, cam.logits)
+                probs = probabilities(self.stage, cam.logits.float())
         raw_np = probs.float().cpu().numpy().astype(np.float64)
         # Calibrated in float64 from the float32 output, as evaluate calibrates the saved raw values.
         probs_np = raw_np if self.calibration is None else self.calibration.apply(raw_np)

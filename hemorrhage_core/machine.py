@@ -29,3 +29,18 @@ def device_label(device: torch.device) -> str:
 
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({cpu_name()}, {os.cpu_count()} cores)"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast pays.
+
+    Elsewhere torch emulates bf16 and autocast is slower than float32, so callers fall back to it.
+    ``HEMORRHAGE_CPU_BF16=0`` or ``=1`` overrides the detection (for measurements and tests).
+    """
+    forced = os.environ.get("HEMORRHAGE_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)

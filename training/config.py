@@ -73,8 +73,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
     class_weights: str | list = "none"  # stage 1: none | balanced | six numbers (STAGE1_CLASSES order)
     aux_loss_weight: float = 0.4  # Inception_v3's auxiliary classifier loss weight
-    amp: bool = True  # mixed precision, used on CUDA only
-    channels_last: bool = True  # memory format, used on CUDA only
+    amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16)
+    channels_last: bool = True  # memory format, used on CUDA (and on CPU with cpu_bf16)
+    cpu_bf16: bool = False  # on a CPU with native bf16 (AVX512-BF16/AMX): bf16 autocast + channels_last
     max_steps_per_epoch: int | None = None  # cap for smoke tests and the DDP check
 
     # -- selection and records

@@ -165,23 +165,27 @@ class LoopSettings:
     env: DistEnv = field(default_factory=DistEnv)
     grad_clip: float | None = None
     aux_loss_weight: float = 0.4
-    amp: bool = False  # honoured on CUDA only
-    channels_last: bool = False  # honoured on CUDA only
+    amp: bool = False  # autocast: float16/bfloat16 on CUDA, bfloat16 on CPU
+    channels_last: bool = False
     freeze_bn: bool = False
     max_steps: int | None = None
     progress: bool = True
 
     @classmethod
     def from_config(cls, config: TrainConfig, device: torch.device, env: DistEnv) -> LoopSettings:
+        from hemorrhage_core.machine import cpu_has_native_bf16
+
         cuda = device.type == "cuda"
+        # On CPU, bf16 only where the hardware has it: emulated bf16 is slower than float32.
+        cpu_bf16 = device.type == "cpu" and config.cpu_bf16 and cpu_has_native_bf16()
         return cls(
             stage=config.stage,
             device=device,
             env=env,
             grad_clip=config.grad_clip,
             aux_loss_weight=config.aux_loss_weight,
-            amp=config.amp and cuda,
-            channels_last=config.channels_last and cuda,
+            amp=(config.amp and cuda) or cpu_bf16,
+            channels_last=(config.channels_last and cuda) or cpu_bf16,
             freeze_bn=config.freeze_bn,
             max_steps=config.max_steps_per_epoch,
             progress=config.progress,
@@ -189,12 +193,20 @@ class LoopSettings:
 
     @property
     def amp_dtype(self) -> torch.dtype:
+        if self.device.type != "cuda":
+            return torch.bfloat16
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
+    @property
+    def precision(self) -> str:
+        """What the forward computes in, for run.json: ``float32`` or ``bfloat16 autocast`` (etc.)."""
+        return f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp else "float32"
+
     def autocast(self):
+        # The losses cast logits to float32 themselves: only the network runs in the low precision.
         if not self.amp:
             return nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)

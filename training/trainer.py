@@ -330,9 +330,9 @@ class Loop:
         self.config = config
         self.runtime = runtime
         self.net = net.to(runtime.device)
-        if config.channels_last and runtime.device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
         self.settings = LoopSettings.from_config(config, runtime.device, runtime.env)
+        if self.settings.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.loader = train_loader(train_set, config, runtime.env, runtime.device)
         stage1 = np.asarray(train_set.targets) if config.stage == 1 else None
         self.loss_fn = make_loss(config, stage1).to(runtime.device)
@@ -584,10 +584,12 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
                        "test_fraction": config.test_fraction, "test_seed": config.test_seed},
                 epochs_planned=config.epochs, device=device_label(device), world_size=env.world_size,
             )
+            writer.update(precision=loop.settings.precision)
             writer.write_split(split_roles(data))
             writer.log(
                 f"{config.backbone} stage {config.stage}: {len(train_set)} training and {len(val_set)} "
-                f"validation images, {loop.steps_per_epoch} steps per epoch, device {device_label(device)}, "
+                f"validation images, {loop.steps_per_epoch} steps per epoch, device {device_label(device)} "
+                f"({loop.settings.precision}), "
                 f"world size {env.world_size}"
             )
     run_dir = Path(D.broadcast(str(writer.path) if writer else None, env))
