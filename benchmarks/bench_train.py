@@ -11,7 +11,7 @@ On CUDA the trainer's AMP (bf16 autocast, or fp16 with its GradScaler) and chann
 
 Sizes and settings come from the pipeline presets (training/configs/*.yaml), ImageNet weights aside
 (speed does not depend on them; the trunk is frozen as those weights would freeze it):
-  quick  every backbone at both quick sizes (96 px as phase 1, 128 px as phase 2), quick.yaml's settings
+  quick  every backbone at both quick sizes (phase 1's and phase 2's input size), quick.yaml's settings
   full   every backbone at its full size (vgg16*: 224, inception_v3: 299), full.yaml's settings
 
 Baselines timed round-robin with the steps, so a busy machine slows them alike:

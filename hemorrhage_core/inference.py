@@ -277,11 +277,15 @@ class Predictor:
         else:
             from hemorrhage_core.saliency import grad_cam
 
-            with autocast:
-                cam = grad_cam(self.model, x, saliency_label)
+            # Grad-CAM reads activations as numpy, which has no bf16: it runs in float32.
+            cam = grad_cam(self.model, x, saliency_label)
             heatmaps, theta, aligned = cam.heatmaps, cam.theta, cam.aligned
             with torch.inference_mode():
-                probs = probabilities(self.stage, cam.logits.float())
+                logits = cam.logits.float()
+                if self.bf16:  # the same probabilities as without saliency: one more forward, in bf16
+                    with autocast:
+                        logits = self.model(x).float()
+                probs = probabilities(self.stage, logits)
         raw_np = probs.float().cpu().numpy().astype(np.float64)
         # Calibrated in float64 from the float32 output, as evaluate calibrates the saved raw values.
         probs_np = raw_np if self.calibration is None else self.calibration.apply(raw_np)

@@ -112,3 +112,19 @@ def test_predictor_bf16_stays_within_the_stated_tolerance_of_float32(monkeypatch
     p16 = np.array([[r.probabilities[k] for k in r.probabilities] for r in bf16._run(prepared, None)])
     assert np.abs(p16 - p32).max() <= PREDICTOR_TOLERANCE
     assert not np.array_equal(p16, p32)  # bf16 really ran
+
+
+def test_predictor_bf16_with_saliency_gives_the_same_probabilities(monkeypatch):
+    from hemorrhage_core.inference import Predictor, _Prepared
+    from hemorrhage_core.windowing import DEFAULT_STACK
+
+    monkeypatch.setenv("HEMORRHAGE_CPU_BF16", "1")
+    torch.manual_seed(2)
+    model = build_model(ModelSpec(backbone="resnet18", stage=2, input_size=64, hidden=(32, 16, 8)), weights="none")
+    predictor = Predictor(model, {"image_size": 64, "windows": DEFAULT_STACK}, bf16=True)
+    image = np.random.default_rng(1).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    prepared = [_Prepared(image=image, meta={}, flags=[])]
+    plain = predictor._run(prepared, None)[0]
+    with_cam = predictor._run(prepared, "any")[0]  # Grad-CAM itself runs in float32
+    assert with_cam.heatmap is not None and with_cam.heatmap.shape == (64, 64)
+    assert with_cam.probabilities == pytest.approx(plain.probabilities, abs=1e-6)
