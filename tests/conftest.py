@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -99,3 +100,33 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
         _seen.update(current)
         _module_failed = False
     return result
+
+
+# ------------------------------------------------------------------ browser tests' shared fixtures
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+
+@pytest.fixture(scope="module")
+def shot_dir(tmp_path_factory) -> Path:
+    """Where screenshots go: HEMORRHAGE_SCREENSHOTS when set, else a temporary folder."""
+    target = os.environ.get("HEMORRHAGE_SCREENSHOTS")
+    folder = Path(target) if target else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def outside_requests(page) -> list[str]:
+    """Every request the page makes to another host (aborted, and listed for the test to assert on)."""
+    blocked: list[str] = []
+
+    def route(r):
+        local = urlparse(r.request.url).hostname in LOCAL_HOSTS
+        if local or r.request.url.startswith(("data:", "blob:")):
+            r.continue_()
+        else:
+            blocked.append(r.request.url)
+            r.abort()
+
+    page.context.route("**/*", route)
+    return blocked

@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import urlparse
 
 import pytest
+from browser_helpers import figure_data, open_panel, settle
 from dashboard_fixtures import write_damaged_runs
 from playwright.sync_api import Page, expect
 from shiny.playwright import controller
@@ -43,7 +43,6 @@ FIRST_FIGURE = {
     "grid": "scores",
 }
 UPLOAD_CAP_MB = 1  # small, so the oversize refusal is cheap to exercise; the default (64) is a unit test
-LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 TRAIN_ARGS = (
     "--epochs",
     "1",
@@ -180,53 +179,6 @@ def dashboard(trained) -> ShinyAppProc:
     )
     yield app
     app.close()
-
-
-@pytest.fixture(scope="module")
-def shot_dir(tmp_path_factory) -> Path:
-    target = os.environ.get("HEMORRHAGE_SCREENSHOTS")
-    folder = Path(target) if target else tmp_path_factory.mktemp("screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.fixture
-def outside_requests(page: Page) -> list[str]:
-    """Every request the page makes to another host (aborted, and listed for the test to assert on)."""
-    blocked: list[str] = []
-
-    def route(r):
-        if urlparse(r.request.url).hostname in LOCAL_HOSTS or r.request.url.startswith(("data:", "blob:")):
-            r.continue_()
-        else:
-            blocked.append(r.request.url)
-            r.abort()
-
-    page.context.route("**/*", route)
-    return blocked
-
-
-def settle(page: Page) -> None:
-    """Wait until Shiny has no pending work and no visible output is recalculating (outputs of hidden
-    tabs stay marked until their tab is shown)."""
-    page.wait_for_function(
-        "() => !document.documentElement.classList.contains('shiny-busy') && "
-        "![...document.querySelectorAll('.recalculating')].some(e => e.offsetParent !== null)",
-        timeout=60_000,
-    )
-    page.wait_for_timeout(300)  # let plotly finish drawing what just arrived
-
-
-def open_panel(page: Page, panel: str) -> None:
-    controller.PageNavbar(page, "panel").set(panel)
-    settle(page)
-
-
-def figure_data(page: Page, output_id: str, expression: str):
-    """Evaluate ``expression`` on the plotly data of a figure output (``data`` is its trace list)."""
-    return page.evaluate(
-        f"() => {{ const data = document.getElementById('{output_id}').data || []; return {expression}; }}"
-    )
 
 
 def test_every_panel_renders_and_says_research_use_only(page: Page, dashboard, outside_requests, shot_dir):

@@ -11,16 +11,15 @@ when set, else to the test's temporary folder.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
+from browser_helpers import figure_data, open_panel, settle
 from dashboard_fixtures import synthetic_predictions, write_evaluation_from, write_tiny_pipeline
 from playwright.sync_api import Page, expect
 from shiny.playwright import controller
 from shiny.run import ShinyAppProc, run_shiny_app
-from test_dashboard_browser import figure_data, open_panel, settle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -46,14 +45,6 @@ def dashboard(pipeline) -> ShinyAppProc:
     )
     yield app
     app.close()
-
-
-@pytest.fixture(scope="module")
-def shot_dir(tmp_path_factory) -> Path:
-    target = os.environ.get("HEMORRHAGE_SCREENSHOTS")
-    folder = Path(target) if target else tmp_path_factory.mktemp("screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def options(page: Page, select_id: str) -> dict[str, str]:

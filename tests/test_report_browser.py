@@ -9,14 +9,13 @@ Screenshots go to ``$HEMORRHAGE_SCREENSHOTS`` when set, else to the test's tempo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
 import pytest
+from browser_helpers import settle
 from dashboard_fixtures import tiny_model_checkpoint, write_dicom_series, write_report_runs
 from playwright.sync_api import Browser, Page, expect
 from shiny.playwright import controller
@@ -34,7 +33,6 @@ if not Path("/usr/bin/chromium").exists():
     pytest.skip("Debian chromium is not installed (make test-deps installs it)", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
-LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
 
 def _checkpoint(path: Path) -> Path:
@@ -59,38 +57,6 @@ def dashboard(setup) -> ShinyAppProc:
     )
     yield app
     app.close()
-
-
-@pytest.fixture(scope="module")
-def shot_dir(tmp_path_factory) -> Path:
-    target = os.environ.get("HEMORRHAGE_SCREENSHOTS")
-    folder = Path(target) if target else tmp_path_factory.mktemp("screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.fixture
-def outside_requests(page: Page) -> list[str]:
-    """Every request the dashboard page makes to another host (aborted and listed)."""
-    blocked: list[str] = []
-
-    def route(r):
-        if urlparse(r.request.url).hostname in LOCAL_HOSTS or r.request.url.startswith(("data:", "blob:")):
-            r.continue_()
-        else:
-            blocked.append(r.request.url)
-            r.abort()
-
-    page.context.route("**/*", route)
-    return blocked
-
-
-def settle(page: Page) -> None:
-    page.wait_for_function(
-        "() => !document.documentElement.classList.contains('shiny-busy') && "
-        "![...document.querySelectorAll('.recalculating')].some(e => e.offsetParent !== null)",
-        timeout=60_000,
-    )
 
 
 def _expected_comparison(setup) -> dict:
