@@ -6,7 +6,6 @@ Text that may come from files (run names) is HTML-escaped, because plotly render
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -16,16 +15,12 @@ from plotly.subplots import make_subplots
 
 from hemorrhage_core.calibration import ECE_BINS, Reliability, reliability
 from hemorrhage_core.labels import LABELS
-from hemorrhage_core.plots import LABEL_COLORS, RUN_COLORS, STYLE, TEMPLATE, empty_figure
+from hemorrhage_core.plots import LABEL_COLORS, RUN_COLORS, STYLE, TEMPLATE, _safe, empty_figure
 
 # Before calibration in grey, after in blue: the same two colours in every label's diagram.
 SERIES_COLORS: tuple[str, ...] = ("#7f7f7f", "#0072B2", "#D55E00", "#009E73")
 SIGNIFICANT = 0.05  # Holm-adjusted p below this counts as a difference (as comparison.significant)
 MARKER_MIN, MARKER_MAX = 5.0, 16.0
-
-
-def _safe(text: object) -> str:
-    return html.escape(str(text), quote=True)
 
 
 # ---------------------------------------------------------------------------------- reliability
@@ -184,16 +179,17 @@ def _difference_colour(row: pd.Series, paired: bool) -> str:
     return RUN_COLORS[0] if row["diff"] > 0 else RUN_COLORS[1]
 
 
-def _p_text(value: object) -> str:
+def p_text(value: object) -> str:
+    """A p-value as shown: ``< 0.001`` below that, three decimals otherwise, ``n/a`` when undefined."""
     if value is None or pd.isna(value):
         return "n/a"
-    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+    return "< 0.001" if float(value) < 0.001 else f"{float(value):.3f}"
 
 
 def _p_note(row: pd.Series) -> str:
     if row.get("p_value") is None or pd.isna(row.get("p_value")):
         return "not testable"
-    return f"p {_p_text(row.get('p_value'))} ({_p_text(row.get('p_holm'))})"
+    return f"p {p_text(row.get('p_value'))} ({p_text(row.get('p_holm'))})"
 
 
 def comparison_figure(table: pd.DataFrame, name_a: str, name_b: str, *, unit: str = "images") -> go.Figure:

@@ -29,6 +29,7 @@ from hemorrhage_core.evaluations import (
     EvaluationData,
     EvaluationError,
     arrays,
+    calibration_report,
     load_evaluation,
     validation_frame,
 )
@@ -405,8 +406,6 @@ def calibration_table(content: ReportContent) -> pd.DataFrame:
     """Per run and label on the held-out data (validation where there is none): Brier and ECE of the
     model's own probabilities and, for a calibrated run, of the calibrated ones, with its temperature.
     A saved evaluation's numbers are those evaluate measured (metrics.json)."""
-    from hemorrhage_core.calibration import ECE_BINS, brier, expected_calibration_error
-
     rows = []
     for item in content.runs:
         found = calibration_data(item, content.evaluation)
@@ -417,13 +416,7 @@ def calibration_table(content: ReportContent) -> pd.DataFrame:
         saved = _get(data.saved, "calibration")
         if not (isinstance(saved, dict) and saved.get("applied") and isinstance(saved.get("before"), dict)):
             y_true, raw = arrays(raw_frame(item, name, data))
-            _, calibrated = arrays(data.predictions)
-            measured = {"before": {"brier": {}, "ece": {}}, "after": {"brier": {}, "ece": {}}}
-            for j, label in enumerate(LABELS):
-                for side, probs in (("before", raw), ("after", calibrated)):
-                    measured[side]["brier"][label] = brier(y_true[:, j], probs[:, j])
-                    measured[side]["ece"][label] = expected_calibration_error(y_true[:, j], probs[:, j], n_bins=ECE_BINS)
-            saved = measured
+            saved = calibration_report(y_true, raw, arrays(data.predictions)[1])
         for label in LABELS:
             rows.append({
                 "run": item.run.name,

@@ -161,16 +161,6 @@ def test_comparison_summary_says_which_run_is_better_only_where_the_interval_exc
     assert plots.comparison_summary(tie, "A", "B")[0].startswith("Neither run is clearly better")
 
 
-def test_auc_comparison_figure_plots_both_runs_and_the_difference():
-    fig = plots.auc_comparison_figure(comparison_frame(), "A", "B")
-    a, b, diff = fig.data
-    np.testing.assert_allclose(a.x, [0.90, 0.80, np.nan])
-    np.testing.assert_allclose(a.error_x.array, [0.05, 0.08, np.nan])
-    np.testing.assert_allclose(diff.x, [0.10, -0.02, np.nan])
-    assert diff.marker.color[0] == plots.RUN_COLORS[0]  # A clearly better there
-    assert diff.marker.color[1] == "#777"
-
-
 def test_grid_scores_figure_highlights_rank_one():
     results = pd.DataFrame(
         {

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from hemorrhage_core import metrics
+from hemorrhage_core.eval_plots import p_text  # noqa: F401 - the panels' p-values read as the figures'
 from hemorrhage_core.labels import LABELS
 from hemorrhage_core.plots import params_label as params_text
 from hemorrhage_core.runs import RunSummary
@@ -507,13 +508,6 @@ def _with_interval(value: float, low: float, high: float, *, signed: bool = Fals
     if pd.isna(low) or pd.isna(high):
         return text
     return f"{text} [{low:+.3f}, {high:+.3f}]" if signed else f"{text} [{low:.3f}, {high:.3f}]"
-
-
-def p_text(value: object) -> str:
-    """A p-value for a table cell: ``< 0.001`` below that, three decimals otherwise, ``n/a`` when undefined."""
-    if value is None or pd.isna(value):
-        return "n/a"
-    return "< 0.001" if float(value) < 0.001 else f"{float(value):.3f}"
 
 
 def comparison_display(table: pd.DataFrame, *, paired: bool) -> pd.DataFrame:
