@@ -45,6 +45,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hemorrhage_core.machine import cpu_name  # noqa: E402
+from hemorrhage_core.preprocess import SlicePrep  # noqa: E402
 from hemorrhage_core.windowing import DEFAULT_STACK  # noqa: E402
 
 TARGET_UNCACHED = 3.0
@@ -163,11 +164,11 @@ def run(
     for p in paths:  # warm the page cache: every variant then reads from memory
         p.read_bytes()
 
-    uncached = SliceDataset(index, data, stage=2, image_size=image_size, on_error="raise")
+    uncached = SliceDataset(index, data, stage=2, prep=SlicePrep(image_size), on_error="raise")
     start = time.perf_counter()
-    cache = SliceCache.build(index, data, image_size=image_size, cache_dir=cache_dir, progress=False)
+    cache = SliceCache.build(index, data, prep=SlicePrep(image_size), cache_dir=cache_dir, progress=False)
     build_s = time.perf_counter() - start
-    cached = SliceDataset(index, data, stage=2, image_size=image_size, cache=cache)
+    cached = SliceDataset(index, data, stage=2, prep=SlicePrep(image_size), cache=cache)
     cached[0]  # open the memory map outside the timing
 
     from hemorrhage_core.dicom import read_slice
@@ -265,9 +266,9 @@ def loader_throughput(
     from hemorrhage_core.data.loader import make_loader
 
     index = _index_of(paths, data)
-    cache = SliceCache.build(index, data, image_size=image_size, cache_dir=cache_dir, progress=False)
+    cache = SliceCache.build(index, data, prep=SlicePrep(image_size), cache_dir=cache_dir, progress=False)
     warm = 2 * batch_size * max(workers, 1)
-    dataset = _Cycled(SliceDataset(index, data, stage=2, image_size=image_size, cache=cache), warm)
+    dataset = _Cycled(SliceDataset(index, data, stage=2, prep=SlicePrep(image_size), cache=cache), warm)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=True, workers=workers, seed=0, drop_last=True)
     target = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
 

@@ -6,6 +6,7 @@ A checkpoint is a plain dict (format ``FORMAT_VERSION``)::
     spec            ModelSpec.to_dict()
     image_size      int, the loader / STN input size S
     windows         WindowStack.to_list()
+    prep            SlicePrep.to_dict(): size, windows and head crop (absent before the crop: no crop)
     normalisation   {"mean": [3 floats], "std": [3 floats]}, applied inside the model
     labels          list(LABELS); stage1_classes: list(STAGE1_CLASSES)
     backbone_frozen bool, the trunk's freezing policy (restored on load, e.g. for resuming)
@@ -34,11 +35,12 @@ import numpy as np
 import torch
 
 from hemorrhage_core.errors import CheckpointError
+from hemorrhage_core.fileio import atomic_file
 from hemorrhage_core.labels import LABELS, STAGE1_CLASSES
 from hemorrhage_core.models.net import IN_CHANNELS, HemorrhageNet, build_empty
 from hemorrhage_core.models.spec import ModelSpec
 from hemorrhage_core.models.weights import as_state_dict, check_compatible, safe_torch_load
-from hemorrhage_core.runs import atomic_file
+from hemorrhage_core.preprocess import SlicePrep
 from hemorrhage_core.windowing import WindowStack
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,8 @@ REQUIRED_KEYS = (
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint with its fields parsed (spec -> ModelSpec, windows -> WindowStack)."""
+    """A loaded checkpoint with its fields parsed (spec -> ModelSpec, windows -> WindowStack, prep ->
+    SlicePrep, the preprocessing its model was trained with)."""
 
     format_version: int
     spec: ModelSpec
@@ -67,6 +70,11 @@ class Checkpoint:
     train_state: dict[str, Any] | None = field(default=None, repr=False)
     backbone_frozen: bool = False
     path: str | None = None
+    prep: SlicePrep | None = None
+
+    def __post_init__(self) -> None:
+        if self.prep is None:
+            self.prep = SlicePrep(self.image_size, self.windows)
 
     def meta(self) -> dict[str, Any]:
         """The descriptive part (no weights, no train state) as plain data: for run records and the UI."""
@@ -75,6 +83,7 @@ class Checkpoint:
             "spec": self.spec.to_dict(),
             "image_size": self.image_size,
             "windows": self.windows.to_list(),
+            "prep": self.prep.to_dict(),
             "normalisation": self.normalisation,
             "labels": list(self.labels),
             "stage1_classes": list(self.stage1_classes),
@@ -134,20 +143,20 @@ def save_checkpoint(
     path: str | os.PathLike,
     model: HemorrhageNet,
     *,
-    image_size: int,
-    windows: WindowStack,
+    prep: SlicePrep,
     config: Mapping[str, Any] | Any | None = None,
     metrics: Mapping[str, Any] | None = None,
     train_state: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` and its description to ``path`` atomically; return the path."""
-    if windows.channels != IN_CHANNELS:
-        raise CheckpointError(f"the model takes {IN_CHANNELS} channels, the window stack has {windows.channels}")
+    """Write ``model``, the preprocessing ``prep`` it takes and its description to ``path`` atomically."""
+    if prep.channels != IN_CHANNELS:
+        raise CheckpointError(f"the model takes {IN_CHANNELS} channels, the window stack has {prep.channels}")
     payload = {
         "format_version": FORMAT_VERSION,
         "spec": model.spec.to_dict(),
-        "image_size": int(image_size),
-        "windows": windows.to_list(),
+        "image_size": prep.image_size,  # image_size and windows: also inside prep, kept for older readers
+        "windows": prep.windows.to_list(),
+        "prep": prep.to_dict(),
         "normalisation": model.normalise.as_dict(),
         "labels": list(LABELS),
         "stage1_classes": list(STAGE1_CLASSES),
@@ -186,6 +195,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         windows = WindowStack.from_list(raw["windows"])
         normalisation = {k: [float(v) for v in raw["normalisation"][k]] for k in ("mean", "std")}
         image_size = int(raw["image_size"])
+        prep = SlicePrep.from_dict(raw["prep"]) if raw.get("prep") is not None else SlicePrep(image_size, windows)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{source} has a malformed description: {exc}") from None
     if list(raw["labels"]) != list(LABELS) or list(raw["stage1_classes"]) != list(STAGE1_CLASSES):
@@ -196,6 +206,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{source}: the model takes {IN_CHANNELS} channels")
     if image_size < 1:
         raise CheckpointError(f"{source}: image_size must be positive, got {image_size}")
+    if prep.image_size != image_size or prep.windows.key() != windows.key():
+        raise CheckpointError(f"{source}: its preprocessing ({prep.key()}) contradicts image_size and windows")
     state = as_state_dict(raw["state_dict"], source=source)
     train_state = raw.get("train_state")
     for key in ("config", "metrics", "train_state"):
@@ -206,7 +218,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         normalisation=normalisation, labels=list(raw["labels"]), stage1_classes=list(raw["stage1_classes"]),
         config=dict(raw["config"] or {}), metrics=dict(raw["metrics"] or {}), state_dict=state,
         train_state=None if train_state is None else dict(train_state),
-        backbone_frozen=bool(raw.get("backbone_frozen", False)), path=os.fspath(path),
+        backbone_frozen=bool(raw.get("backbone_frozen", False)), path=os.fspath(path), prep=prep,
     )
     # Check the architecture now, so a bad file fails here and not later in model_from_checkpoint.
     check_compatible(build_empty(spec).state_dict(), state, source=source)

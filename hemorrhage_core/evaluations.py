@@ -29,14 +29,9 @@ import pandas as pd
 from hemorrhage_core import metrics
 from hemorrhage_core.calibration import ECE_BINS, Calibration, brier, expected_calibration_error
 from hemorrhage_core.errors import HemorrhageError
-from hemorrhage_core.labels import LABEL_WEIGHTS, LABELS
-from hemorrhage_core.runs import (
-    PREDICTION_COLUMNS,
-    PREDICTIONS_CSV,
-    atomic_write_text,
-    dumps_json,
-    read_csv_tolerant,
-)
+from hemorrhage_core.fileio import atomic_write_text
+from hemorrhage_core.labels import LABEL_WEIGHTS, LABELS, consistent_any
+from hemorrhage_core.runs import PREDICTION_COLUMNS, PREDICTIONS_CSV, dumps_json, read_csv_tolerant
 
 EVALUATIONS_DIR = "evaluations"
 EVALUATION_METRICS = "metrics.json"
@@ -150,7 +145,21 @@ def evaluation_metrics(frame: pd.DataFrame, thresholds: Mapping[str, Any], *, st
         "method": thresholds.get("method", "youden_j"), "data": thresholds.get("data", VALIDATION),
         "defaulted": {"slice": thresholds.get("slice_defaulted", []), "study": thresholds.get("study_defaulted", [])},
     }
+    out["any_consistent"] = any_consistent_report(y_true, y_prob)
     return out
+
+
+def any_consistent_report(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, Any]:
+    """``any`` scored as predictions report it (``labels.consistent_any``: at least every subtype)
+    beside its own output: AUC, log loss, and the share of slices the rule raised."""
+    j = LABELS.index("any")
+    ruled = consistent_any(y_prob)
+
+    def scores(p: np.ndarray) -> dict[str, float | None]:
+        return {"auc": metrics.roc_auc(y_true[:, j], p[:, j]),
+                "weighted_log_loss": metrics.weighted_log_loss(y_true, p, weights=LABEL_WEIGHTS)}
+
+    return {"own": scores(y_prob), "rule": scores(ruled), "raised": float(np.mean(ruled[:, j] > y_prob[:, j]))}
 
 
 def calibration_report(y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray) -> dict[str, Any]:

@@ -1,15 +1,16 @@
 """The one way to turn a DICOM slice into hemorrhage probabilities (evaluate, predict and the dashboard).
 
 ``Predictor`` reads a file or bytes with ``hemorrhage_core.dicom.read_slice``, refuses what it was not
-made for, windows and resizes with the checkpoint's own settings (``prepare_slice`` + ``to_tensor``),
+made for, crops, windows and resizes with the checkpoint's own preprocessing (``SlicePrep`` + ``to_tensor``),
 runs the model and returns probabilities in ``LABELS`` order with the windowed input, the STN-aligned
 image, theta and optionally a Grad-CAM heatmap. Given a run's ``Calibration`` (temperature scaling
-fitted on its validation set) the probabilities it returns are calibrated; each Prediction keeps the
-model's own values beside them (``raw_probabilities``).
+fitted on its validation set) the probabilities it returns are calibrated. Then ``any`` is raised to the
+largest subtype probability (``labels.consistent_any``): a slice with a likely subtype is a slice with
+likely hemorrhage. Each Prediction keeps the model's own values beside them (``raw_probabilities``).
 
 Refused (InputRejectedError): a modality other than CT, and everything the DICOM reader refuses
 (DicomReadError). Flagged, not refused: HU content that does not look like a head CT (no bone, no air,
-inverted sign, missing modality). A flagged slice still gets probabilities, because a refusal would
+inverted sign, no closed skull ring), a BodyPartExamined naming another part, a missing modality. A flagged slice still gets probabilities, because a refusal would
 hide the model's behaviour on exactly the inputs a user needs to question; the flags travel with the
 prediction and the caller decides (the dashboard shows them, evaluate counts them).
 
@@ -32,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hemorrhage_core.dicom import read_slice
+from hemorrhage_core.dicom import CtSlice, read_slice
 from hemorrhage_core.errors import HemorrhageError, InputRejectedError
-from hemorrhage_core.labels import LABELS
+from hemorrhage_core.labels import LABELS, consistent_any
 from hemorrhage_core.machine import cpu_has_native_bf16
 from hemorrhage_core.models.net import HemorrhageNet, probabilities
-from hemorrhage_core.preprocess import prepare_slice, to_tensor
+from hemorrhage_core.preprocess import SlicePrep, find_skull_ring, to_tensor
 from hemorrhage_core.windowing import WindowStack
 
 if TYPE_CHECKING:
@@ -86,16 +87,38 @@ def hu_flags(hu: np.ndarray, limits: HuLimits = HU_LIMITS) -> list[str]:
     return flags
 
 
+# BodyPartExamined values (upper case; DICOM CID 4031 and scanners' own) that name the head.
+HEAD_BODY_PARTS: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", "CRAN", "CEREB")
+
+
+def head_flags(hu: np.ndarray, body_part: str = "", *, ring: bool = True) -> list[str]:
+    """Warnings for a CT slice that is plainly not of a head: BodyPartExamined naming another part, or
+    bone that forms no closed ring around brain-density tissue (the skull; see ``find_skull_ring``).
+
+    The ring is open on the lowest slices of a head series (skull base, foramen magnum) and may be on
+    the vertex, so there the warning says so instead of refusing: the reader decides. ``ring=False``
+    skips the ring (the caller has found the HU themselves wrong: no ring is then no news).
+    """
+    flags: list[str] = []
+    part = (body_part or "").strip().upper()
+    if part and not any(name in part for name in HEAD_BODY_PARTS):
+        flags.append(f"not_head: BodyPartExamined is {part!r}; this model reads head CT")
+    if ring and find_skull_ring(hu) is None:
+        flags.append("no_skull_ring: no closed ring of skull in the slice; not a head CT, or a slice "
+                     "through the skull base or vertex")
+    return flags
+
+
 @dataclass
 class Prediction:
     """One slice's result.
 
-    probabilities: label -> p in ``LABELS`` order, calibrated when the Predictor has a calibration;
+    probabilities: label -> p in ``LABELS`` order, calibrated when the Predictor has a calibration, with
+    ``any`` at least every subtype (``consistent_any``);
     image: uint8 (C, S, S) windowed model input; aligned: uint8 (C, s, s) STN output; theta: float32
     (2, 3); heatmap: float32 (S, S) in [0, 1] on the input image's grid, or None; meta: header fields
     (``META_FIELDS``, no patient identifiers); flags: warnings about the input ("code: explanation");
-    raw_probabilities: the model's own values before calibration (equal to ``probabilities`` when
-    ``calibrated`` is False).
+    raw_probabilities: the model's own values, before calibration and the ``any`` rule.
     """
 
     probabilities: dict[str, float]
@@ -137,8 +160,9 @@ def _plain(value: Any) -> Any:
 class Predictor:
     """DICOM (path or bytes) -> Prediction with a model and its checkpoint's preprocessing.
 
-    ``checkpoint_meta``: a ``Checkpoint`` or a mapping with ``image_size`` and ``windows`` (a
-    WindowStack or its ``to_list()``). ``batch_size`` bounds ``predict_many``'s forward batches.
+    ``checkpoint_meta``: a ``Checkpoint`` or a mapping with ``prep`` (a SlicePrep or its ``to_dict()``),
+    or, for models from before the head crop, ``image_size`` and ``windows`` (a WindowStack or its
+    ``to_list()``). ``batch_size`` bounds ``predict_many``'s forward batches.
     ``channels_last`` converts the model and inputs to NHWC, faster for convolutions on CPU.
     ``read_ahead`` (default: on for accelerators, off on CPU) overlaps reading with the model in
     ``predict_many``. ``calibration`` (a run's ``Calibration``) is applied to every probability returned.
@@ -159,9 +183,17 @@ class Predictor:
         bf16: bool | None = None,
     ) -> None:
         get = checkpoint_meta.get if isinstance(checkpoint_meta, Mapping) else lambda k: getattr(checkpoint_meta, k)
-        windows = get("windows")
-        self.windows = windows if isinstance(windows, WindowStack) else WindowStack.from_list(windows)
-        self.image_size = int(get("image_size"))
+        try:
+            prep = get("prep")
+        except (AttributeError, KeyError):
+            prep = None
+        if prep is None:
+            windows = get("windows")
+            windows = windows if isinstance(windows, WindowStack) else WindowStack.from_list(windows)
+            prep = SlicePrep(int(get("image_size")), windows)
+        self.prep: SlicePrep = prep if isinstance(prep, SlicePrep) else SlicePrep.from_dict(prep)
+        self.windows = self.prep.windows
+        self.image_size = self.prep.image_size
         self.device = torch.device(device)
         self.batch_size = max(1, int(batch_size))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -198,7 +230,10 @@ class Predictor:
     # -- reading ------------------------------------------------------------------------------------
     def prepare(self, source: Source) -> _Prepared:
         """Read, check and preprocess one slice; raises DicomReadError / InputRejectedError."""
-        ct = read_slice(source)
+        return self.prepare_slice(read_slice(source))
+
+    def prepare_slice(self, ct: CtSlice) -> _Prepared:
+        """Check and preprocess a slice already decoded by ``read_slice``; raises InputRejectedError."""
         meta = {name: _plain(getattr(ct.meta, name, None)) for name in META_FIELDS}
         modality = str(meta.get("modality") or "").strip().upper()
         flags: list[str] = []
@@ -211,15 +246,18 @@ class Predictor:
         hu = np.asarray(ct.hu)
         if hu.ndim != 2 or hu.size == 0:
             raise InputRejectedError(f"{meta.get('image_id') or 'input'}: expected one 2-D slice, got shape {hu.shape}")
-        flags += hu_flags(hu)
-        return _Prepared(prepare_slice(hu, self.image_size, self.windows), meta, flags)
+        hu_problems = hu_flags(hu)
+        flags += hu_problems + head_flags(hu, getattr(ct.meta, "body_part", ""), ring=not hu_problems)
+        return _Prepared(self.prep(hu), meta, flags)
 
     # -- prediction ---------------------------------------------------------------------------------
-    def predict(self, source: Source, *, saliency_label: str | None = None) -> Prediction:
-        """One slice. ``saliency_label`` (a name in ``LABELS``) adds a Grad-CAM heatmap for that label."""
+    def predict(self, source: Source | CtSlice, *, saliency_label: str | None = None) -> Prediction:
+        """One slice, from a file, its bytes or a ``CtSlice`` already decoded (a caller that also shows
+        the HU decodes once). ``saliency_label`` (a name in ``LABELS``) adds a Grad-CAM heatmap."""
         if saliency_label is not None and saliency_label not in LABELS:
             raise ValueError(f"unknown saliency label {saliency_label!r}; known: {', '.join(LABELS)}")
-        return self._run([self.prepare(source)], saliency_label)[0]
+        prepared = self.prepare_slice(source) if isinstance(source, CtSlice) else self.prepare(source)
+        return self._run([prepared], saliency_label)[0]
 
     def predict_many(
         self, sources: Iterable[Source], *, batch_size: int | None = None
@@ -250,6 +288,10 @@ class Predictor:
                 future = pool.submit(self._prepare_chunk, next(chunks, None))
                 finish(prepared)
         return results
+
+    def predict_prepared(self, prepared: Sequence[_Prepared]) -> list[Prediction]:
+        """One forward over slices ``prepare`` has read (for callers that read in their own pool)."""
+        return self._run(prepared, None) if prepared else []
 
     def _prepare_chunk(self, chunk: list[Source] | None) -> list[_Prepared | HemorrhageError] | None:
         if chunk is None:
@@ -288,7 +330,7 @@ class Predictor:
                 probs = probabilities(self.stage, logits)
         raw_np = probs.float().cpu().numpy().astype(np.float64)
         # Calibrated in float64 from the float32 output, as evaluate calibrates the saved raw values.
-        probs_np = raw_np if self.calibration is None else self.calibration.apply(raw_np)
+        probs_np = consistent_any(raw_np if self.calibration is None else self.calibration.apply(raw_np))
         theta_np = theta.float().cpu().numpy().astype(np.float32)
         aligned_np = aligned.mul(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8).cpu().numpy()
         return [

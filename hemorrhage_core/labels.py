@@ -34,3 +34,19 @@ def stage1_class(label_row: dict[str, int] | list[int] | tuple[int, ...]) -> int
     if len(positives) == 1:
         return positives[0] + 1
     return None
+
+
+def consistent_any(probabilities):
+    """(N, 6) or (6,) probabilities in ``LABELS`` order -> a copy with ``any = max(any, every subtype)``.
+
+    The six outputs are independent sigmoids, so a model can say epidural 0.9 and any 0.1, which no
+    reader can act on. ``any`` is the OR of the subtypes, so it is at least each of them; raising it to
+    their maximum is the smallest change that says so. Applied after calibration, to what a prediction
+    reports (the Predictor); the subtypes are left as they are.
+    """
+    import numpy as np
+
+    out = np.array(probabilities, dtype=np.float64, copy=True)
+    any_col = LABELS.index("any")
+    out[..., any_col] = np.maximum(out[..., any_col], out[..., : len(SUBTYPES)].max(axis=-1))
+    return out

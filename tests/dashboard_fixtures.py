@@ -224,11 +224,11 @@ def tiny_model_checkpoint(path: Path, *, stage: int = 2, size: int = 32, seed: i
 
     from hemorrhage_core.checkpoint import save_checkpoint
     from hemorrhage_core.models import ModelSpec, build_model
-    from hemorrhage_core.windowing import DEFAULT_STACK
+    from hemorrhage_core.preprocess import SlicePrep
 
     torch.manual_seed(seed)
     model = build_model(ModelSpec("resnet18", stage, input_size=size, hidden=(32, 16, 8))).eval()
-    return save_checkpoint(path, model, image_size=size, windows=DEFAULT_STACK)
+    return save_checkpoint(path, model, prep=SlicePrep(size))
 
 
 # Statuses cycled over write_many_runs' runs; "running" keeps a live writer, "interrupted" is a

@@ -26,6 +26,7 @@ from hemorrhage_core.errors import CheckpointError
 from hemorrhage_core.labels import LABELS
 from hemorrhage_core.models import ModelSpec, build_model, stage2_from_stage1
 from hemorrhage_core.models.weights import safe_torch_load
+from hemorrhage_core.preprocess import SlicePrep
 from hemorrhage_core.windowing import DEFAULT_STACK
 
 SPEC = ModelSpec("resnet18", 1, input_size=40, hidden=(16,))
@@ -51,7 +52,7 @@ def trained(tmp_path_factory):
         "python_rng": random.getstate(),
     }
     config = argparse.Namespace(lr=np.float32(1e-3), data=Path("/data/x"), windows=("brain", "bone"), _run=print)
-    save_checkpoint(path, model, image_size=48, windows=DEFAULT_STACK, config=config,
+    save_checkpoint(path, model, prep=SlicePrep(48), config=config,
                     metrics={"auc_any": np.float64(0.75)}, train_state=train_state)
     return model.eval(), path, optimizer, rng
 
@@ -81,7 +82,7 @@ def test_round_trip_gives_identical_outputs_and_fields(trained):
 
 def test_freezing_policy_survives_the_round_trip(tmp_path):
     model = build_model(SPEC, freeze=True)
-    path = save_checkpoint(tmp_path / "frozen.pt", model, image_size=40, windows=DEFAULT_STACK)
+    path = save_checkpoint(tmp_path / "frozen.pt", model, prep=SlicePrep(40))
     restored, _ = model_from_checkpoint(path)
     assert restored.backbone_frozen and not any(p.requires_grad for p in restored.backbone.parameters())
 
@@ -89,8 +90,8 @@ def test_freezing_policy_survives_the_round_trip(tmp_path):
 def test_writes_are_atomic_and_replace(tmp_path, trained):
     model = trained[0]
     path = tmp_path / "run" / "best.pt"
-    save_checkpoint(path, model, image_size=48, windows=DEFAULT_STACK, metrics={"epoch": 1})
-    save_checkpoint(path, model, image_size=48, windows=DEFAULT_STACK, metrics={"epoch": 2})
+    save_checkpoint(path, model, prep=SlicePrep(48), metrics={"epoch": 1})
+    save_checkpoint(path, model, prep=SlicePrep(48), metrics={"epoch": 2})
     assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temp files left
     assert load_checkpoint(path).metrics == {"epoch": 2}
 
@@ -98,7 +99,7 @@ def test_writes_are_atomic_and_replace(tmp_path, trained):
 def test_unsafe_values_are_refused_at_save_time(tmp_path, trained):
     model = trained[0]
     with pytest.raises(CheckpointError, match=r"config\['callback'\]"):
-        save_checkpoint(tmp_path / "x.pt", model, image_size=48, windows=DEFAULT_STACK, config={"callback": object()})
+        save_checkpoint(tmp_path / "x.pt", model, prep=SlicePrep(48), config={"callback": object()})
     assert not (tmp_path / "x.pt").exists()
     converted = to_safe({"a": np.arange(3), "b": {2, 1}, "c": (np.float64(0.5),)})
     assert torch.equal(converted["a"], torch.arange(3)) and converted["b"] == [1, 2]
@@ -182,9 +183,10 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path, trained):
             load_checkpoint(foreign)
 
 
-def test_model2_from_a_stage1_checkpoint_path(trained):
+def test_model2_from_a_stage1_checkpoint(trained):
     model, path = trained[:2]
-    model2 = stage2_from_stage1(path)
+    model1, _ = model_from_checkpoint(path)
+    model2 = stage2_from_stage1(model1)
     x = torch.rand(1, 3, 48, 48)
     with torch.inference_mode():
         assert torch.equal(model.forward_features(x), model2.eval().forward_features(x))

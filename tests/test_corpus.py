@@ -31,6 +31,7 @@ from hemorrhage_core.dashboard.safety import GENERIC_ERROR
 from hemorrhage_core.dicom import CtSlice, DicomRefusal, SliceMeta, read_header, read_slice
 from hemorrhage_core.errors import DicomReadError
 from hemorrhage_core.labels import LABELS
+from hemorrhage_core.preprocess import SlicePrep
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -189,13 +190,12 @@ def run_dir(tmp_path_factory) -> Path:
     from hemorrhage_core.checkpoint import save_checkpoint
     from hemorrhage_core.models import ModelSpec, build_model
     from hemorrhage_core.runs import RunWriter
-    from hemorrhage_core.windowing import DEFAULT_STACK
 
     torch.manual_seed(0)
     spec = ModelSpec(backbone="mobilenet_v3_small", stage=2, input_size=32, hidden=(16, 8))
     model = build_model(spec, weights="none")
     writer = RunWriter.create(tmp_path_factory.mktemp("runs"), backbone=spec.backbone, stage=2, config={})
-    save_checkpoint(writer.checkpoint_path("best"), model, image_size=32, windows=DEFAULT_STACK)
+    save_checkpoint(writer.checkpoint_path("best"), model, prep=SlicePrep(32))
     writer.finish()
     return writer.path
 

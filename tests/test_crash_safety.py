@@ -33,7 +33,7 @@ from train_fixtures import (
 
 from hemorrhage_core.checkpoint import load_checkpoint, save_checkpoint
 from hemorrhage_core.errors import CheckpointError
-from hemorrhage_core.windowing import DEFAULT_STACK
+from hemorrhage_core.preprocess import SlicePrep
 
 REPO = Path(__file__).resolve().parent.parent
 TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what the atomic writers' mkstemp names look like
@@ -290,7 +290,7 @@ def bad_runs(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("bad_checkpoints")
     torch.manual_seed(0)
     model = build_model(ModelSpec("mobilenet_v3_small", 1, input_size=32, hidden=(16,)), weights="none")
-    good = save_checkpoint(root / "good.pt", model, image_size=48, windows=DEFAULT_STACK)
+    good = save_checkpoint(root / "good.pt", model, prep=SlicePrep(48))
     marker = root / "payload-ran.txt"
     changes = {
         "malicious": lambda p: p["config"].update(hook=_CreatesFile(marker)),

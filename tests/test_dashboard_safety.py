@@ -30,7 +30,7 @@ from hemorrhage_core.dicom import new_uid, write_ct_slice
 from hemorrhage_core.errors import CheckpointError, DicomReadError
 from hemorrhage_core.labels import LABELS
 from hemorrhage_core.models import ModelSpec, build_model
-from hemorrhage_core.windowing import DEFAULT_STACK
+from hemorrhage_core.preprocess import SlicePrep
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET_NAME = "Canary^Dashboard"
@@ -198,7 +198,7 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model(ModelSpec("resnet18", 2, input_size=64, hidden=(16, 8, 8))).eval()
     return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "best.pt", model, image_size=64, windows=DEFAULT_STACK
+        tmp_path_factory.mktemp("ckpt") / "best.pt", model, prep=SlicePrep(64)
     )
 
 

@@ -19,7 +19,7 @@ from hemorrhage_core.data.header_index import build_index, index_folder
 from hemorrhage_core.dicom import read_slice
 from hemorrhage_core.errors import DatasetError, DicomReadError
 from hemorrhage_core.labels import LABELS
-from hemorrhage_core.preprocess import prepare_slice, to_tensor
+from hemorrhage_core.preprocess import SlicePrep, prepare_slice, to_tensor
 from hemorrhage_core.windowing import DEFAULT_STACK, PRESETS, WindowStack
 
 SIZE = 24  # slices are written at 32 px: the cache resizes
@@ -33,14 +33,15 @@ def rsna(tmp_path):
 
 
 def _build(index, data, **kwargs) -> SliceCache:
-    return SliceCache.build(index, data, image_size=kwargs.pop("image_size", SIZE), workers=1, progress=False, **kwargs)
+    prep = SlicePrep(kwargs.pop("image_size", SIZE), kwargs.pop("windows", DEFAULT_STACK), head_crop=kwargs.pop("head_crop", False))
+    return SliceCache.build(index, data, prep=prep, workers=1, progress=False, **kwargs)
 
 
 def test_cached_path_returns_exactly_the_uncached_tensors(rsna):
     data, index = rsna
     cache = _build(index, data)
-    cached = SliceDataset(index, data, stage=2, image_size=SIZE, cache=cache)
-    uncached = SliceDataset(index, data, stage=2, image_size=SIZE)
+    cached = SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE), cache=cache)
+    uncached = SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE))
     assert len(cached) == len(uncached) == len(index)
     for i in range(len(index)):
         image_c, target_c, id_c = cached[i]
@@ -76,9 +77,9 @@ def test_cache_is_invalidated_when_size_or_windows_change(rsna):
     np.testing.assert_array_equal(base.array[:, :2], rewindowed.array[:, :2])
     # a dataset refuses a cache made for another size or other windows
     with pytest.raises(DatasetError, match="cache holds"):
-        SliceDataset(index, data, stage=2, image_size=SIZE, cache=resized)
+        SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE), cache=resized)
     with pytest.raises(DatasetError, match="cache holds"):
-        SliceDataset(index, data, stage=2, image_size=SIZE, cache=rewindowed)
+        SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE), cache=rewindowed)
 
 
 def test_cache_is_rebuilt_when_the_preprocessing_version_changes(rsna, monkeypatch):
@@ -129,16 +130,16 @@ def test_truncated_slice_is_skipped_recorded_and_excluded(rsna, caplog):
     assert bad in caplog.text
     usable = usable_index(index, cache)
     assert bad not in set(usable["image_id"]) and len(usable) == len(index) - 1
-    dataset = SliceDataset(index, data, stage=2, image_size=SIZE, cache=cache)
+    dataset = SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE), cache=cache)
     assert dataset.excluded_ids == (bad,)
     assert bad not in {dataset[i][2] for i in range(len(dataset))}
     with pytest.raises(DatasetError, match="failed to decode"):
         cache.get(bad)
     # the uncached path skips it (None, dropped by the loader's collate) or raises on request
-    uncached = SliceDataset(index, data, stage=2, image_size=SIZE)
+    uncached = SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE))
     assert uncached[2] is None
     with pytest.raises(DicomReadError):
-        SliceDataset(index, data, stage=2, image_size=SIZE, on_error="raise")[2]
+        SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE), on_error="raise")[2]
 
 
 def test_a_crashed_build_leaves_nothing_that_is_trusted(rsna, monkeypatch):
@@ -181,31 +182,31 @@ def test_pickled_cache_does_not_carry_the_array(rsna):
 
 def test_stage_targets(rsna):
     data, index = rsna
-    stage1 = SliceDataset(index, data, stage=1, image_size=SIZE)
+    stage1 = SliceDataset(index, data, stage=1, prep=SlicePrep(SIZE))
     multi = index[index["stage1_class"] == -1]
     assert len(multi) > 0 and len(stage1) == len(index) - len(multi)
     for i in range(len(stage1)):
         _, target, image_id = stage1[i]
         assert target.dtype == torch.int64 and target.shape == ()
         assert int(target) == int(index.set_index("image_id").loc[image_id, "stage1_class"])
-    stage2 = SliceDataset(index, data, stage=2, image_size=SIZE)
+    stage2 = SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE))
     _, target, image_id = stage2[0]
     assert target.dtype == torch.float32
     expected = index.set_index("image_id").loc[image_id, list(LABELS)].to_numpy(dtype=np.float32)
     np.testing.assert_array_equal(target.numpy(), expected)
     # unlabeled rows: ignored class in stage 1, NaN in stage 2
     unlabeled = index_folder(data / "stage_2_train", workers=1, progress=False).table
-    assert int(SliceDataset(unlabeled, data / "stage_2_train", stage=1, image_size=SIZE)[0][1]) == IGNORE_INDEX
-    assert torch.isnan(SliceDataset(unlabeled, data / "stage_2_train", stage=2, image_size=SIZE)[0][1]).all()
+    assert int(SliceDataset(unlabeled, data / "stage_2_train", stage=1, prep=SlicePrep(SIZE))[0][1]) == IGNORE_INDEX
+    assert torch.isnan(SliceDataset(unlabeled, data / "stage_2_train", stage=2, prep=SlicePrep(SIZE))[0][1]).all()
     with pytest.raises(ValueError):
-        SliceDataset(index, data, stage=3, image_size=SIZE)
+        SliceDataset(index, data, stage=3, prep=SlicePrep(SIZE))
 
 
 def test_augmentation_runs_after_the_deterministic_part(rsna):
     data, index = rsna
     flip = SliceAugment(AugmentConfig(hflip_p=1.0, affine_p=0.0, brightness=0.0, contrast=0.0))
-    plain = SliceDataset(index, data, stage=2, image_size=SIZE)
-    flipped = SliceDataset(index, data, stage=2, image_size=SIZE, augment=flip)
+    plain = SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE))
+    flipped = SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE), augment=flip)
     assert torch.equal(flipped[0][0], plain[0][0].flip(-1))
 
     jitter = SliceAugment(AugmentConfig(affine_p=1.0, noise_std=0.01))

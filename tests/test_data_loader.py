@@ -13,6 +13,7 @@ from hemorrhage_core.data.cache import SliceCache
 from hemorrhage_core.data.dataset import SliceDataset
 from hemorrhage_core.data.header_index import build_index
 from hemorrhage_core.data.loader import collate_skip_failed, make_loader
+from hemorrhage_core.preprocess import SlicePrep
 
 SIZE = 16
 
@@ -22,8 +23,8 @@ def dataset(tmp_path_factory):
     data = tmp_path_factory.mktemp("loader") / "data"
     write_rsna_set(data, n_patients=4, slices_per_patient=5, size=32, seed=5)
     index = build_index(data, workers=1, progress=False).table
-    cache = SliceCache.build(index, data, image_size=SIZE, workers=1, progress=False)
-    return SliceDataset(index, data, stage=2, image_size=SIZE, cache=cache, augment=SliceAugment())
+    cache = SliceCache.build(index, data, prep=SlicePrep(SIZE), workers=1, progress=False)
+    return SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE), cache=cache, augment=SliceAugment())
 
 
 def _epochs(loader, n=2):
@@ -71,7 +72,7 @@ def test_failed_slices_are_dropped_from_batches(tmp_path):
     write_rsna_set(data, n_patients=1, slices_per_patient=4, size=32, seed=9)
     index = build_index(data, workers=1, progress=False).table
     truncate_file(data / index["path"][1])
-    dataset = SliceDataset(index, data, stage=2, image_size=SIZE)
+    dataset = SliceDataset(index, data, stage=2, prep=SlicePrep(SIZE))
     batches = list(make_loader(dataset, batch_size=4, shuffle=False, workers=0, seed=0))
     assert len(batches) == 1
     images, targets, ids = batches[0]

@@ -94,8 +94,8 @@ def run_dir(tmp_path_factory) -> Path:
 
     from hemorrhage_core.checkpoint import save_checkpoint
     from hemorrhage_core.models import ModelSpec, build_model
+    from hemorrhage_core.preprocess import SlicePrep
     from hemorrhage_core.runs import RunWriter
-    from hemorrhage_core.windowing import DEFAULT_STACK
 
     torch.manual_seed(0)
     spec = ModelSpec(backbone="mobilenet_v3_small", stage=2, input_size=32, hidden=(16, 8))
@@ -103,8 +103,7 @@ def run_dir(tmp_path_factory) -> Path:
     save_checkpoint(
         writer.checkpoint_path("best"),
         build_model(spec, weights="none"),
-        image_size=32,
-        windows=DEFAULT_STACK,
+        prep=SlicePrep(32),
     )
     writer.finish()
     return writer.path
@@ -167,12 +166,12 @@ def test_dashboard_shows_a_visible_warning_for_each_flagged_slice(slices, run_di
     assert warning in html
     assert "inverted: the image border" in html
     # the other flagged slices are named even while another slice is shown
-    assert "2 other slice(s) have HU warnings" in html
+    assert "2 other slice(s) look unlike a head CT slice" in html
     assert "no_intercept_16bit.dcm, no_intercept_12bit.dcm" in html
 
     html = TagList(*batch_notices(batch, results["normal"])).get_html_string()
     assert "does not look like" not in html  # the shown slice is fine
-    assert "3 other slice(s) have HU warnings" in html
+    assert "3 other slice(s) look unlike a head CT slice" in html
 
-    assert slice_label(0, 4, results["no_intercept_16bit"]).endswith("⚠ HU warning")
+    assert slice_label(0, 4, results["no_intercept_16bit"]).endswith("⚠ not like a head CT")
     assert "⚠" not in slice_label(1, 4, results["normal"])

@@ -18,7 +18,7 @@ from hemorrhage_core.errors import DicomReadError, InputRejectedError
 from hemorrhage_core.inference import Prediction, Predictor, hu_flags
 from hemorrhage_core.labels import LABELS
 from hemorrhage_core.models import ModelSpec, build_model, label_scores, probabilities
-from hemorrhage_core.preprocess import prepare_slice, to_tensor
+from hemorrhage_core.preprocess import SlicePrep, prepare_slice, to_tensor
 from hemorrhage_core.windowing import DEFAULT_STACK
 
 IMAGE_SIZE = 96
@@ -65,7 +65,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def predictor(model, tmp_path_factory):
-    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pt", model, image_size=IMAGE_SIZE, windows=DEFAULT_STACK)
+    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pt", model, prep=SlicePrep(IMAGE_SIZE))
     return Predictor.from_checkpoint(path)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +102,19 @@ def test_model2_hidden_must_keep_model1s_first_layer():
     model2 = build_model(ModelSpec("mobilenet_v3_small", 2, input_size=32))
     with pytest.raises(ValueError, match="stage-1"):
         stage2_from_stage1(model2)
+    with pytest.raises(TypeError, match="built Model1"):
+        stage2_from_stage1("runs/x/checkpoints/best.pt")  # a path: the caller loads the checkpoint
+
+
+def test_models_never_import_checkpoint():
+    # checkpoint imports models; the other way round would be a cycle, even as a lazy import in a function.
+    models_dir = Path(__file__).resolve().parent.parent / "hemorrhage_core" / "models"
+    for path in sorted(models_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not any(n.startswith("hemorrhage_core.checkpoint") for n in names), path.name
+    modules = ", ".join(f"hemorrhage_core.models.{p.stem}" for p in sorted(models_dir.glob("[!_]*.py")))
+    code = f"import sys, {modules}; assert 'hemorrhage_core.checkpoint' not in sys.modules, 'models imported checkpoint'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

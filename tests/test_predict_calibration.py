@@ -19,7 +19,8 @@ from hemorrhage_core.calibration import Calibration
 from hemorrhage_core.dashboard.predictors import PredictorCache, UploadResult, series_verdict
 from hemorrhage_core.evaluations import CALIBRATION_JSON, EvaluationError, load_evaluation, read_calibration
 from hemorrhage_core.inference import Predictor
-from hemorrhage_core.labels import LABELS
+from hemorrhage_core.labels import LABELS, consistent_any
+from hemorrhage_core.preprocess import SlicePrep
 from training import cli
 
 # Far from 1 so that calibrated and raw values differ visibly; one label left alone.
@@ -38,12 +39,11 @@ def _make_run(runs_dir: Path) -> Path:
     from hemorrhage_core.checkpoint import save_checkpoint
     from hemorrhage_core.models import ModelSpec, build_model
     from hemorrhage_core.runs import RunWriter
-    from hemorrhage_core.windowing import DEFAULT_STACK
 
     torch.manual_seed(0)
     model = build_model(ModelSpec("mobilenet_v3_small", 2, input_size=32, hidden=(16, 8)), weights="none")
     writer = RunWriter.create(runs_dir, backbone="mobilenet_v3_small", stage=2, config={"image_size": 48})
-    save_checkpoint(writer.checkpoint_path("best"), model, image_size=48, windows=DEFAULT_STACK)
+    save_checkpoint(writer.checkpoint_path("best"), model, prep=SlicePrep(48))
     writer.finish()
     return writer.path
 
@@ -60,7 +60,7 @@ def setup(tmp_path_factory) -> SimpleNamespace:
 
 def _raw(setup) -> np.ndarray:
     predictor = Predictor.from_checkpoint(setup.plain / "checkpoints" / "best.pt")
-    return np.array([[p.probabilities[label] for label in LABELS] for p in map(predictor.predict, setup.files)])
+    return np.array([[p.raw_probabilities[label] for label in LABELS] for p in map(predictor.predict, setup.files)])
 
 
 def _call(capsys, *argv: str) -> tuple[int, str, str]:
@@ -77,7 +77,7 @@ def test_predictor_applies_its_calibration_and_keeps_the_raw_values(setup):
     results = predictor.predict_many(setup.files)
     got = np.array([[r.probabilities[label] for label in LABELS] for r in results])
     kept = np.array([[r.raw_probabilities[label] for label in LABELS] for r in results])
-    np.testing.assert_allclose(got, calibration.apply(raw), atol=1e-6)
+    np.testing.assert_allclose(got, consistent_any(calibration.apply(raw)), atol=1e-6)
     np.testing.assert_allclose(kept, raw, atol=1e-6)
     assert all(r.calibrated for r in results)
     # Temperature 1 leaves intraventricular as it was; the others move.
@@ -94,8 +94,10 @@ def test_with_calibration_shares_the_model_and_leaves_the_original_alone(setup):
     assert calibrated.model is plain.model and plain.calibration is None
     before = plain.predict(setup.files[1])
     after = calibrated.predict(setup.files[1])
-    assert not before.calibrated and before.raw_probabilities == before.probabilities
-    assert after.raw_probabilities == pytest.approx(before.probabilities, abs=1e-7)
+    assert not before.calibrated
+    assert before.probabilities == pytest.approx(dict(zip(LABELS, consistent_any(
+        [before.raw_probabilities[label] for label in LABELS]), strict=True)), abs=1e-12)
+    assert after.raw_probabilities == pytest.approx(before.raw_probabilities, abs=1e-7)
     assert plain.with_calibration(None) is plain
 
 
@@ -108,7 +110,7 @@ def test_predict_json_gives_calibrated_and_raw_values(setup, capsys, tmp_path):
     assert code == 0, err
     rows = json.loads(out)
     assert all({"file", "probabilities", "error", "flags"} <= set(row) for row in rows)
-    expected = _calibration().apply(raw)
+    expected = consistent_any(_calibration().apply(raw))
     for row, want, model in zip(rows, expected, raw, strict=True):
         assert row["calibrated"] is True and row["error"] is None
         assert list(row["probabilities"]) == list(LABELS)
@@ -119,11 +121,13 @@ def test_predict_json_gives_calibrated_and_raw_values(setup, capsys, tmp_path):
     assert pd.read_csv(submission)["Label"].to_numpy() == pytest.approx(expected.ravel(), abs=1e-6)
 
 
-def test_predict_on_an_uncalibrated_run_reports_raw_equal_to_probabilities(setup, capsys):
+def test_predict_on_an_uncalibrated_run_reports_the_raw_values_with_any_made_consistent(setup, capsys):
     code, out, _ = _call(capsys, "predict", "--run", str(setup.plain), str(setup.files[0]), "--json")
     assert code == 0
     (row,) = json.loads(out)
-    assert row["calibrated"] is False and row["raw_probabilities"] == row["probabilities"]
+    assert row["calibrated"] is False
+    want = consistent_any([row["raw_probabilities"][label] for label in LABELS])
+    assert [row["probabilities"][label] for label in LABELS] == pytest.approx(want.tolist(), abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -157,7 +161,7 @@ def test_evaluate_calibrates_the_models_raw_probabilities_once(setup, tmp_path, 
     saved = load_evaluation(run, "ext")
     files = [data / "stage_2_train" / f"{i}.dcm" for i in saved.predictions["image_id"]]
     model = Predictor.from_checkpoint(run / "checkpoints" / "best.pt")
-    raw = np.array([[model.predict(f).probabilities[label] for label in LABELS] for f in files])
+    raw = np.array([[model.predict(f).raw_probabilities[label] for label in LABELS] for f in files])
     probs = saved.predictions[[f"prob_{label}" for label in LABELS]].to_numpy()
     np.testing.assert_allclose(probs, _calibration().apply(raw), atol=1e-5)
     assert len(saved.predictions) == len(labels)
@@ -182,7 +186,7 @@ def test_dashboard_cache_applies_the_runs_calibration_and_refuses_a_damaged_one(
     assert batch.error is None and batch.calibrated
     raw = _raw(setup)
     by_name = {r.name: r for r in batch.results}
-    for path, want, model in zip(setup.files, _calibration().apply(raw), raw, strict=True):
+    for path, want, model in zip(setup.files, consistent_any(_calibration().apply(raw)), raw, strict=True):
         result = by_name[path.name]
         assert [result.probabilities[label] for label in LABELS] == pytest.approx(want.tolist(), abs=1e-6)
         assert [result.raw_probabilities[label] for label in LABELS] == pytest.approx(model.tolist(), abs=1e-6)

@@ -58,7 +58,7 @@ def test_atomic_write_replaces_whole_file_and_survives_a_failed_write(tmp_path, 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runs.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
         runs.atomic_write_text(target, "half")
     monkeypatch.undo()

@@ -105,3 +105,25 @@ def test_set_needs_key_value():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_sets(["lr"])
     assert parse_sets(["augment={hflip_p: 0}", "freeze-bn=true"]) == {"augment": {"hflip_p": 0}, "freeze_bn": True}
+
+
+def test_stn_takes_the_model_specs_kinds_and_reads_old_booleans():
+    from hemorrhage_core.models.spec import STN_MODES
+    from training.config import STN_MODES as CONFIG_STN_MODES
+
+    assert CONFIG_STN_MODES == STN_MODES
+    assert TrainConfig.from_dict({"stn": "affine"}).stn == "affine"
+    assert TrainConfig.from_dict({"stn": False}).stn == "none"  # run.json and --set from before
+    assert TrainConfig.from_dict({"stn": True}).stn == "similarity"
+    with pytest.raises(ConfigError, match="stn"):
+        TrainConfig.from_dict({"stn": "elastic"})
+
+
+def test_the_head_crop_is_on_for_new_runs_and_part_of_the_runs_preprocessing():
+    from training.trainer import slice_prep
+
+    config = TrainConfig(image_size=96)
+    assert config.head_crop is True
+    prep = slice_prep(config)
+    assert (prep.image_size, prep.head_crop, prep.windows.names) == (96, True, ("brain", "subdural", "bone"))
+    assert slice_prep(config.replace(head_crop=False)).head_crop is False

@@ -17,6 +17,9 @@ from typing import Any
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
+# The STN kinds of hemorrhage_core.models.spec.STN_MODES, repeated so the CLI needs no torch import;
+# tests/test_train_config.py checks the two agree.
+STN_MODES = ("similarity", "affine", "none")
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 METRICS = ("auc_mean", "weighted_log_loss")
@@ -41,6 +44,7 @@ class TrainConfig:
     seed: int = 0  # split, initialisation, shuffling and augmentation all derive from it
     image_size: int = 224  # preprocessed (cached) slice size in px; the STN resamples to input_size
     windows: list = field(default_factory=lambda: ["brain", "subdural", "bone"])
+    head_crop: bool = True  # crop each slice to the skull's box before resizing (preprocess.SlicePrep)
     cache: bool = True  # preprocessed uint8 cache, built once and reused
     num_workers: int = 0
     augment: bool = True  # random flips / small affine jitter on training slices only
@@ -55,7 +59,7 @@ class TrainConfig:
     freeze_bn: bool = False  # batch-norm layers keep their running statistics while training
     precise_bn_images: int = 0  # > 0: before each evaluation, recompute BN statistics over this many training images
     dropout: float | None = None  # head dropout; None = the model's default
-    stn: bool = True
+    stn: str = "similarity"  # similarity | affine | none (ModelSpec.stn); true / false read as similarity / none
 
     # -- optimisation
     epochs: int = 10
@@ -128,6 +132,7 @@ class TrainConfig:
         )
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         _check(bool(self.windows), "windows", self.windows, "needs at least one window")
+        _check(self.stn in STN_MODES, "stn", self.stn, f"must be one of {', '.join(STN_MODES)}")
         if isinstance(self.class_weights, str):
             _check(self.class_weights in CLASS_WEIGHTS, "class_weights", self.class_weights, "must be none, balanced or six numbers")
         else:
@@ -229,6 +234,8 @@ _FLOAT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("
 
 
 def _coerce(name: str, value: Any) -> Any:
+    if name == "stn" and isinstance(value, bool):  # the field was a bool: keep old configs and --set stn=false working
+        return "similarity" if value else "none"
     # YAML reads "1e-4" (no dot) as a string; numbers given as text are accepted for float fields.
     if name in _FLOAT_FIELDS and isinstance(value, str):
         try:

@@ -125,15 +125,19 @@ class DataBundle:
     cache: Any  # SliceCache or None
     skipped: list[str]
     fingerprint: str
+    prep: Any  # the run's SlicePrep
 
 
-def _windows(config: TrainConfig):
+def slice_prep(config: TrainConfig):
+    """The run's preprocessing (size, windows, head crop), built once per run from its config."""
+    from hemorrhage_core.preprocess import SlicePrep
     from hemorrhage_core.windowing import WindowStack
 
     try:
-        return WindowStack.from_list(config.windows)
+        windows = WindowStack.from_list(config.windows)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
+    return SlicePrep(config.image_size, windows, head_crop=config.head_crop)
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
@@ -150,13 +154,14 @@ def load_index(config: TrainConfig, env: D.DistEnv):
     return index
 
 
-def build_cache(config: TrainConfig, rows: pd.DataFrame, env: D.DistEnv):
+def build_cache(config: TrainConfig, rows: pd.DataFrame, env: D.DistEnv, prep=None):
     """The preprocessed slice cache over ``rows`` (None when the config turns it off)."""
     if not config.cache:
         return None
     from hemorrhage_core.data import SliceCache
 
-    kwargs = {"image_size": config.image_size, "windows": _windows(config), "progress": config.progress and env.is_main}
+    prep = slice_prep(config) if prep is None else prep
+    kwargs = {"prep": prep, "progress": config.progress and env.is_main}
     if env.is_main:
         cache = SliceCache.build(rows, config.data, **kwargs)
         D.barrier(env)
@@ -198,8 +203,9 @@ def prepare_data(config: TrainConfig, env: D.DistEnv) -> DataBundle:
     from hemorrhage_core.data import split_train_val, subset_patients
 
     index = load_index(config, env)
+    prep = slice_prep(config)
     # One cache over the whole data set serves every subset and split of it (and the next run).
-    cache = build_cache(config, index.table, env)
+    cache = build_cache(config, index.table, env, prep)
     # The test patients go first, from the whole index, so every run of a recipe holds out the same ones.
     table, test = holdout_test(config, index.table)
     if config.subset < 1.0:
@@ -213,7 +219,7 @@ def prepare_data(config: TrainConfig, env: D.DistEnv) -> DataBundle:
     return DataBundle(
         data_dir=Path(config.data), index=table, train=train, val=val, test=test, cache=cache,
         patient_ids=index.table["patient_id"].unique(),
-        skipped=sorted(skipped), fingerprint=data_fingerprint(table),
+        skipped=sorted(skipped), fingerprint=data_fingerprint(table), prep=prep,
     )
 
 
@@ -231,11 +237,12 @@ def augmenter(config: TrainConfig):
         raise ConfigError(f"config augment: {exc}") from None
 
 
-def make_dataset(config: TrainConfig, rows: pd.DataFrame, data_dir: Path, cache, *, stage: int, train: bool):
+def make_dataset(config: TrainConfig, rows: pd.DataFrame, data_dir: Path, cache, *, stage: int, train: bool, prep=None):
     from hemorrhage_core.data import SliceDataset
 
+    prep = (cache.prep if cache is not None else slice_prep(config)) if prep is None else prep
     return SliceDataset(
-        rows, data_dir, stage=stage, image_size=config.image_size, windows=_windows(config), cache=cache,
+        rows, data_dir, stage=stage, prep=prep, cache=cache,
         augment=augmenter(config) if train else None,
     )
 
@@ -299,8 +306,9 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "backbone": ckpt.spec.backbone,
         "image_size": ckpt.image_size,
         "windows": ckpt.windows.to_list(),
+        "head_crop": ckpt.prep.head_crop,
         "input_size": ckpt.spec.input_size,
-        "stn": ckpt.spec.stn != "none",
+        "stn": ckpt.spec.stn,
     }
     changed = {k: v for k, v in inherited.items() if getattr(config, k) != v}
     if changed:
@@ -310,13 +318,15 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
 
 def build_network(config: TrainConfig) -> nn.Module:
     """Model1 from scratch/ImageNet, or Model2 from the stage-1 run's best checkpoint."""
+    from hemorrhage_core.checkpoint import model_from_checkpoint
     from hemorrhage_core.models import DEFAULT_DROPOUT, ModelSpec, build_model, stage2_from_stage1
 
     if config.stage == 2:
-        return stage2_from_stage1(parent_checkpoint(config.init_from), dropout=config.dropout, freeze=config.freeze_trunk)
+        model1, _ = model_from_checkpoint(parent_checkpoint(config.init_from))
+        return stage2_from_stage1(model1, dropout=config.dropout, freeze=config.freeze_trunk)
     spec = ModelSpec(
         backbone=config.backbone, stage=1, input_size=config.input_size,
-        stn="similarity" if config.stn else "none",
+        stn=config.stn,
         dropout=DEFAULT_DROPOUT if config.dropout is None else config.dropout,
     )
     return build_model(spec, weights=config.weights, freeze=config.freeze_trunk)
@@ -503,7 +513,9 @@ def resume_config(run_dir: str | os.PathLike) -> TrainConfig:
         raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
     if info.get("kind") != "train":
         raise ConfigError(f"cannot resume {run_dir}: it is a {info.get('kind')} run, not a training run")
-    return TrainConfig.from_dict(info.get("config") or {})
+    saved = dict(info.get("config") or {})
+    saved.setdefault("head_crop", False)  # a run from before the head crop did not crop
+    return TrainConfig.from_dict(saved)
 
 
 def record_operating_points(writer, config: TrainConfig) -> None:
@@ -543,9 +555,9 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
         net = build_network(config)
 
     data = prepare_data(config, env)
-    train_set = make_dataset(config, data.train, data.data_dir, data.cache, stage=config.stage, train=True)
+    train_set = make_dataset(config, data.train, data.data_dir, data.cache, stage=config.stage, train=True, prep=data.prep)
     # Validation always carries the six labels: stage-1 models are scored on them too.
-    val_set = make_dataset(config, data.val, data.data_dir, data.cache, stage=2, train=False)
+    val_set = make_dataset(config, data.val, data.data_dir, data.cache, stage=2, train=False, prep=data.prep)
     if len(train_set) < 1 or len(val_set) < 1:
         raise ConfigError(f"too few images: {len(train_set)} for training, {len(val_set)} for validation")
     val_rows = val_set.index
@@ -553,7 +565,6 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
     series_ids = val_rows["series_uid"].astype(str).to_numpy()
     z_positions = val_rows["z"].to_numpy(dtype=np.float64)
     loop = Loop(config, net, train_set, runtime)
-    windows = _windows(config)
 
     writer = None
     if env.is_main:
@@ -632,13 +643,11 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
             if writer is not None:
                 writer.append_metrics(row)
                 if is_best:
-                    save_checkpoint(writer.checkpoint_path(BEST), loop.net, image_size=config.image_size,
-                                    windows=windows, config=config.to_dict(), metrics=row)
+                    save_checkpoint(writer.checkpoint_path(BEST), loop.net, prep=data.prep, config=config.to_dict(), metrics=row)
                     writer.write_predictions(predictions_frame(rows, gathered["targets"], gathered["probs"]))
                     writer.write_gallery(gallery_entries(loop.net, val_set, gallery, config.stage, device))
                     writer.set_best(epoch, config.metric, value)
-                save_checkpoint(writer.checkpoint_path(LAST), loop.net, image_size=config.image_size,
-                                windows=windows, config=config.to_dict(), metrics=row,
+                save_checkpoint(writer.checkpoint_path(LAST), loop.net, prep=data.prep, config=config.to_dict(), metrics=row,
                                 train_state=loop.state(epoch, best))
                 rate = result.images * env.world_size / max(result.seconds, 1e-9)
                 line = epoch_line(epoch, config.epochs, row, rate, is_best)

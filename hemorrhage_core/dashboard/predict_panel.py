@@ -117,12 +117,12 @@ def slice_label(position: int, count: int, result: UploadResult) -> str:
     """The slice picker's entry for a usable result; a flagged slice says so, whichever is shown."""
     z = f"z = {result.z:.1f} mm" if result.z is not None else "no z position"
     label = f"{position + 1} of {count} · {z} · {result.name}"
-    return f"{label} · ⚠ HU warning" if result.flags else label
+    return f"{label} · ⚠ not like a head CT" if result.flags else label
 
 
 def batch_notices(batch: PredictBatch, shown: UploadResult | None) -> list[Tag]:
     """The status lines of a finished batch, in order: the batch's error, one error per refused file,
-    a warning per HU flag of the shown slice (the model's output on such a slice is not to be trusted),
+    a warning per input flag of the shown slice (the model's output on such a slice is not to be trusted),
     one warning naming the other flagged slices, and how many slices were predicted."""
     lines = [message(batch.error, kind="error")] if batch.error else []
     lines += [message(f"{r.name}: {r.error}", kind="error") for r in batch.results if not r.ok]
@@ -139,7 +139,7 @@ def batch_notices(batch: PredictBatch, shown: UploadResult | None) -> list[Tag]:
     if others:
         lines.append(
             message(
-                f"{len(others)} other slice(s) have HU warnings (marked ⚠ in the slice list): "
+                f"{len(others)} other slice(s) look unlike a head CT slice (marked ⚠ in the slice list): "
                 f"{', '.join(others)}.",
                 kind="warning",
             )

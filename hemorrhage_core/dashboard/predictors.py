@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,25 +26,29 @@ from hemorrhage_core.dashboard.safety import user_message
 from hemorrhage_core.errors import CheckpointError
 from hemorrhage_core.labels import LABELS
 
+if TYPE_CHECKING:  # the dashboard imports torch only when a model is first used
+    from hemorrhage_core.calibration import Calibration
+    from hemorrhage_core.inference import Predictor
+
 log = logging.getLogger("hemorrhage_core.dashboard")
 
 
 class PredictorCache:
     """Thread-safe map (run id, checkpoint mtime) -> Predictor; old versions of a run's model are dropped."""
 
-    def __init__(self, loader: Any = None) -> None:
+    def __init__(self, loader: Callable[[Path], Predictor] | None = None) -> None:
         self._loader = loader
         self._lock = threading.Lock()
-        self._models: dict[str, tuple[int, Any]] = {}
+        self._models: dict[str, tuple[int, Predictor]] = {}
 
-    def _load(self, path: Path) -> Any:
+    def _load(self, path: Path) -> Predictor:
         if self._loader is not None:
             return self._loader(path)
         from hemorrhage_core.inference import Predictor
 
         return Predictor.from_checkpoint(path)
 
-    def get(self, run_id: str, model_path: Path, run_dir: Path | None = None) -> Any:
+    def get(self, run_id: str, model_path: Path, run_dir: Path | None = None) -> Predictor:
         """The run's Predictor, loading it on first use; CheckpointError when the file is absent.
 
         With ``run_dir`` the Predictor applies the run's calibration.json when it has one; a damaged
@@ -59,7 +63,7 @@ class PredictorCache:
         return predictor if calibration is None else predictor.with_calibration(calibration)
 
     @staticmethod
-    def _calibration(run_id: str, run_dir: Path | None) -> Any:
+    def _calibration(run_id: str, run_dir: Path | None) -> Calibration | None:
         if run_dir is None:
             return None
         from hemorrhage_core.evaluations import EvaluationError, read_calibration
@@ -69,7 +73,7 @@ class PredictorCache:
         except EvaluationError as exc:
             raise EvaluationError(f"run {run_id}: {exc}") from None
 
-    def _model(self, run_id: str, model_path: Path, mtime: int) -> Any:
+    def _model(self, run_id: str, model_path: Path, mtime: int) -> Predictor:
         with self._lock:
             cached = self._models.get(run_id)
             if cached is not None and cached[0] == mtime:
@@ -125,9 +129,9 @@ class Upload:
 
 
 def analyse_uploads(
-    predictor: Any, uploads: Sequence[Upload], saliency_label: str | None
+    predictor: Predictor, uploads: Sequence[Upload], saliency_label: str | None
 ) -> list[UploadResult]:
-    """Decode and predict each upload; results sorted by series then z (files without z last).
+    """Decode each upload once and predict it; results sorted by series then z (files without z last).
 
     Never raises for a bad file: its result carries a user-facing message instead.
     """
@@ -138,7 +142,7 @@ def analyse_uploads(
         result = UploadResult(index=i, name=upload.name)
         try:
             ct = read_slice(upload.data, image_id=f"upload-{i + 1}")
-            prediction = predictor.predict(upload.data, saliency_label=saliency_label)
+            prediction = predictor.predict(ct, saliency_label=saliency_label)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this file's message
             result.error = user_message(exc, context=f"prediction of upload {i + 1}")
             results.append(result)
@@ -150,13 +154,12 @@ def analyse_uploads(
         result.modality = ct.meta.modality
         result.shape = (ct.meta.rows, ct.meta.columns)
         result.probabilities = {str(k): float(v) for k, v in prediction.probabilities.items()}
-        raw = getattr(prediction, "raw_probabilities", None) or prediction.probabilities
-        result.raw_probabilities = {str(k): float(v) for k, v in raw.items()}
+        result.raw_probabilities = {str(k): float(v) for k, v in prediction.raw_probabilities.items()}
         result.image = prediction.image
         result.aligned = prediction.aligned
         result.theta = np.asarray(prediction.theta, dtype=float)
         result.heatmap = prediction.heatmap
-        result.flags = [str(f) for f in (prediction.flags or [])]
+        result.flags = [str(f) for f in prediction.flags]
         results.append(result)
     return sort_by_position(results)
 

@@ -6,8 +6,8 @@ Typical use::
 
     idx = build_index(DATA)                      # labels + headers, saved as DATA/index.parquet
     train, val = split_train_val(idx.table, val_fraction=0.2, seed=0)
-    cache = SliceCache.build(idx.table, DATA, image_size=224)
-    ds = SliceDataset(usable_index(train, cache), DATA, stage=2, image_size=224, cache=cache,
+    cache = SliceCache.build(idx.table, DATA, prep=SlicePrep(224, head_crop=True))
+    ds = SliceDataset(usable_index(train, cache), DATA, stage=2, prep=cache.prep, cache=cache,
                       augment=SliceAugment())
     loader = make_loader(ds, batch_size=32, shuffle=True, workers=2, seed=0)
 """

@@ -1,15 +1,15 @@
 """The preprocessed slice cache: windowed uint8 (N, C, S, S) in a memory-mapped ``.npy`` file.
 
-A cache folder ``<root>/<size>px-<windows>-<ids digest>/`` holds ``slices.npy`` and ``cache.json``
-(format version, image size, windows, the ordered image ids and their paths, the source signature
-and the ids that failed to decode). The root is ``DATA/.cache`` when writable, else the user cache
+A cache folder ``<root>/<SlicePrep key>-<ids digest>/`` holds ``slices.npy`` and ``cache.json``
+(format version, the preprocessing (``SlicePrep.to_dict``), the ordered image ids and their paths, the
+source signature and the ids that failed to decode). The root is ``DATA/.cache`` when writable, else the user cache
 directory, or a folder the caller gives.
 
 A cache is built in a hidden temporary folder and renamed into place only once complete, so a crash
 never leaves a folder that is later trusted. It is reused by any request with the same size and
 windows whose ids it covers (the full-data cache serves the train and validation subsets), and
-rebuilt when the size, the windows, the preprocessing version (``preprocess.PREPROCESS_VERSION``,
-1 when absent) or a source file's size/mtime change.
+rebuilt when the preprocessing (size, windows, head crop), its version (``PREPROCESS_VERSION``, 1 when
+absent) or a source file's size/mtime change.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ import pandas as pd
 from hemorrhage_core.data.header_index import default_workers, fallback_dir
 from hemorrhage_core.data.labels_table import describe_ids
 from hemorrhage_core.errors import DatasetError, DicomReadError
-from hemorrhage_core.windowing import DEFAULT_STACK, WindowStack
+from hemorrhage_core.fileio import fsync_file, write_fsynced
+from hemorrhage_core.preprocess import SlicePrep
+from hemorrhage_core.windowing import WindowStack
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,9 @@ class SliceCache:
     def __init__(self, directory: str | PathLike, meta: dict) -> None:
         self.directory = Path(directory)
         self.meta = meta
-        self.image_size: int = int(meta["image_size"])
-        self.windows = WindowStack.from_list(meta["windows"])
+        self.prep = SlicePrep.from_dict(meta.get("prep") or meta)
+        self.image_size: int = self.prep.image_size
+        self.windows: WindowStack = self.prep.windows
         self.ids: tuple[str, ...] = tuple(meta["ids"])
         self.failed: dict[str, str] = dict(meta.get("failed", {}))
         self._position = {image_id: i for i, image_id in enumerate(self.ids)}
@@ -82,8 +85,7 @@ class SliceCache:
         index: pd.DataFrame,
         data_dir: str | PathLike,
         *,
-        image_size: int,
-        windows: WindowStack = DEFAULT_STACK,
+        prep: SlicePrep,
         cache_dir: str | PathLike | None = None,
         workers: int | None = None,
         rebuild: bool = False,
@@ -102,20 +104,20 @@ class SliceCache:
         paths = index["path"].astype(str).tolist()
         if len(set(ids)) != len(ids):
             raise DatasetError("the index has duplicate image ids")
-        key = cache_key(image_size, windows, ids)
+        key = cache_key(prep, ids)
         roots = cache_roots(data, cache_dir)
         if not rebuild:
-            found = cls._find(roots, data, key, image_size, windows, ids, paths, verify)
+            found = cls._find(roots, data, key, prep, ids, paths, verify)
             if found is not None:
                 log.info("reusing the slice cache at %s", found.directory)
                 return found
         root = _first_writable(roots)
         if root is None:
             raise DatasetError(f"no writable place for the slice cache among {[str(r) for r in roots]}")
-        return cls._build_into(root, key, data, ids, paths, image_size, windows, workers, progress)
+        return cls._build_into(root, key, data, ids, paths, prep, workers, progress)
 
     @classmethod
-    def _find(cls, roots, data, key, image_size, windows, ids, paths, verify) -> SliceCache | None:
+    def _find(cls, roots, data, key, prep, ids, paths, verify) -> SliceCache | None:
         wanted = dict(zip(ids, paths, strict=True))
         prefix = key.rsplit("-", 1)[0] + "-"
         candidates: list[SliceCache] = []
@@ -129,11 +131,7 @@ class SliceCache:
                     cache = cls.open(folder)
                 except DatasetError:
                     continue
-                same_config = (
-                    cache.image_size == image_size
-                    and cache.windows.key() == windows.key()
-                    and cache.meta.get("preprocess_version") == preprocess_version()
-                )
+                same_config = cache.prep.key() == prep.key() and cache.meta.get("preprocess_version") == preprocess_version()
                 cached_paths = dict(zip(cache.ids, cache.meta["paths"], strict=True))
                 covers = all(cached_paths.get(i) == p for i, p in wanted.items())
                 if same_config and covers:
@@ -147,9 +145,8 @@ class SliceCache:
         return None
 
     @classmethod
-    def _build_into(cls, root, key, data, ids, paths, image_size, windows, workers, progress) -> SliceCache:
-        channels = windows.channels
-        shape = (len(ids), channels, image_size, image_size)
+    def _build_into(cls, root, key, data, ids, paths, prep, workers, progress) -> SliceCache:
+        shape = (len(ids), prep.channels, prep.image_size, prep.image_size)
         needed = int(np.prod(shape))
         root.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(root)
@@ -164,14 +161,14 @@ class SliceCache:
         try:
             array = np.lib.format.open_memmap(tmp / ARRAY_FILE, mode="w+", dtype=np.uint8, shape=shape)
             del array  # header written; workers open the file themselves
-            failed = _fill(tmp / ARRAY_FILE, data, paths, ids, image_size, windows, workers, progress)
-            with open(tmp / ARRAY_FILE, "rb+") as fh:
-                os.fsync(fh.fileno())
+            failed = _fill(tmp / ARRAY_FILE, data, paths, ids, prep, workers, progress)
+            fsync_file(tmp / ARRAY_FILE)
             meta = {
                 "format_version": CACHE_FORMAT_VERSION,
-                "image_size": image_size,
-                "windows": windows.to_list(),
-                "windows_key": windows.key(),
+                "image_size": prep.image_size,
+                "windows": prep.windows.to_list(),
+                "windows_key": prep.windows.key(),
+                "prep": prep.to_dict(),
                 "preprocess_version": preprocess_version(),
                 "shape": list(shape),
                 "ids": ids,
@@ -239,11 +236,11 @@ def preprocess_version() -> int:
     return int(getattr(preprocess, "PREPROCESS_VERSION", 1))
 
 
-def cache_key(image_size: int, windows: WindowStack, ids: Sequence[str]) -> str:
-    """Folder name: ``<size>px-<windows key>-<12 hex of the ordered ids>``."""
+def cache_key(prep: SlicePrep, ids: Sequence[str]) -> str:
+    """Folder name: ``<SlicePrep key>-<12 hex of the ordered ids>``."""
     digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
-    safe_windows = re.sub(r"[^A-Za-z0-9._]+", "_", windows.key())
-    return f"{int(image_size)}px-{safe_windows}-{digest}"
+    safe = re.sub(r"[^A-Za-z0-9._]+", "_", prep.key())
+    return f"{safe}-{digest}"
 
 
 def cache_roots(data_dir: str | PathLike, cache_dir: str | PathLike | None = None) -> list[Path]:
@@ -269,16 +266,16 @@ def source_signature(data_dir: Path, ids: Sequence[str], paths: Sequence[str]) -
 # -- build helpers ---------------------------------------------------------------------------------
 
 
-def _fill(array_path, data, paths, ids, image_size, windows, workers, progress) -> dict[str, str]:
+def _fill(array_path, data, paths, ids, prep, workers, progress) -> dict[str, str]:
     """Decode and preprocess every slice into the array; return ``{image_id: reason}`` for failures."""
     from tqdm.auto import tqdm
 
     workers = default_workers() if workers is None else max(1, int(workers))
     items = [(pos, image_id, str(data / rel)) for pos, (image_id, rel) in enumerate(zip(ids, paths, strict=True))]
     chunk = max(8, min(256, len(items) // (workers * 8) or 1))
-    jobs = [(str(array_path), image_size, windows, items[i : i + chunk]) for i in range(0, len(items), chunk)]
+    jobs = [(str(array_path), prep, items[i : i + chunk]) for i in range(0, len(items), chunk)]
     failed: dict[str, str] = {}
-    with tqdm(total=len(items), unit="slice", desc=f"caching slices at {image_size}px", disable=not progress) as bar:
+    with tqdm(total=len(items), unit="slice", desc=f"caching slices at {prep.image_size}px", disable=not progress) as bar:
         if workers == 1 or len(jobs) == 1:
             results = map(_fill_chunk, jobs)
             pool = None
@@ -301,19 +298,18 @@ def _fill(array_path, data, paths, ids, image_size, windows, workers, progress) 
     return dict(sorted(failed.items()))
 
 
-def _fill_chunk(job: tuple[str, int, WindowStack, list[tuple[int, str, str]]]) -> tuple[int, dict[str, str]]:
+def _fill_chunk(job: tuple[str, SlicePrep, list[tuple[int, str, str]]]) -> tuple[int, dict[str, str]]:
     import torch
 
     from hemorrhage_core.dicom import read_slice
-    from hemorrhage_core.preprocess import prepare_slice
 
-    array_path, image_size, windows, items = job
+    array_path, prep, items = job
     torch.set_num_threads(1)  # one process per core already
     array = np.load(array_path, mmap_mode="r+")
     failed: dict[str, str] = {}
     for pos, image_id, path in items:
         try:
-            array[pos] = prepare_slice(read_slice(path, image_id=image_id).hu, image_size, windows)
+            array[pos] = prep(read_slice(path, image_id=image_id).hu)
         except (DicomReadError, OSError) as exc:
             failed[image_id] = str(exc) or type(exc).__name__
     array.flush()
@@ -340,10 +336,8 @@ def _publish(tmp: Path, final: Path) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    # In place: the build folder holding it is published by one rename (_publish).
+    write_fsynced(path, json.dumps(data).encode())
 
 
 def _first_writable(roots: list[Path]) -> Path | None:

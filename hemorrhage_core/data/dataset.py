@@ -17,8 +17,7 @@ from hemorrhage_core.data.cache import SliceCache
 from hemorrhage_core.data.labels_table import describe_ids
 from hemorrhage_core.errors import DatasetError, DicomReadError
 from hemorrhage_core.labels import LABELS
-from hemorrhage_core.preprocess import prepare_slice, to_tensor
-from hemorrhage_core.windowing import DEFAULT_STACK, WindowStack
+from hemorrhage_core.preprocess import SlicePrep, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +32,8 @@ class SliceDataset(Dataset):
     class index in STAGE1_CLASSES (``IGNORE_INDEX`` for unlabeled rows). Stage 2 (multi-label): the
     target is the float32 tensor of the six labels (NaN for unlabeled rows).
 
-    The deterministic part (decode, window, resize, uint8) comes from ``cache`` when given, else from
-    ``read_slice`` + ``prepare_slice``; both give identical tensors. ``augment`` runs after it.
+    The deterministic part (decode, crop, window, resize, uint8: ``prep``) comes from ``cache`` when
+    given, else from ``read_slice`` + ``prep``; both give identical tensors. ``augment`` runs after it.
     Slices the cache failed to decode are excluded (``excluded_ids``). Without a cache, a slice
     that fails to decode yields ``None`` (``on_error="skip"``, dropped by make_loader's collate)
     or raises DicomReadError (``on_error="raise"``).
@@ -46,8 +45,7 @@ class SliceDataset(Dataset):
         data_dir: str | PathLike,
         *,
         stage: int,
-        image_size: int,
-        windows: WindowStack = DEFAULT_STACK,
+        prep: SlicePrep,
         cache: SliceCache | None = None,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         on_error: Literal["skip", "raise"] = "skip",
@@ -58,8 +56,7 @@ class SliceDataset(Dataset):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         self.data_dir = Path(data_dir)
         self.stage = stage
-        self.image_size = int(image_size)
-        self.windows = windows
+        self.prep = prep
         self.cache = cache
         self.augment = augment
         self.on_error = on_error
@@ -80,10 +77,9 @@ class SliceDataset(Dataset):
         self.targets = self._targets(self.index)
 
     def _match_cache(self, rows: pd.DataFrame, cache: SliceCache) -> pd.DataFrame:
-        if cache.image_size != self.image_size or cache.windows.key() != self.windows.key():
+        if cache.prep.key() != self.prep.key():
             raise DatasetError(
-                f"the cache holds {cache.image_size}px slices with windows {cache.windows.names}, "
-                f"but this dataset wants {self.image_size}px with {self.windows.names}"
+                f"the cache holds slices prepared as {cache.prep.key()}, but this dataset wants {self.prep.key()}"
             )
         positions = cache.positions(rows["image_id"].astype(str).tolist())
         if (positions < 0).any():
@@ -119,7 +115,7 @@ class SliceDataset(Dataset):
         from hemorrhage_core.dicom import read_slice
 
         ct = read_slice(self.data_dir / self.paths[i], image_id=str(self.image_ids[i]))
-        return prepare_slice(ct.hu, self.image_size, self.windows)
+        return self.prep(ct.hu)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str] | None:
         image_id = str(self.image_ids[i])
@@ -138,4 +134,4 @@ class SliceDataset(Dataset):
 
     def __repr__(self) -> str:
         source = f"cache={self.cache.directory}" if self.cache is not None else "uncached"
-        return f"SliceDataset(n={len(self)}, stage={self.stage}, size={self.image_size}, {source})"
+        return f"SliceDataset(n={len(self)}, stage={self.stage}, prep={self.prep.key()}, {source})"

@@ -185,6 +185,7 @@ class SliceMeta:
     columns: int
     window_center: float | None
     window_width: float | None
+    body_part: str = ""  # BodyPartExamined, upper-case ("HEAD"); empty when absent
 
     def to_dict(self) -> dict:
         """JSON-safe dict of every field (including the raw ``patient_id``)."""
@@ -200,6 +201,7 @@ class SliceMeta:
             "columns": self.columns,
             "window_center": self.window_center,
             "window_width": self.window_width,
+            "body_part": self.body_part,
         }
 
 
@@ -215,6 +217,7 @@ class CtSlice:
 _HEADER_TAGS: tuple[str, ...] = (
     "SOPClassUID",
     "Modality",
+    "BodyPartExamined",
     "PatientID",
     "StudyInstanceUID",
     "SeriesInstanceUID",
@@ -783,6 +786,7 @@ def _meta(ds: _Header, image_id: str, rows: int, columns: int) -> SliceMeta:
         columns=columns,
         window_center=_first_float(ds.get("WindowCenter")),
         window_width=_first_float(ds.get("WindowWidth")),
+        body_part=_short(ds.get("BodyPartExamined")) or "",
     )
 
 

@@ -7,7 +7,7 @@ Both are STN -> normalisation -> backbone trunk -> global average pool -> head, 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,6 @@ from hemorrhage_core.models.backbones import AuxHead, Trunk, build_trunk, get_ba
 from hemorrhage_core.models.heads import Head
 from hemorrhage_core.models.spec import DEFAULT_HIDDEN, ModelSpec
 from hemorrhage_core.models.stn import SpatialTransformer
-
-if TYPE_CHECKING:
-    from hemorrhage_core.checkpoint import Checkpoint
 
 IN_CHANNELS = 3  # ImageNet trunks take three channels: the three windows of the stack
 N_OUTPUTS = len(LABELS)
@@ -227,26 +224,20 @@ def label_scores(stage: int, logits: torch.Tensor) -> torch.Tensor:
 
 
 def stage2_from_stage1(
-    source: HemorrhageNet | Checkpoint | str | os.PathLike,
+    model1: HemorrhageNet,
     *,
     hidden: tuple[int, ...] | None = None,
     dropout: float | None = None,
     freeze: bool | None = None,
 ) -> Model2:
     """Model2 whose STN, backbone (and Inception's aux convolutions) and first added layer are copied
-    from a Model1 (a model, a loaded Checkpoint or a checkpoint path).
+    from ``model1``, a built Model1 (from a checkpoint: ``checkpoint.model_from_checkpoint``).
 
     hidden: Model2's layer sizes; hidden[0] must equal Model1's (it is transferred). Default: Model1's
     hidden[0] followed by ``DEFAULT_HIDDEN[2][1:]``. freeze None keeps Model1's trunk policy.
     """
-    from hemorrhage_core.checkpoint import Checkpoint, model_from_checkpoint
-
-    if isinstance(source, HemorrhageNet):
-        model1 = source
-    elif isinstance(source, (Checkpoint, str, os.PathLike)):
-        model1, _ = model_from_checkpoint(source)
-    else:
-        raise TypeError(f"expected a Model1, a Checkpoint or a path, got {type(source).__name__}")
+    if not isinstance(model1, HemorrhageNet):
+        raise TypeError(f"expected a built Model1, got {type(model1).__name__} (load a checkpoint first)")
     s1 = model1.spec
     if s1.stage != 1:
         raise ValueError(f"stage2_from_stage1 needs a stage-1 model, got stage {s1.stage}")

@@ -1,0 +1,169 @@
+"""SlicePrep: the head crop, its round trip through the cache and checkpoints, and the not-a-head flags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+
+from hemorrhage_core.checkpoint import load_checkpoint, save_checkpoint
+from hemorrhage_core.data import SliceCache, SliceDataset, build_index
+from hemorrhage_core.dicom import read_slice
+from hemorrhage_core.inference import Predictor, head_flags
+from hemorrhage_core.models import ModelSpec, build_model
+from hemorrhage_core.preprocess import (
+    AIR_HU,
+    SlicePrep,
+    crop_square,
+    find_skull_ring,
+    head_square,
+    prepare_slice,
+)
+from hemorrhage_core.synthetic.dataset import write_dataset
+from hemorrhage_core.windowing import DEFAULT_STACK
+
+SIZE = 64
+
+
+def _head(size: int = 256, centre=(150.0, 100.0), radius: float = 60.0) -> np.ndarray:
+    """A round head off the image centre: air, a 6 px skull, brain at 35 HU."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    r = np.hypot(yy - centre[0], xx - centre[1])
+    hu = np.full((size, size), -1000.0, np.float32)
+    hu[r < radius] = 1200.0
+    hu[r < radius - 6] = 35.0
+    return hu
+
+
+def test_the_skull_ring_is_found_around_the_brain_and_its_box_holds_the_skull():
+    hu = _head()
+    ring = find_skull_ring(hu)
+    assert ring is not None
+    # The box of the skull (radius 60 around (150, 100)), to the low-resolution copy's step (2 px).
+    assert abs(ring.top - 90) <= 2 and abs(ring.bottom - 210) <= 2
+    assert abs(ring.left - 40) <= 2 and abs(ring.right - 160) <= 2
+    assert ring.enclosed_hu == pytest.approx(35.0, abs=1.0)
+    assert ring.enclosed_fraction == pytest.approx(np.pi * 54**2 / 256**2, rel=0.1)
+
+
+def test_no_ring_on_air_a_solid_block_or_a_broken_arc():
+    assert find_skull_ring(np.full((128, 128), -1000.0, np.float32)) is None
+    block = np.full((128, 128), -1000.0, np.float32)
+    block[30:90, 30:90] = 1200.0  # bone with nothing inside
+    assert find_skull_ring(block) is None
+    arc = _head(128, (64.0, 64.0), 40.0)
+    arc[:, 64:] = np.minimum(arc[:, 64:], 35.0)  # half the skull gone: the ring is open
+    assert find_skull_ring(arc) is None
+
+
+def test_the_crop_centres_the_head_and_fills_the_input():
+    hu = _head()
+    plain = SlicePrep(SIZE, DEFAULT_STACK)(hu)
+    cropped = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True)(hu)
+    assert plain.shape == cropped.shape == (3, SIZE, SIZE) and cropped.dtype == np.uint8
+    bone_plain, bone_crop = plain[2] > 128, cropped[2] > 128
+    rows = np.flatnonzero(bone_crop.any(axis=1))
+    cols = np.flatnonzero(bone_crop.any(axis=0))
+    # centred: the skull's box sits in the middle, within a pixel or two
+    assert abs((rows[0] + rows[-1]) / 2 - (SIZE - 1) / 2) <= 2
+    assert abs((cols[0] + cols[-1]) / 2 - (SIZE - 1) / 2) <= 2
+    # fills it: 1 / (1 + 2 * margin) of the side, against 120/256 without the crop
+    assert (rows[-1] - rows[0] + 1) / SIZE == pytest.approx(1 / 1.16, abs=0.04)
+    assert bone_crop.sum() > 3 * bone_plain.sum()
+
+
+def test_a_slice_without_a_ring_is_used_whole_and_no_crop_is_the_old_preprocessing():
+    block = np.full((96, 96), -1000.0, np.float32)
+    block[10:20, 10:20] = 1200.0
+    np.testing.assert_array_equal(SlicePrep(SIZE, head_crop=True)(block), prepare_slice(block, SIZE))
+    hu = _head()
+    np.testing.assert_array_equal(SlicePrep(SIZE)(hu), prepare_slice(hu, SIZE, DEFAULT_STACK))
+
+
+def test_a_crop_past_the_edge_is_filled_with_air_and_small_rings_zoom_at_most_to_min_side():
+    hu = np.arange(16, dtype=np.float32).reshape(4, 4)
+    out = crop_square(hu, -1, 2, 3)
+    assert out[0].tolist() == [AIR_HU] * 3
+    assert out[1:, :2].tolist() == [[2.0, 3.0], [6.0, 7.0]] and (out[:, 2] == AIR_HU).all()
+    small = find_skull_ring(_head(256, (128.0, 128.0), 40.0))  # 80 px across: 93 px with the margins
+    assert small is not None
+    top, left, side = head_square(small, (256, 256), margin=0.08, min_side=0.4)
+    assert side == round(0.4 * 256)
+    assert abs(top + side / 2 - 128) <= 2 and abs(left + side / 2 - 128) <= 2
+
+
+def test_slice_prep_round_trips_and_names_its_crop():
+    prep = SlicePrep(96, DEFAULT_STACK, head_crop=True, crop_margin=0.1)
+    assert SlicePrep.from_dict(prep.to_dict()) == prep
+    assert prep.to_dict()["version"] >= 3
+    assert prep.key() != SlicePrep(96, DEFAULT_STACK).key()
+    # a mapping from before the crop (image_size and windows only) means no crop
+    assert SlicePrep.from_dict({"image_size": 96, "windows": DEFAULT_STACK.to_list()}) == SlicePrep(96)
+    with pytest.raises(ValueError, match="crop_margin"):
+        SlicePrep(96, crop_margin=-0.1)
+
+
+def test_phantom_slices_all_have_a_ring_and_the_cache_serves_the_cropped_slices(tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data, patients=2, slices_per_patient=4, size=128, seed=3, workers=1, progress=False)
+    index = build_index(data, workers=1, progress=False).table
+    for rel in index["path"]:
+        ring = find_skull_ring(read_slice(data / rel).hu)
+        assert ring is not None and 0.0 < ring.enclosed_hu < 100.0
+    prep = SlicePrep(SIZE, head_crop=True)
+    cache = SliceCache.build(index, data, prep=prep, workers=1, progress=False)
+    plain = SliceCache.build(index, data, prep=SlicePrep(SIZE), workers=1, progress=False)
+    assert cache.directory != plain.directory and cache.prep == prep
+    assert not np.array_equal(cache.array, plain.array)
+    cached = SliceDataset(index, data, stage=2, prep=prep, cache=cache)
+    uncached = SliceDataset(index, data, stage=2, prep=prep)
+    for i in range(len(index)):
+        torch.testing.assert_close(cached[i][0], uncached[i][0], rtol=0, atol=0)
+    with pytest.raises(Exception, match="cache holds"):
+        SliceDataset(index, data, stage=2, prep=prep, cache=plain)
+
+
+def test_the_checkpoint_carries_the_prep_and_the_predictor_applies_it(tmp_path):
+    spec = ModelSpec(backbone="mobilenet_v3_small", stage=2, input_size=32, hidden=(16, 8))
+    model = build_model(spec, weights="none")
+    prep = SlicePrep(48, head_crop=True)
+    path = save_checkpoint(tmp_path / "m.pt", model, prep=prep)
+    ckpt = load_checkpoint(path)
+    assert ckpt.prep == prep and ckpt.meta()["prep"] == prep.to_dict()
+    data = tmp_path / "data"
+    write_dataset(data, patients=1, slices_per_patient=2, size=128, seed=4, workers=1, progress=False)
+    file = next((data / "stage_2_train").glob("*.dcm"))
+    predictor = Predictor.from_checkpoint(path)
+    assert predictor.prep == prep
+    np.testing.assert_array_equal(predictor.prepare(file).image, prep(read_slice(file).hu))
+    # an older checkpoint (no prep entry) loads as the uncropped preprocessing it was trained with
+    raw = torch.load(path, weights_only=True)
+    del raw["prep"]
+    torch.save(raw, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").prep == SlicePrep(48)
+
+
+def test_non_head_ct_is_flagged_and_a_phantom_head_is_not(tmp_path):
+    body = read_slice(get_testdata_file("CT_small.dcm")).hu  # pydicom's CT: a body slice with a vertebra
+    assert [f.split(":")[0] for f in head_flags(body)] == ["no_skull_ring"]
+    head = read_slice(get_testdata_file("693_J2KI.dcm")).hu  # a real head CT with a large bleed
+    assert head_flags(head) == []
+    assert head_flags(head, "head") == [] and head_flags(head, "BRAIN") == []
+    assert [f.split(":")[0] for f in head_flags(head, "CHEST")] == ["not_head"]
+    assert head_flags(body, ring=False) == []
+
+
+def test_any_is_raised_to_the_largest_subtype_and_nothing_else_moves():
+    from hemorrhage_core.labels import LABELS, consistent_any
+
+    raw = np.array([
+        [0.95, 0.1, 0.0, 0.2, 0.3, 0.05],  # epidural 0.95 with any 0.05: any becomes 0.95
+        [0.1, 0.2, 0.1, 0.1, 0.1, 0.7],  # any already above every subtype: unchanged
+    ])
+    out = consistent_any(raw)
+    j = LABELS.index("any")
+    assert out[:, j].tolist() == [0.95, 0.7]
+    np.testing.assert_array_equal(np.delete(out, j, axis=1), np.delete(raw, j, axis=1))
+    assert raw[0, j] == 0.05  # a copy: the input is left alone
+    assert consistent_any(raw[0]).tolist() == out[0].tolist()  # one row works too
