@@ -96,14 +96,14 @@ def _make_run(runs_dir: Path, stage: int, seed: int) -> Path:
 
     from hemorrhage_core.checkpoint import save_checkpoint
     from hemorrhage_core.models import ModelSpec, build_model
+    from hemorrhage_core.preprocess import SlicePrep
     from hemorrhage_core.runs import RunWriter
-    from hemorrhage_core.windowing import DEFAULT_STACK
 
     torch.manual_seed(seed)
     spec = ModelSpec(backbone="mobilenet_v3_small", stage=stage, input_size=32, hidden=(16,) if stage == 1 else (16, 8))
     model = build_model(spec, weights="none")
     writer = RunWriter.create(runs_dir, backbone=spec.backbone, stage=stage, config={"image_size": 48})
-    save_checkpoint(writer.checkpoint_path("best"), model, image_size=48, windows=DEFAULT_STACK, config={"seed": seed})
+    save_checkpoint(writer.checkpoint_path("best"), model, prep=SlicePrep(48), config={"seed": seed})
     writer.finish()
     return writer.path
 
@@ -284,7 +284,9 @@ def test_predict_expands_folders(dataset, runs, tmp_path, capsys):
     assert code == 2
     sub = tmp_path / "s.csv"
     _call(capsys, "predict", "--run", str(runs[2]), str(dataset["extra"]), "--submission", str(sub))
-    assert pd.read_csv(sub)["ID"].str.startswith("ID_copy00001_").sum() == 6  # failed inputs left out
+    ids = pd.read_csv(sub)["ID"]
+    # every requested image has its six rows, the refused MR slice with the fallback values
+    assert ids.tolist() == [f"{stem}_{label}" for stem in ("ID_copy00001", "ID_mr0000001") for label in LABELS]
     assert all(math.isfinite(v) for v in pd.read_csv(sub)["Label"])
 
 

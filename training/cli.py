@@ -1,6 +1,8 @@
 """Argparse front door. Each subcommand lives in its own module exposing
 ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code); modules import lazily so
-``--help`` stays fast and a command's heavy imports cost nothing to the others."""
+``--help`` stays fast and a command's heavy imports cost nothing to the others. Every command runs
+under ``training.exits.run_reporting_errors``: one exit-code table, one way to report an error.
+Commands never import each other; what two share lives in a module of its own."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import argparse
 import importlib
 import logging
 import sys
+
+from training.exits import run_reporting_errors
 
 # name -> (module, one-line help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,13 +25,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("training.compare_cmd", "paired comparison of two runs on the images both were evaluated on"),
     "report": ("training.report_cmd", "write a self-contained HTML report of a runs folder"),
     "grid-search": ("training.grid_search_cmd", "patient-grouped cross-validated hyper-parameter search"),
+    "pacs": ("training.pacs_cmd", "find, predict and watch studies on a DICOMweb server (PACS); store results as DICOM SR"),
 }
+
+
+EXIT_CODES_HELP = """exit codes (every command):
+  0    done
+  1    the work failed on usable input (a run failed, disk full, I/O error, a bug)
+  2    something given cannot be used (argument, config, data, run, path), or some inputs were refused
+  130  interrupted (Ctrl-C or SIGTERM)"""
 
 
 def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
         description="Intracranial hemorrhage detection on head CT: research tool, not for clinical use.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -53,4 +67,4 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args._run(args) or 0)
+    return int(run_reporting_errors(lambda: args._run(args)) or 0)

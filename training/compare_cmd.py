@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from training.exits import EXIT_BAD_INPUT, EXIT_OK
+from training.exits import EXIT_OK, CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,16 +74,9 @@ def _print_table(result: dict[str, Any], stream) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hemorrhage_core.errors import HemorrhageError
-
     if args.resamples < 1:
-        print("error: --resamples must be at least 1", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        result = compare(args.a, args.b, evaluation=args.evaluation, resamples=args.resamples, seed=args.seed)
-    except HemorrhageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise CommandError("--resamples must be at least 1")
+    result = compare(args.a, args.b, evaluation=args.evaluation, resamples=args.resamples, seed=args.seed)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=False))
     else:

@@ -3,28 +3,25 @@
 The grid file (YAML) holds ``grid`` (TrainConfig field -> list of values), optionally ``scoring``
 (auc_mean | weighted_log_loss), ``folds`` and ``base`` (TrainConfig fields for every fit). Results go
 to a grid run: run.json (kind "grid", with grid, scoring, folds, best_params, best_score) and
-grid_results.csv (``cv_results_``). The last line of stdout is the grid run's path.
+grid_results.csv (``cv_results_``). The last line of stdout is the grid run's path. Exit 0 finished,
+1 when no candidate produced a finite score, 2 unusable input, 130 interrupted (``training.exits``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
 DEFAULT_FOLDS = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.train_cmd import add_config_arguments
+    from training.config_args import add_config_arguments
 
     parser.add_argument("--grid", required=True, metavar="FILE.yaml", help="parameter grid (see training/configs/grid-example.yaml)")
     parser.add_argument("--folds", type=int, metavar="K", help=f"GroupKFold splits by patient (default: the file's, else {DEFAULT_FOLDS})")
@@ -146,25 +143,21 @@ def grid_search(config, grid_spec: dict[str, Any], *, folds: int, scoring: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from hemorrhage_core.errors import HemorrhageError
     from training.config import ConfigError, TrainConfig
-    from training.train_cmd import config_from_args, exit_code_for
+    from training.config_args import config_from_args
+    from training.exits import run_exit_code
 
-    try:
-        spec = load_grid(args.grid)
-        base = TrainConfig.from_dict(spec["base"])
-        config = config_from_args(args, base=base)
-        if args.init_from:
-            config = config.replace(init_from=args.init_from)
-        if not config.data:
-            raise ConfigError("--data is required")
-        folds = args.folds or spec["folds"] or DEFAULT_FOLDS
-        scoring = args.scoring or spec["scoring"] or "auc_mean"
-        if int(folds) < 2:
-            raise ConfigError(f"--folds must be >= 2, got {folds}")
-        run_dir, _ = grid_search(config, spec, folds=int(folds), scoring=scoring)
-    except (ConfigError, HemorrhageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    spec = load_grid(args.grid)
+    base = TrainConfig.from_dict(spec["base"])
+    config = config_from_args(args, base=base)
+    if args.init_from:
+        config = config.replace(init_from=args.init_from)
+    if not config.data:
+        raise ConfigError("--data is required")
+    folds = args.folds or spec["folds"] or DEFAULT_FOLDS
+    scoring = args.scoring or spec["scoring"] or "auc_mean"
+    if int(folds) < 2:
+        raise ConfigError(f"--folds must be >= 2, got {folds}")
+    run_dir, _ = grid_search(config, spec, folds=int(folds), scoring=scoring)
     print(run_dir, flush=True)
-    return exit_code_for(run_dir)
+    return run_exit_code(run_dir)

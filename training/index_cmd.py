@@ -1,10 +1,14 @@
-"""``python -m training index --data DIR``: build or reuse the label + header index and print its counts."""
+"""``python -m training index --data DIR``: build or reuse the label + header index and print its counts.
+
+Exit 0, or 2 when the data set cannot be used (``training.exits``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from training.exits import EXIT_OK
 
 # How many missing / unreadable ids the table names before it says "and N more".
 _IDS_SHOWN = 20
@@ -21,19 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hemorrhage_core.data.header_index import build_index
-    from hemorrhage_core.errors import DatasetError
 
-    try:
-        index = build_index(args.data, workers=args.workers, rebuild=args.rebuild, progress=not args.no_progress)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    index = build_index(args.data, workers=args.workers, rebuild=args.rebuild, progress=not args.no_progress)
     report = index.report
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
-        return 0
-    print(format_report(report, limit=None if args.all_ids else _IDS_SHOWN))
-    return 0
+    else:
+        print(format_report(report, limit=None if args.all_ids else _IDS_SHOWN))
+    return EXIT_OK
 
 
 def format_report(report, limit: int | None = _IDS_SHOWN) -> str:

@@ -18,8 +18,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-EXIT_OK = 0
-EXIT_UNUSABLE = 2
+from training.exits import EXIT_BAD_INPUT, EXIT_OK
+
 RECORD_KEYS: tuple[str, ...] = (
     "file",
     "ok",
@@ -184,4 +184,4 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table([record for record, _ in results]))
     all_usable = bool(results) and all(reason is None for _, reason in results)
-    return EXIT_OK if all_usable else EXIT_UNUSABLE
+    return EXIT_OK if all_usable else EXIT_BAD_INPUT

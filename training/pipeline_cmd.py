@@ -10,7 +10,7 @@ four runs (``{"phase1": {"stage1": RUN, "stage2": RUN}, "phase2": {...}, "test":
 "n_images"}}``, run ids, null until started) and is rewritten atomically as each run starts, so a
 dashboard can follow. Presets are YAML files in ``training/configs/`` (``quick`` for a 2-core CPU,
 ``full`` for GPUs). The last line of stdout is the path of pipeline.json. Exit 0 when all four runs
-finished, 1 when one failed, 2 on unusable input.
+finished, 1 when one failed, 2 on unusable input, 130 when interrupted (``training.exits``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.exits import EXIT_OK, run_reporting_errors
+from training.exits import EXIT_FAILED, EXIT_OK, CommandError, run_exit_code
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ def run_pipeline(
     Stops at the first failed run."""
     from training.config import PHASES, ConfigError, PipelinePreset
     from training.distributed import broadcast, detect
-    from training.train_cmd import exit_code_for
     from training.trainer import fit
 
     if test_data is not None and not Path(test_data).is_dir():
@@ -109,9 +108,9 @@ def run_pipeline(
             backbone = configs[phase]["stage1"].backbone
             log.info("pipeline %s %s: %s stage %d", phase, stage, backbone, config.stage)
             run_dir = fit(config, on_start=started_run if main else None)
-            code = broadcast(exit_code_for(run_dir) if main else None, detect())
+            code = broadcast(run_exit_code(run_dir) if main else None, detect())
             if code != EXIT_OK:
-                raise PipelineStopped(f"{phase} {stage} run {run_dir.name} did not finish", run_dir)
+                raise PipelineStopped(f"{phase} {stage} run {run_dir.name} did not finish", run_dir, code)
             stage1_dir = run_dir
     if main:
         log.info("pipeline trained its four runs in %.1f s", time.perf_counter() - started)
@@ -127,7 +126,7 @@ def evaluate_on_test(root: Path, record: dict[str, Any], config, test_data: str 
     from hemorrhage_core.data import build_index
     from hemorrhage_core.evaluations import TEST
     from training.config import PHASES
-    from training.evaluate_cmd import evaluate
+    from training.evaluation import evaluate
     from training.trainer import holdout_test
 
     if test_data is not None:
@@ -158,26 +157,24 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-class PipelineStopped(RuntimeError):
-    def __init__(self, message: str, run_dir: Path) -> None:
-        super().__init__(message)
+class PipelineStopped(CommandError):
+    """A run of the pipeline did not finish: the pipeline stops there, exiting with the run's code
+    (1 failed, 130 interrupted)."""
+
+    def __init__(self, message: str, run_dir: Path, code: int = EXIT_FAILED) -> None:
+        super().__init__(message, code=code)
         self.run_dir = run_dir
 
 
 def run(args: argparse.Namespace) -> int:
+    from training.config_args import parse_sets
     from training.distributed import detect
-    from training.train_cmd import parse_sets
 
-    def work():
-        overrides = parse_sets(args.set)
-        if args.no_progress:
-            overrides["progress"] = False
-        return run_pipeline(args.data, args.preset, runs_dir=args.runs_dir, overrides=overrides,
-                            test_fraction=args.test_fraction, test_data=args.test_data)
-
-    record_path = run_reporting_errors(work, failed=(PipelineStopped,))
-    if isinstance(record_path, int):
-        return record_path
+    overrides = parse_sets(args.set)
+    if args.no_progress:
+        overrides["progress"] = False
+    record_path = run_pipeline(args.data, args.preset, runs_dir=args.runs_dir, overrides=overrides,
+                               test_fraction=args.test_fraction, test_data=args.test_data)
     if detect().is_main:
         print(record_path, flush=True)
     return EXIT_OK

@@ -5,17 +5,16 @@ configurations and git commits, per-class ROC on the held-out evaluation (``test
 validation (marked optimistic), the paired comparison of the two final models, calibration and the
 operating points chosen on validation (``hemorrhage_core.report``, ``report_html``). The file loads
 nothing from the network. The last line of stdout is the report's path. Exit 0, or 2 when the runs
-folder has nothing to report or the file cannot be written.
+folder has nothing to report or the output path cannot be written, 1 when writing fails (disk full).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from training.exits import EXIT_BAD_INPUT, EXIT_OK
+from training.exits import EXIT_OK, CommandError, os_error_code
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hemorrhage_core.errors import HemorrhageError
     from hemorrhage_core.report_html import build_report
     from hemorrhage_core.runs import atomic_write_text
 
     if args.resamples < 1:
-        print("error: --resamples must be at least 1", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise CommandError("--resamples must be at least 1")
     out = Path(args.out) if args.out else Path(args.runs_dir) / DEFAULT_NAME
+    text = build_report(args.runs_dir, evaluation=args.evaluation, n_resamples=args.resamples, seed=args.seed)
     try:
-        text = build_report(args.runs_dir, evaluation=args.evaluation, n_resamples=args.resamples, seed=args.seed)
         atomic_write_text(out, text)
-    except HemorrhageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except OSError as exc:
-        print(f"error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise CommandError(f"cannot write {out}: {exc.strerror or exc}", os_error_code(exc)) from exc
     log.info("wrote the report (%d kB)", len(text.encode()) // 1024)
     print(out, flush=True)
     return EXIT_OK

@@ -2,18 +2,17 @@
 head-CT data set in the RSNA 2019 layout (``DIR/stage_2_train/ID_<hex>.dcm``, ``DIR/stage_2_train.csv``,
 ``DIR/synth.json``). Deterministic per seed; ``--seed 1`` is a different population of patients.
 ``--contact-sheet PNG`` also renders a contact sheet of the population (every type, healthy slices,
-bone and subdural windows). Exit 0 on success, 2 when the arguments or the folder are refused.
+bone and subdural windows). Exit 0 on success, 2 when the arguments or the folder are refused, 1 when
+writing fails (disk full).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
-EXIT_OK = 0
-EXIT_REFUSED = 2
+from training.exits import EXIT_OK, CommandError, os_error_code
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +65,6 @@ def _table(summary: dict, seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hemorrhage_core.errors import HemorrhageError
     from hemorrhage_core.synthetic import write_dataset
 
     start = time.perf_counter()
@@ -93,12 +91,9 @@ def run(args: argparse.Namespace) -> int:
                 slices_per_patient=args.slices_per_patient,
                 size=args.size,
             )
-    except HemorrhageError as exc:
-        print(f"synth: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except OSError as exc:  # e.g. the disk filled up while writing
-        print(f"synth: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_REFUSED
+    except OSError as exc:  # a file where the folder should be, or the disk filled up while writing
+        where = exc.filename or args.out
+        raise CommandError(f"cannot write {where}: {exc.strerror or exc}", os_error_code(exc)) from exc
     record = summary.to_dict()
     if args.json:
         print(
