@@ -23,3 +23,13 @@ class InputRejectedError(HemorrhageError):
 
 class DatasetError(HemorrhageError):
     """A data-set folder, its label CSV or its index cannot be used as asked (missing, malformed, empty)."""
+
+
+class PacsError(HemorrhageError):
+    """A DICOMweb server refused what was asked, or holds nothing usable for it (bad URL or credentials,
+    unknown study, no CT series)."""
+
+
+class PacsUnavailableError(PacsError):
+    """A DICOMweb server cannot be reached, did not answer in time or failed (HTTP 5xx): asking again
+    later may work."""
