@@ -1,4 +1,5 @@
-"""The Shiny dashboard: browse training runs, compare models, and predict on uploaded CT slices.
+"""The Shiny dashboard: browse training runs, compare models, predict on uploaded CT slices or on a
+PACS's studies (with HEMORRHAGE_DICOMWEB_URL set), and see the PACS's worklist.
 
     HEMORRHAGE_RUNS_DIR=runs shiny run app.py          # serves http://127.0.0.1:8000
     python app.py                                       # the same
@@ -12,6 +13,7 @@ included) is served by this process: the page needs no network.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from shiny import App, reactive, ui
@@ -27,9 +29,11 @@ from hemorrhage_core.dashboard import (
     roc_panel,
     runs_panel,
     thresholds_panel,
+    worklist_panel,
 )
 from hemorrhage_core.dashboard.common import AppContext, disclaimer_banner
 from hemorrhage_core.dashboard.config import DISCLAIMER, load_config
+from hemorrhage_core.dashboard.pacs_source import DashboardResults
 from hemorrhage_core.dashboard.predictors import PredictorCache
 from hemorrhage_core.dashboard.safety import GENERIC_ERROR, UploadSizeLimit
 from hemorrhage_core.dashboard.state import RunIndex
@@ -39,6 +43,7 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 CONFIG = load_config()
 INDEX = RunIndex(CONFIG.runs_dir)  # shared by all sessions: summaries are cached by file stamps
 PREDICTORS = PredictorCache()  # one Predictor per model, loaded once, shared read-only
+PACS_RESULTS = DashboardResults()  # the studies predicted from the PACS here, for every session's worklist
 WWW = Path(__file__).resolve().parent / "www"
 
 # (id, tab title, module ui, module server), in tab order.
@@ -50,7 +55,13 @@ PANELS = (
     ("calibration", "Calibration", calibration_panel.calibration_ui, calibration_panel.calibration_server),
     ("stn", "STN gallery", gallery_panel.gallery_ui, gallery_panel.gallery_server),
     ("compare", "Compare", compare_panel.compare_ui, compare_panel.compare_server),
-    ("predict", "Predict", predict_panel.predict_ui, predict_panel.predict_server),
+    (
+        "predict",
+        "Predict",
+        partial(predict_panel.predict_ui, pacs_enabled=CONFIG.pacs_url is not None),
+        predict_panel.predict_server,
+    ),
+    ("worklist", "Worklist", worklist_panel.worklist_ui, worklist_panel.worklist_server),
     ("grid", "Grid search", grid_panel.grid_ui, grid_panel.grid_server),
     ("report", "Report", report_panel.report_ui, report_panel.report_server),
 )
@@ -80,7 +91,14 @@ def snapshot():
 
 
 def server(input, output, session):
-    ctx = AppContext(config=CONFIG, index=INDEX, predictors=PREDICTORS, snapshot=snapshot)
+    ctx = AppContext(
+        config=CONFIG,
+        index=INDEX,
+        predictors=PREDICTORS,
+        snapshot=snapshot,
+        pacs_results=PACS_RESULTS,
+        open_study=reactive.value(None, name="open_study"),  # the worklist's click, for Predict
+    )
     for panel_id, _, _, panel_server in PANELS:
         panel_server(panel_id, ctx=ctx)
 

@@ -1,10 +1,17 @@
 """Take the documentation's dashboard screenshots from real runs (a `pipeline` runs folder).
 
     .venv/bin/python scripts/screenshots.py --runs runs --upload-from data/synthetic-test --out docs/images
+    .venv/bin/python scripts/screenshots.py --runs runs --upload-from data/synthetic-test --pacs
 
 Starts the app on a free local port over RUNS (read only), opens every panel in Debian's chromium with
 the pipeline's VGG16 and Inception_v3 stage-2 runs chosen wherever a panel compares two runs, uploads the
 series of one patient with a hemorrhage for the predict panel, and writes `dashboard-<panel>.png`.
+
+``--pacs`` takes the PACS panels' screenshots instead (`dashboard-worklist.png`,
+`dashboard-predict-pacs.png`; Debian's Orthanc needed): a throwaway Orthanc (tests/pacs_fixtures.py)
+receives the series of four patients, a `pacs watch` poll with the Inception_v3 run predicts the two
+with the least hemorrhage, and the dashboard opens the one with the most from its worklist, predicts it
+and stores its SR (the fourth stays unpredicted).
 """
 
 from __future__ import annotations
@@ -41,8 +48,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(runs: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "HEMORRHAGE_RUNS_DIR": str(runs), "CUDA_VISIBLE_DEVICES": ""}
+def start_app(runs: Path, port: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HEMORRHAGE_RUNS_DIR": str(runs), "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
     cmd = [sys.executable, "-m", "shiny", "run", "--host", "127.0.0.1", "--port", str(port), "app.py"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -60,6 +67,11 @@ def start_app(runs: Path, port: int) -> subprocess.Popen:
 
 def hemorrhage_series(data: Path) -> list[Path]:
     """The slices of the patient with the most hemorrhage-positive slices (several types if possible)."""
+    return ranked_series(data)[0]
+
+
+def ranked_series(data: Path) -> list[list[Path]]:
+    """Every series of the data set, the most hemorrhage-positive first (several types if possible)."""
     import pandas as pd
 
     from hemorrhage_core.dicom import read_header
@@ -77,7 +89,7 @@ def hemorrhage_series(data: Path) -> list[Path]:
         types = int((rows.drop(columns="any").max() > 0).sum())
         return types, int(rows["any"].sum())
 
-    return max(by_series.values(), key=score)
+    return sorted(by_series.values(), key=score, reverse=True)
 
 
 def main() -> int:
@@ -86,7 +98,10 @@ def main() -> int:
     parser.add_argument("--upload-from", type=Path, required=True, help="a data set (RSNA layout) to upload from")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--width", type=int, default=1400)
+    parser.add_argument("--pacs", action="store_true", help="the PACS panels' screenshots instead (needs Orthanc)")
     args = parser.parse_args()
+    if args.pacs:
+        return pacs_screenshots(args)
 
     from playwright.sync_api import expect, sync_playwright
     from shiny.playwright import controller
@@ -187,6 +202,91 @@ def main() -> int:
     finally:
         app.terminate()
         app.wait(timeout=30)
+    return 0
+
+
+def pacs_screenshots(args: argparse.Namespace) -> int:
+    """The worklist and the Predict panel's PACS source over a throwaway Orthanc (see the docstring)."""
+    import tempfile
+
+    import pydicom
+    from playwright.sync_api import expect, sync_playwright
+    from shiny.playwright import controller
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from pacs_fixtures import OrthancServer
+
+    from hemorrhage_core.evaluations import read_calibration
+    from hemorrhage_core.inference import Predictor
+    from hemorrhage_core.pacs import PacsClient, Watcher, WatchState
+    from hemorrhage_core.runs import read_run
+
+    pipeline = json.loads((args.runs / "pipeline.json").read_text())
+    run = read_run(args.runs / pipeline["phase2"]["stage2"])
+    series = ranked_series(args.upload_from)
+    chosen, watched, waiting = series[0], series[-2:], series[len(series) // 2]
+    args.out.mkdir(parents=True, exist_ok=True)
+    server = OrthancServer("hemorrhage-screenshots")
+    server.start()
+    app = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="hemorrhage-shots-") as scratch:
+            state = Path(scratch) / "watch.json"
+            os.environ.update(server.env)  # this process's library calls read the credentials here
+            predictor = Predictor.from_checkpoint(run.model_path, calibration=read_calibration(run.path))
+            with PacsClient.from_url(server.url) as client:
+                for paths in watched:
+                    server.stow([pydicom.dcmread(p) for p in paths])
+                watcher = Watcher(client, predictor, WatchState.load(state, url=client.url, run_id=run.id),
+                                  run_id=run.id, include_existing=True)
+                watcher.poll_once()
+                watcher.poll_once()  # a study is predicted once its instance count has settled
+            for paths in (chosen, waiting):
+                server.stow([pydicom.dcmread(p) for p in paths])
+            target = pydicom.dcmread(chosen[0], stop_before_pixels=True).StudyInstanceUID
+            port = free_port()
+            app = start_app(args.runs.resolve(), port, {"HEMORRHAGE_DICOMWEB_URL": server.url,
+                                                       "HEMORRHAGE_PACS_WATCH_STATE": str(state), **server.env})
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": args.width, "height": 1000})
+                page.goto(f"http://127.0.0.1:{port}/")
+
+                def settle() -> None:
+                    page.wait_for_function(SETTLED, timeout=120_000)
+                    page.wait_for_timeout(800)
+
+                def shoot(name: str) -> None:
+                    settle()
+                    expect(page.locator(".shiny-output-error")).to_have_count(0)
+                    page.screenshot(path=str(args.out / f"dashboard-{name}.png"), full_page=True)
+                    print(f"wrote {args.out / f'dashboard-{name}.png'}")
+
+                controller.PageNavbar(page, "panel").set("worklist")
+                controller.InputSelect(page, "worklist-model").set(run.path.name)
+                rows = page.locator(f"#worklist-table tr[data-study='{target}']")
+                expect(rows).to_have_count(1, timeout=120_000)
+                rows.locator("button.worklist-open").click()
+                expect(page.locator("#predict-status")).to_contain_text("slice(s) predicted", timeout=600_000)
+                settle()
+                best = page.evaluate(
+                    "() => { const t = (document.getElementById('predict-profile').data || [])"
+                    ".find(x => x.name === 'any'); return t ? t.y.indexOf(Math.max(...t.y)) : 0; }"
+                )
+                page.select_option("#predict-slice", index=int(best))
+                page.locator("#predict-pacs_push").click()
+                expect(page.locator("#predict-pacs_pushed")).to_contain_text("Stored in the PACS", timeout=120_000)
+                shoot("predict-pacs")
+                controller.PageNavbar(page, "panel").set("worklist")
+                expect(page.locator(f"#worklist-table tr[data-study='{target}']")).to_contain_text(
+                    "SR stored", timeout=60_000)
+                shoot("worklist")
+                browser.close()
+    finally:
+        if app is not None:
+            app.terminate()
+            app.wait(timeout=30)
+        server.close()
     return 0
 
 

@@ -8,7 +8,8 @@ it is started as the unprivileged ``orthanc`` user the Debian package creates (e
 folder is made outside pytest's private base folder so that user can enter it. Its DICOM port is off.
 
 ``fake_dicomweb`` serves canned failures on another free port: HTTP 500, an answer slower than the
-client's timeout, or a server that wants a bearer token (optionally over TLS).
+client's timeout, or a server that wants a bearer token (optionally over TLS). ``phantom_studies``
+writes synthetic head-CT studies (one axial series each) to store in it.
 """
 
 from __future__ import annotations
@@ -260,3 +261,35 @@ def self_signed_certificate(folder: Path) -> tuple[str, str] | None:
                     "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True, timeout=60)
     return str(cert), str(key)
+
+
+def phantom_studies(folder: Path, *, patients: int, slices: int, seed: int, size: int = 64,
+                    identity: dict[str, str] | None = None) -> list[list[Path]]:
+    """Synthetic phantom studies (one axial CT series each, ``identity`` written into the headers):
+    each study's files in z order."""
+    import pydicom
+
+    from hemorrhage_core.synthetic import write_dataset
+
+    write_dataset(folder, patients=patients, slices_per_patient=slices, size=size, seed=seed, workers=1,
+                  progress=False, identity_tags=identity)
+    by_series: dict[str, list[tuple[float, Path]]] = {}
+    for path in sorted((folder / "stage_2_train").glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        by_series.setdefault(ds.SeriesInstanceUID, []).append((float(ds.ImagePositionPatient[2]), path))
+    return [[p for _, p in sorted(files)] for files in by_series.values()]
+
+
+def pacs_run(runs_dir: Path) -> Path:
+    """A finished stage-2 run for the dashboard's PACS tests: a real tiny untrained model, and validation
+    predictions of 30 patients x 2 slices, enough negative studies for study-level thresholds to be
+    chosen on them (not defaulted to 0.5)."""
+    from dashboard_fixtures import synthetic_predictions, tiny_model_checkpoint
+
+    from hemorrhage_core.runs import RunWriter
+
+    writer = RunWriter.create(runs_dir, backbone="resnet18", stage=2, config={"image_size": 64}, device="cpu")
+    writer.write_predictions(synthetic_predictions(n_patients=30, slices=2, seed=0))
+    tiny_model_checkpoint(writer.checkpoint_path("best"))
+    writer.finish()
+    return writer.path

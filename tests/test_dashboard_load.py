@@ -50,8 +50,8 @@ _analyse = panel.analyse_uploads
 _gate = Path(os.environ["{GATE_ENV}"])
 
 
-def gated_analyse_uploads(predictor, uploads, saliency_label):
-    results = _analyse(predictor, uploads, saliency_label)
+def gated_analyse_uploads(predictor, uploads, saliency_label, **options):
+    results = _analyse(predictor, uploads, saliency_label, **options)
     if any("slow" in upload.name for upload in uploads):
         (_gate / "entered").touch()
         deadline = time.monotonic() + 600  # never hang a test run forever

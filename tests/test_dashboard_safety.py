@@ -155,6 +155,7 @@ def test_app_module_assembles_with_the_cap_and_sanitised_errors(tmp_path, monkey
             "stn",
             "compare",
             "predict",
+            "worklist",
             "grid",
             "report",
         ]

@@ -10,6 +10,7 @@ from htmltools import Tag, TagChild
 from shiny import reactive, ui
 
 from hemorrhage_core.dashboard.config import DISCLAIMER, DashboardConfig
+from hemorrhage_core.dashboard.pacs_source import DashboardResults, OpenStudy
 from hemorrhage_core.dashboard.predictors import PredictorCache
 from hemorrhage_core.dashboard.state import RunIndex, Snapshot, run_choices, run_key
 from hemorrhage_core.runs import RunSummary
@@ -25,6 +26,10 @@ class AppContext:
     index: RunIndex
     predictors: PredictorCache
     snapshot: Callable[[], Snapshot]  # a reactive read: re-runs its readers when a run's files change
+    # The studies this app predicted from the PACS (process-wide), and, per session, the worklist's
+    # request to show a study in the Predict panel. Panels make their own when these are None.
+    pacs_results: DashboardResults | None = None
+    open_study: reactive.Value[OpenStudy | None] | None = None
 
 
 def distinct(compute: Callable[[], T], *, initial: T, name: str) -> reactive.Value[T]:

@@ -1,4 +1,5 @@
-"""Predict panel: upload DICOM slices, pick a model, see probabilities, the STN alignment and Grad-CAM.
+"""Predict panel: upload DICOM slices, or fetch a series from the PACS, pick a model, see probabilities,
+the STN alignment and Grad-CAM; a PACS series' result can be stored back as a DICOM SR.
 
 Above the per-slice view, the series verdict: per label the highest probability over the uploaded
 slices of the shown slice's series, and the slice it came from, against the run's study-level
@@ -6,7 +7,8 @@ threshold chosen on its validation set. Probabilities are calibrated when the ru
 
 Uploaded files are read into memory and deleted from disk at once; their bytes live only in this
 session. Prediction runs in an extended task on a worker thread (other sessions and this session's
-controls stay responsive) through the one shared Predictor of the chosen run.
+controls stay responsive) through the one shared Predictor of the chosen run. A series from the PACS
+(``pacs_predict``) arrives as uploads held in memory and takes the same path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from htmltools import Tag
 from shiny import module, reactive, render, ui
@@ -23,7 +26,16 @@ from shiny import module, reactive, render, ui
 from hemorrhage_core import plots
 from hemorrhage_core.dashboard.common import AppContext, help_text, message, sync_run_select
 from hemorrhage_core.dashboard.figures import figure_output, render_figure
+from hemorrhage_core.dashboard.pacs_predict import (
+    PACS,
+    UPLOAD,
+    pacs_controls,
+    pacs_source_server,
+    source_picker,
+    store_bar,
+)
 from hemorrhage_core.dashboard.predictors import (
+    Progress,
     SeriesVerdict,
     Upload,
     UploadResult,
@@ -36,6 +48,9 @@ from hemorrhage_core.dashboard.state import run_key, run_label
 from hemorrhage_core.labels import LABELS
 from hemorrhage_core.runs import RunSummary
 from hemorrhage_core.windowing import PRESETS
+
+if TYPE_CHECKING:
+    from hemorrhage_core.dashboard.pacs_source import FetchedSeries, OpenStudy, PacsOrigin
 
 log = logging.getLogger("hemorrhage_core.dashboard")
 
@@ -54,6 +69,9 @@ class PredictRequest:
     uploads: tuple[Upload, ...]
     saliency_label: str
     run_dir: Path | None = None  # for the run's calibration and thresholds
+    origin: PacsOrigin | None = None  # the PACS series the uploads were fetched from
+    record_id: str | None = None  # the run's own id (run.json), named in a stored SR
+    progress: Progress | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -69,6 +87,8 @@ class PredictBatch:
     error: str | None = None
     thresholds: dict | None = None
     calibrated: bool = False
+    run_id: str | None = None  # the run's own id
+    origin: PacsOrigin | None = None  # set when the slices came from the PACS
 
     @property
     def usable(self) -> list[UploadResult]:
@@ -197,10 +217,16 @@ def verdict_card(batch: PredictBatch, shown: UploadResult | None) -> Tag | None:
         class_="table table-sm verdict-table",
     )
     n = verdict.n_slices
-    coverage = (
-        f"Covers the {n} uploaded slice{'s' if n != 1 else ''} of this series: each label's highest "
-        "probability over them. A series is only as complete as the slices uploaded."
-    )
+    if batch.origin is not None:
+        coverage = (
+            f"Covers the {n} slice{'s' if n != 1 else ''} of this series predicted from the PACS (of "
+            f"{batch.origin.n_instances} usable axial CT slices): each label's highest probability over them."
+        )
+    else:
+        coverage = (
+            f"Covers the {n} uploaded slice{'s' if n != 1 else ''} of this series: each label's highest "
+            "probability over them. A series is only as complete as the slices uploaded."
+        )
     if len(groups) > 1:
         coverage += f" {len(groups)} series were uploaded; this is the series of the slice shown below."
     notes = [ui.p(coverage, class_="small mb-1")]
@@ -249,25 +275,31 @@ def default_model(runs: list[RunSummary]) -> str | None:
 
 
 @module.ui
-def predict_ui() -> Tag:
+def predict_ui(pacs_enabled: bool = False) -> Tag:
     return ui.layout_sidebar(
         ui.sidebar(
             ui.input_select("model", "Model (a finished run)", choices={}),
-            ui.input_file(
-                "files",
-                "DICOM slices (.dcm)",
-                multiple=True,
-                accept=[".dcm", ".dicom", "application/dicom"],
-                button_label="Choose files…",
-                placeholder="no file chosen",
+            source_picker(pacs_enabled),
+            ui.panel_conditional(
+                f"input.source === '{UPLOAD}'",
+                ui.input_file(
+                    "files",
+                    "DICOM slices (.dcm)",
+                    multiple=True,
+                    accept=[".dcm", ".dicom", "application/dicom"],
+                    button_label="Choose files…",
+                    placeholder="no file chosen",
+                ),
+                ui.input_task_button("predict", "Predict", label_busy="Predicting…", type="primary"),
             ),
-            ui.input_task_button("predict", "Predict", label_busy="Predicting…", type="primary"),
+            pacs_controls(),
             ui.input_select("cam_label", "Grad-CAM for class", choices=list(LABELS), selected="any"),
             ui.output_ui("limits"),
             width=320,
         ),
         ui.output_ui("status"),
         ui.output_ui("verdict"),
+        store_bar(),
         ui.div(
             ui.input_select("slice", "Slice (in z order)", choices={}, width="100%"),
             class_="slice-picker",
@@ -322,9 +354,20 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
 
     uploads: reactive.Value[tuple[Upload, ...]] = reactive.value((), name="uploads")
     upload_problems: reactive.Value[tuple[str, ...]] = reactive.value((), name="upload_problems")
+    origin: reactive.Value[PacsOrigin | None] = reactive.value(None, name="origin")  # where uploads came from
+    progress = Progress()
+
+    def source() -> str:
+        return input.source() or UPLOAD
 
     @render.ui
     def limits():
+        if source() == PACS:
+            return help_text(
+                f"A series of up to {ctx.config.pacs_max_slices} slices is fetched into memory and forgotten "
+                "when you close the page. Studies are listed by date and description; patient names and "
+                "other identifying header fields are never shown."
+            )
         return help_text(
             f"Up to {ctx.config.max_upload_files} files, each at most {ctx.config.max_upload_mb:g} MB. "
             "Files are read into memory, deleted from the server at once, and forgotten when you "
@@ -338,7 +381,21 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
             input.files(), max_bytes=ctx.config.max_upload_bytes, max_files=ctx.config.max_upload_files
         )
         upload_problems.set(tuple(problems))
+        origin.set(None)
         uploads.set(tuple(files))
+
+    def _fetched(fetched: FetchedSeries) -> None:
+        upload_problems.set(fetched.problems)
+        origin.set(fetched.origin)
+        uploads.set(fetched.uploads)
+
+    def _opening(request: OpenStudy) -> None:
+        # The old uploads go first, so that the model's change below does not predict them again.
+        uploads.set(())
+        origin.set(None)
+        upload_problems.set(())
+        if request.run_id and any(run_key(s) == request.run_id for s in candidates()):
+            ui.update_select("model", selected=request.run_id)
 
     @ui.bind_task_button(button_id="predict")
     @reactive.extended_task
@@ -359,6 +416,7 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
             )
             return None
         summary = ctx.snapshot().by_id(run_id)
+        progress.reset()
         return PredictRequest(
             run_id,
             run_label(summary) if summary else run_id,
@@ -366,6 +424,9 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
             files,
             input.cam_label(),
             record.path,
+            origin(),
+            record.id,
+            progress,
         )
 
     @reactive.effect
@@ -379,13 +440,24 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
     # The last finished batch stays on screen while a new one (another class, model or upload) runs.
     last_batch: reactive.Value[PredictBatch | None] = reactive.value(None, name="last_batch")
 
+    results_record = ctx.pacs_results
+
     @reactive.effect
     def _keep_result() -> None:
         if predict_task.status() == "success":
-            last_batch.set(predict_task.result())
+            b = predict_task.result()
+            last_batch.set(b)
+            if b.origin is not None and results_record is not None:
+                from hemorrhage_core.dashboard.pacs_source import complete_result
+
+                done = complete_result(b.origin, b.results)
+                if done is not None:  # the worklist shows it (a partial series would understate the study)
+                    results_record.record(b.origin.url, b.run_id, done)
 
     def batch() -> PredictBatch | None:
         return last_batch()
+
+    pacs = pacs_source_server(input, ctx, batch=batch, on_fetched=_fetched, on_open=_opening)
 
     @reactive.effect
     def _slice_choices() -> None:
@@ -426,13 +498,18 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
                     "No finished run with a saved model yet: train one, then come back here.", kind="warning"
                 )
             )
+        lines += pacs.lines()
         if not uploads() and not lines:
+            if source() == PACS:
+                return message("Choose a study and a series from the PACS, then Fetch and predict.")
             return message("Upload one or more DICOM slices of a head CT to see the model's prediction.")
         if predict_task.status() == "running":
+            reactive.invalidate_later(0.5)
             lines.append(
                 ui.div(
                     ui.span(class_="spinner-border spinner-border-sm me-2", role="status"),
-                    f"Predicting {len(uploads())} slice(s)…",
+                    f"Predicting {len(uploads())} slice(s)…"
+                    + (f" {progress.done} done." if progress.total else ""),
                     class_="alert alert-info panel-message",
                 )
             )
@@ -518,7 +595,10 @@ def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
         predictor = ctx.predictors.get(request.run_id, request.model_path, request.run_dir)
     except Exception as exc:  # noqa: BLE001 - a message for the page, details in the log
         return PredictBatch(
-            request.run_name, error=f"The model cannot be loaded: {user_message(exc, context='model load')}"
+            request.run_name,
+            error=f"The model cannot be loaded: {user_message(exc, context='model load')}",
+            run_id=request.record_id or request.run_id,
+            origin=request.origin,
         )
     calibration = getattr(predictor, "calibration", None)
     thresholds = None
@@ -527,5 +607,13 @@ def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
             thresholds = run_thresholds(request.run_dir, calibration)
         except Exception as exc:  # noqa: BLE001 - the verdict then shows probabilities without thresholds
             log.info("no thresholds for run %s: %s", request.run_id, user_message(exc, context="thresholds"))
-    results = analyse_uploads(predictor, request.uploads, request.saliency_label)
-    return PredictBatch(request.run_name, results, thresholds=thresholds, calibrated=calibration is not None)
+    progress = request.progress.update if request.progress is not None else None
+    results = analyse_uploads(predictor, request.uploads, request.saliency_label, progress=progress)
+    return PredictBatch(
+        request.run_name,
+        results,
+        thresholds=thresholds,
+        calibrated=calibration is not None,
+        run_id=request.record_id or request.run_id,
+        origin=request.origin,
+    )

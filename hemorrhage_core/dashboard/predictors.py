@@ -120,6 +120,23 @@ class UploadResult:
         return self.error is None
 
 
+class Progress:
+    """How far a long call has got: written by its worker thread, read by the page's timer."""
+
+    def __init__(self) -> None:
+        self.done, self.total = 0, 0
+
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = int(done), int(total)
+
+    def reset(self) -> None:
+        self.update(0, 0)
+
+    def text(self, what: str) -> str:
+        """e.g. ``"Predicting 3 of 40 slices…"``; without a total yet, ``"Predicting…"``."""
+        return f"{what} {self.done} of {self.total} slices…" if self.total else f"{what}…"
+
+
 @dataclass(frozen=True)
 class Upload:
     """An uploaded file held in memory: the display name the browser sent and its bytes."""
@@ -129,11 +146,16 @@ class Upload:
 
 
 def analyse_uploads(
-    predictor: Predictor, uploads: Sequence[Upload], saliency_label: str | None
+    predictor: Predictor,
+    uploads: Sequence[Upload],
+    saliency_label: str | None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[UploadResult]:
     """Decode each upload once and predict it; results sorted by series then z (files without z last).
 
     Never raises for a bad file: its result carries a user-facing message instead.
+    ``progress(done, total)`` is called after each file.
     """
     from hemorrhage_core.dicom import read_slice
 
@@ -146,6 +168,8 @@ def analyse_uploads(
         except Exception as exc:  # noqa: BLE001 - every failure becomes this file's message
             result.error = user_message(exc, context=f"prediction of upload {i + 1}")
             results.append(result)
+            if progress is not None:
+                progress(i + 1, len(uploads))
             continue
         result.hu = ct.hu
         result.z = ct.meta.z
@@ -161,6 +185,8 @@ def analyse_uploads(
         result.heatmap = prediction.heatmap
         result.flags = [str(f) for f in prediction.flags]
         results.append(result)
+        if progress is not None:
+            progress(i + 1, len(uploads))
     return sort_by_position(results)
 
 

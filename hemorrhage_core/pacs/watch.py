@@ -8,7 +8,9 @@ atomically after each study, so a restarted watcher never predicts a study twice
 ``{"format_version": 1, "url", "run_id", "studies": {study_uid: {"status", "at", ...}}, "pending":
 {study_uid: instances seen}, "attempts": {study_uid: n}}`` with status ``baseline`` (there before the
 first poll, left alone unless ``include_existing``), ``pushed``, ``predicted`` (without ``--push``) or
-``failed`` (with a message: no usable CT series, slices that failed, an SR the server refused).
+``failed`` (with a message: no usable CT series, slices that failed, an SR the server refused). A
+predicted or pushed study also keeps its ``series_uid``, ``slices`` and ``study`` (label -> the
+study-level probability), which the dashboard's worklist shows; ``pushed`` adds the SR's UIDs.
 
 A server that goes away (PacsUnavailableError) is retried with exponential back-off (``backoff_s``) and
 the watcher carries on when it is back; a study whose own requests keep failing that way is given up
@@ -210,6 +212,7 @@ class Watcher:
                        + ("; nothing stored" if self.push else ""))
             self.state.record(study_uid, "failed", message=message, **summary)
             return WatchOutcome(study_uid, "failed", message, result)
+        summary["study"] = result.study  # the study-level probabilities, for the dashboard's worklist
         if not self.push:
             self.state.record(study_uid, "predicted", **summary)
             return WatchOutcome(study_uid, "predicted", None, result)
