@@ -31,6 +31,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # o
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=10, help="batch of (d) (default 10, the trainer's)")
     parser.add_argument("--loader-slices", type=int, default=5000, help="slices (d) delivers while timed (default 5000)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(d) copies its batches to this device")
+    parser.add_argument(
+        "--augment", nargs="?", const="{}", default=None, metavar="JSON",
+        help="(d) applies the training augmentation in its workers (AugmentConfig fields as JSON; default: the trainer's)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.workers < 0:
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run(paths, data, args.image_size, args.repeat, cache_dir, args.clock)
         if args.workers:
             results["loader"] = loader_throughput(
-                paths, data, args.image_size, cache_dir, args.workers, args.batch_size, args.loader_slices, args.device
+                paths, data, args.image_size, cache_dir, args.workers, args.batch_size, args.loader_slices, args.device,
+                augment=None if args.augment is None else json.loads(args.augment),
             )
         print_report(results, args, len(paths))
         if args.json:
@@ -256,11 +262,14 @@ def loader_throughput(
     batch_size: int,
     slices: int,
     device: str = "cpu",
+    augment: dict | None = None,
 ) -> dict:
     """(d) Slices/s, wall-clock, of the cached SliceDataset through ``make_loader`` with ``workers``
     processes (the trainer's collate, seeded shuffling, pinned memory on CUDA), each batch copied to
-    ``device`` as the training step does. An untimed short epoch first starts the (persistent)
-    workers; the timed epoch then delivers ``slices`` slices, cycling over the cache."""
+    ``device`` as the training step does. ``augment`` (AugmentConfig fields; ``{}`` the trainer's
+    defaults) adds the training augmentation, drawn in the workers as in training. An untimed short
+    epoch first starts the (persistent) workers; the timed epoch then delivers ``slices`` slices,
+    cycling over the cache."""
     from hemorrhage_core.data.cache import SliceCache
     from hemorrhage_core.data.dataset import SliceDataset
     from hemorrhage_core.data.loader import make_loader
@@ -268,7 +277,14 @@ def loader_throughput(
     index = _index_of(paths, data)
     cache = SliceCache.build(index, data, prep=SlicePrep(image_size), cache_dir=cache_dir, progress=False)
     warm = 2 * batch_size * max(workers, 1)
-    dataset = _Cycled(SliceDataset(index, data, stage=2, prep=SlicePrep(image_size), cache=cache), warm)
+    augmenter = None
+    if augment is not None:
+        from hemorrhage_core.data import AugmentConfig, SliceAugment
+
+        augmenter = SliceAugment(AugmentConfig(**augment))
+    dataset = _Cycled(
+        SliceDataset(index, data, stage=2, prep=SlicePrep(image_size), cache=cache, augment=augmenter), warm
+    )
     loader = make_loader(dataset, batch_size=batch_size, shuffle=True, workers=workers, seed=0, drop_last=True)
     target = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
 
@@ -288,6 +304,8 @@ def loader_throughput(
     return {
         "workers": workers,
         "batch_size": batch_size,
+        "image_size": image_size,
+        "augment": augment,
         "device": device,
         "pinned": bool(loader.pin_memory),
         "slices": delivered,
@@ -297,8 +315,6 @@ def loader_throughput(
 
 
 def _write_json(out: Path, results: dict, args: argparse.Namespace, n: int) -> None:
-    import json
-
     record = {
         "benchmark": "bench_data",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -355,7 +371,8 @@ def print_report(results: dict, args: argparse.Namespace, n: int) -> None:
     if "loader" in results:
         d = results["loader"]
         print(
-            f"(d) cached through make_loader, {d['workers']} workers, batch {d['batch_size']}, to {d['device']}"
+            f"(d) cached through make_loader, {d['workers']} workers, batch {d['batch_size']}, "
+            f"{'augmented, ' if d.get('augment') is not None else ''}to {d['device']}"
             f"{' (pinned)' if d['pinned'] else ''}: {d['rate']:.0f} slices/s wall-clock over {d['slices']} slices "
             f"= {d['rate'] / rates['c_cached']:.1f}x (c) on one core; main process busy {d['main_process_cpu_share']:.0%}"
         )

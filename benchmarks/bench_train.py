@@ -15,6 +15,9 @@ Sizes and settings come from the pipeline presets (training/configs/*.yaml), Ima
   full   every backbone at its full size (vgg16*: 224, inception_v3: 299), full.yaml's settings
 
 Baselines timed round-robin with the steps, so a busy machine slows them alike:
+  fwd_bwd  the step's forward, loss and backward alone (no finite-loss read, clipping, optimizer or
+           schedule): ``overhead`` is the step's time per batch minus this, what the loop adds around
+           the arithmetic (a GPU step that waits for the host shows here)
   forward  eval-mode inference_mode forward of the same batch (the trainer's autocast and memory format)
   matmul   a square matmul (fp32 2048^3 on CPU; 8192^3 in the AMP dtype on CUDA); 'share' is the
            step's counted FLOPs per second (torch.utils.flop_counter, forward + backward) over its rate
@@ -22,6 +25,10 @@ Baselines timed round-robin with the steps, so a busy machine slows them alike:
     python benchmarks/bench_train.py                                  # quick sizes, 3 backbones
     python benchmarks/bench_train.py --sizes full --steps 3 --threads 1
     python benchmarks/bench_train.py --device cuda --sizes full --json train.json
+    python benchmarks/bench_train.py --device cuda --sizes full --chunk 20   # 20 steps per timed call
+
+``--chunk N`` times N consecutive steps per call (one epoch of N batches, as the trainer runs them:
+the loss is read on the host once per CUDA_READ_EVERY steps and at the end), and reports per step.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from hemorrhage_core.machine import cpu_name  # noqa: E402
 from hemorrhage_core.models import BACKBONES  # noqa: E402
 from training.config import ConfigError, PipelinePreset, TrainConfig  # noqa: E402
 from training.distributed import DistEnv  # noqa: E402
-from training.engine import LoopSettings, make_grad_scaler, train_one_epoch  # noqa: E402
+from training.engine import LoopSettings, make_grad_scaler, set_batchnorm_eval, train_one_epoch  # noqa: E402
 from training.trainer import Loop, Runtime, build_network  # noqa: E402
 
 DEFAULT_BACKBONES = ("vgg16", "vgg16_bn", "inception_v3")
@@ -215,8 +222,10 @@ def count_flops(loop: Loop, settings: LoopSettings, images: torch.Tensor) -> tup
     return train, counter.get_total_flops() * n
 
 
-def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict[str, Any]:
-    """Images/s of the trainer's optimizer step and of the eval forward, and the FLOP rates, for one case."""
+def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int, chunk: int = 1) -> dict[str, Any]:
+    """Images/s of the trainer's optimizer step, of its forward + backward alone and of the eval
+    forward, and the FLOP rates, for one case. Each timed call runs ``chunk`` batches; rates and
+    ``step_ms`` are per batch."""
     config = case.config
     torch.manual_seed(config.seed)
     loop = Loop(
@@ -229,7 +238,7 @@ def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict
     def train_step() -> None:
         train_one_epoch(
             loop.model,
-            [batch],
+            [batch] * chunk,
             loop.optimizer,
             loop.scheduler,
             loop.loss_fn,
@@ -238,14 +247,29 @@ def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict
             scaler=loop.scaler,
         )
 
+    def fwd_bwd() -> None:
+        loop.model.train()
+        if settings.freeze_bn:
+            set_batchnorm_eval(loop.model)
+        for _ in range(chunk):
+            inputs, target = settings.to_device(batch[0]), batch[1].to(device, non_blocking=True)
+            with settings.autocast():
+                out = loop.model(inputs)
+                loss = loop.loss_fn(out.logits, target)
+                if out.aux_logits is not None and settings.aux_loss_weight > 0:
+                    loss = loss + settings.aux_loss_weight * loop.loss_fn(out.aux_logits, target)
+            (loop.scaler.scale(loss) if loop.scaler is not None else loss).backward()
+            loop.optimizer.zero_grad(set_to_none=True)
+
     def forward() -> None:
         loop.net.eval()
         with torch.inference_mode(), settings.autocast():
-            loop.net(settings.to_device(batch[0]))
+            for _ in range(chunk):
+                loop.net(settings.to_device(batch[0]))
 
     matmul, matmul_flops = matmul_fn(device, settings.amp_dtype if settings.amp else torch.float32)
     train_flops, forward_flops = count_flops(loop, settings, batch[0])
-    fns = {"train": train_step, "forward": forward, "matmul": matmul}
+    fns = {"train": train_step, "fwd_bwd": fwd_bwd, "forward": forward, "matmul": matmul}
     if warmup:
         interleaved(fns, warmup, device)
     t = interleaved(fns, steps, device)
@@ -253,6 +277,8 @@ def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict
     if not torch.isfinite(first).all():
         raise RuntimeError(f"{case.backbone} at {case.size} px: the weights became non-finite while timing")
     images = int(batch[0].shape[0])
+    for name in ("train", "fwd_bwd", "forward"):  # per batch
+        t[name] = {k: v / chunk for k, v in t[name].items()}
     result: dict[str, Any] = {
         "backbone": case.backbone,
         "px": case.size,
@@ -262,6 +288,7 @@ def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict
         "batch": images,
         "steps": steps,
         "warmup": warmup,
+        "chunk": chunk,
         "amp": str(settings.amp_dtype).removeprefix("torch.") if settings.amp else None,
         "grad_scaler": loop.scaler is not None,
         "channels_last": settings.channels_last,
@@ -271,7 +298,12 @@ def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict
     }
     for clock in ("wall", "cpu"):
         step, fwd, mm = t["train"][clock], t["forward"][clock], t["matmul"][clock]
+        core = t["fwd_bwd"][clock]
         result[clock] = {
+            "step_ms": step * 1e3,
+            "fwd_bwd_ms": core * 1e3,
+            "overhead_ms": (step - core) * 1e3,  # what the loop adds per step beyond forward + backward
+            "overhead_share": (step - core) / step,
             "train_img_s": images / step,
             "forward_img_s": images / fwd,
             "train_over_forward": (images / step) / (images / fwd),
@@ -335,10 +367,11 @@ def print_header(report: dict[str, Any]) -> None:
     print(f"command: {report['command']}")
     print()
     print(
-        "| backbone | px | trunk | batch | train img/s | ms/step | fwd img/s | fwd/train | GFLOP/step "
-        "| train GFLOP/s | matmul GFLOP/s | share |"
+        "| backbone | px | trunk | batch | train img/s | ms/step | fwd+bwd ms | overhead ms | fwd img/s "
+        "| fwd/train | GFLOP/step | train GFLOP/s | matmul GFLOP/s | share |"
     )
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+          flush=True)
 
 
 def row(r: dict[str, Any], clock: str) -> str:
@@ -346,7 +379,7 @@ def row(r: dict[str, Any], clock: str) -> str:
     c = r[clock]
     return (
         f"| {r['backbone']} | {r['px']} | {r['trunk']} | {r['batch']} | {c['train_img_s']:.2f} "
-        f"| {r['seconds']['train'][clock] * 1e3:.0f} | {c['forward_img_s']:.2f} "
+        f"| {c['step_ms']:.1f} | {c['fwd_bwd_ms']:.1f} | {c['overhead_ms']:.1f} | {c['forward_img_s']:.2f} "
         f"| {1 / c['train_over_forward']:.2f}x | {r['train_gflop_per_step']:.1f} | {c['train_gflop_s']:.0f} "
         f"| {c['matmul_gflop_s']:.0f} | {c['share']:.0%} |"
     )
@@ -358,7 +391,7 @@ def print_footer(report: dict[str, Any]) -> None:
     print()
     print(
         "train img/s: one optimizer step of the trainer (forward + loss + backward + clip + AdamW), median of "
-        "the timed steps; fwd/train: eval forward throughput over training throughput of the same batch "
+        "the timed steps; overhead ms: ms/step minus the forward + loss + backward alone (fwd+bwd ms); fwd/train: eval forward throughput over training throughput of the same batch "
         "(about 3x when every layer trains, less with a frozen trunk: no weight gradients there); share: "
         "the step's counted FLOP rate over the matmul's, both measured round-robin in this run."
     )
@@ -383,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median; default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument(
+        "--chunk", type=int, default=1, help="consecutive steps per timed call, reported per step (default 1)"
+    )
     parser.add_argument("--batch-size", type=int, default=10, help="images per step (default 10, the seed's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
@@ -414,9 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         help="on CPU: time each case's step in float32 and with cpu_bf16, round-robin, and print the ratio",
     )
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 2:
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 2 or args.chunk < 1:
         parser.error(
-            "--steps must be >= 1, --warmup >= 0 and --batch-size >= 2 (batch norm needs two images)"
+            "--steps and --chunk must be >= 1, --warmup >= 0 and --batch-size >= 2 (batch norm needs two images)"
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
@@ -461,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print_header(report)
     for case in cases:
-        report["results"].append(bench_case(case, runtime, steps=args.steps, warmup=args.warmup))
+        report["results"].append(bench_case(case, runtime, steps=args.steps, warmup=args.warmup, chunk=args.chunk))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the case's model and optimizer state are gone: free their memory
         print(row(report["results"][-1], clock), flush=True)

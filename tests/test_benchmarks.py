@@ -238,7 +238,8 @@ def test_demo_refuses_a_folder_that_already_holds_data(tmp_path, capsys):
 def test_gpu_bench_cpu_smoke_writes_the_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("HEMORRHAGE_CPU_BF16", "0")  # float32 on every CPU; its subprocesses inherit it
     out = tmp_path / "gpu"
-    assert load("gpu_bench").main(["--cpu-smoke", "--out", str(out)]) == 0  # its parts run as subprocesses
+    monkeypatch.chdir(tmp_path)  # --out is relative to where the script starts, not to the checkout
+    assert load("gpu_bench").main(["--cpu-smoke", "--out", "gpu"]) == 0  # its parts run as subprocesses
     summary = json.loads((out / "gpu_bench.json").read_text())
     assert summary["smoke"] is True and summary["card"] == "no GPU (CPU)"
     assert {name: [("result" in r) for r in part] for name, part in summary["parts"].items()} == {
@@ -248,6 +249,12 @@ def test_gpu_bench_cpu_smoke_writes_the_summary(tmp_path, monkeypatch):
     }
     text = (out / "gpu_bench.md").read_text()
     assert "| vgg16 | 32 | trainable | 2 | off | False |" in text
-    assert "| 1 | 10 | False |" in text  # the loader row: 1 worker, batch 10, not pinned on CPU
+    report = summary["parts"]["train"][0]["result"]
+    (train,) = report["results"]
+    clock = train[report["clock"]]
+    assert clock["overhead_ms"] == pytest.approx(clock["step_ms"] - clock["fwd_bwd_ms"])
+    assert f"| {clock['step_ms']:.2f} | {clock['fwd_bwd_ms']:.2f} | {clock['overhead_ms']:.2f} (" in text
+    # the loader row: 32 px, the trainer's augmentation, 1 worker, batch 10, not pinned on CPU
+    assert "| 32 | on | 1 | 10 | False |" in text
     assert "| mobilenet_v3_small | 224 |" in text
     assert "Failed parts" not in text

@@ -32,7 +32,7 @@ if not Path("/usr/bin/chromium").exists():
     pytest.skip("Debian chromium is not installed (make test-deps installs it)", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
-PANELS = ("runs", "metrics", "roc", "thresholds", "calibration", "stn", "compare", "predict", "grid", "report")
+PANELS = ("runs", "metrics", "roc", "thresholds", "calibration", "stn", "compare", "predict", "worklist", "grid", "report")
 # A figure output per panel that must have been drawn before the panel counts as rendered.
 FIRST_FIGURE = {
     "metrics": "curves",

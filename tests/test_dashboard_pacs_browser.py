@@ -165,9 +165,11 @@ def test_worklist_opens_a_study_predicts_it_from_pacs_and_stores_the_result(
     uploaded = analyse_uploads(world.predictor, [Upload(p.name, p.read_bytes()) for p in target.files], "any")
     bars = figure_data(page, "predict-bars", "{labels: data[0].y, values: data[0].x}")
     assert bars["labels"] == list(LABELS)
-    assert bars["values"] == pytest.approx([uploaded[0].probabilities[label] for label in LABELS], abs=1e-12)
+    # The app is another process: float32 convolutions may sum in another order there (its own thread
+    # count), a few 1e-8 apart; the same process gives equal values (test_dashboard_pacs.py).
+    assert bars["values"] == pytest.approx([uploaded[0].probabilities[label] for label in LABELS], abs=1e-6)
     profile = figure_data(page, "predict-profile", "data.map(t => [t.name, t.y])")
-    assert dict(profile)["any"] == pytest.approx([r.probabilities["any"] for r in uploaded], abs=1e-12)
+    assert dict(profile)["any"] == pytest.approx([r.probabilities["any"] for r in uploaded], abs=1e-6)
 
     # Store: one SR in the study, the UID the page shows; the button is then disabled.
     store = page.locator("#predict-pacs_push")

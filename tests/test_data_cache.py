@@ -26,7 +26,8 @@ SIZE = 24  # slices are written at 32 px: the cache resizes
 
 
 @pytest.fixture()
-def rsna(tmp_path):
+def rsna(tmp_path, monkeypatch):
+    monkeypatch.delenv("HEMORRHAGE_CT_CACHE", raising=False)  # caches go to DATA/.cache
     data = tmp_path / "data"
     write_rsna_set(data, n_patients=3, slices_per_patient=4, size=32, seed=2)
     return data, build_index(data, workers=1, progress=False).table
@@ -151,8 +152,12 @@ def test_a_crashed_build_leaves_nothing_that_is_trusted(rsna, monkeypatch):
     monkeypatch.setattr(cache_module, "_fill", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         _build(index, data)
-    assert [p.name for p in (data / ".cache").iterdir()] == []
+    # only hidden entries (the unfinished build, kept for a rerun, and its lock): no cache to trust
+    assert all(p.name.startswith(".") for p in (data / ".cache").iterdir())
+    assert SliceCache._find([data / ".cache"], data, cache_module.cache_key(SlicePrep(SIZE), list(index["image_id"])),
+                            SlicePrep(SIZE), list(index["image_id"]), list(index["path"]), True) is None
     monkeypatch.undo()
+    monkeypatch.delenv("HEMORRHAGE_CT_CACHE", raising=False)
     # a build folder left by a dead process (kill -9) is never used and is cleaned up
     orphan = data / ".cache" / ".building-999999999-x"
     orphan.mkdir()

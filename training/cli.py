@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("training.synth_cmd", "write a synthetic head-CT data set in the RSNA layout"),
     "inspect": ("training.inspect_cmd", "check whether DICOM files are usable CT slices"),
     "index": ("training.index_cmd", "build (or refresh) the label + header index of a data set"),
+    "cache": ("training.cache_cmd", "build the preprocessed slice cache ahead of training (resumable)"),
     "train": ("training.train_cmd", "train one model (stage 1 or 2), or resume a run"),
     "pipeline": ("training.pipeline_cmd", "run the two-phase recipe (VGG16 subset, then Inception_v3)"),
     "evaluate": ("training.evaluate_cmd", "evaluate a run's model on a data set"),

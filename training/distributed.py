@@ -3,13 +3,22 @@
 Under ``torchrun --nproc_per_node N`` every process runs the same command; ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK`` come from the environment. Without them this is a world of one and every helper is a
 no-op, so the trainer has one code path.
+
+The default process group (NCCL on CUDA, gloo on CPU) carries DDP's gradients; gloo groups carry the
+rest (barriers, the NaN flag, the loss for the log, gathered predictions, broadcast objects), so none
+of that takes GPU memory, and a rank whose process ends closes its sockets, which its peers see at
+once. Every wait is bounded: ``HEMORRHAGE_DIST_TIMEOUT`` seconds (default 600) for collectives and
+barriers, ``HEMORRHAGE_DIST_PREPARE_TIMEOUT`` (default 14400) while rank 0 alone builds the index and
+the slice cache (``broadcast(..., prepare=True)``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -19,10 +28,22 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
+from training.exits import EXIT_FAILED, CommandError
+
 log = logging.getLogger(__name__)
 
-# Rank 0 alone writes checkpoints and records; a slow epoch end must not time the others out.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+TIMEOUT_ENV = "HEMORRHAGE_DIST_TIMEOUT"
+PREPARE_TIMEOUT_ENV = "HEMORRHAGE_DIST_PREPARE_TIMEOUT"
+# Rank 0 writes a checkpoint, the predictions and the gallery at each epoch end while the others wait:
+# seconds on a local disk, a minute on a slow shared one; 10 minutes is NCCL's own default.
+DEFAULT_TIMEOUT_S = 600.0
+# The first run over a data set reads every file once (index, then the slice cache) on rank 0 alone.
+DEFAULT_PREPARE_TIMEOUT_S = 4 * 3600.0
+# Spacing of per-rank seeds: a large prime, as hemorrhage_core.data.loader's, so nearby seeds never collide.
+RANK_SEED_STRIDE = 1_000_003
+
+_control: Any = None  # gloo group of barriers and Python objects (None: the default group, when it is gloo)
+_prepare: Any = None  # gloo group of the waits for rank 0's data preparation (the long timeout)
 
 
 @dataclass(frozen=True)
@@ -53,24 +74,61 @@ def detect() -> DistEnv:
     return DistEnv(rank=rank, world_size=max(1, world), local_rank=local)
 
 
+def _seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={text!r} must be a number of seconds > 0")
+    return value
+
+
+def collective_timeout() -> timedelta:
+    """The longest a rank waits for the others at a collective or barrier (``HEMORRHAGE_DIST_TIMEOUT``)."""
+    return timedelta(seconds=_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+
+
+def prepare_timeout() -> timedelta:
+    """How long the other ranks wait for rank 0's index and cache (``HEMORRHAGE_DIST_PREPARE_TIMEOUT``)."""
+    return max(timedelta(seconds=_seconds(PREPARE_TIMEOUT_ENV, DEFAULT_PREPARE_TIMEOUT_S)), collective_timeout())
+
+
 def init(device_type: str) -> DistEnv:
-    """Join the process group when launched by torchrun: NCCL on CUDA, gloo on CPU."""
+    """Join the process group when launched by torchrun: NCCL on CUDA, gloo on CPU, plus the gloo
+    control group."""
+    global _control, _prepare
     env = detect()
     if not env.enabled or (dist.is_available() and dist.is_initialized()):
         return env
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed; run without torchrun")
+    timeout = collective_timeout()
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
-    log.info("joined the process group: rank %d of %d (%s)", env.rank, env.world_size, backend)
+    dist.init_process_group(backend=backend, timeout=timeout)
+    _control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    _prepare = dist.new_group(backend="gloo", timeout=prepare_timeout())
+    log.info("joined the process group: rank %d of %d (%s, timeout %.0f s)", env.rank, env.world_size,
+             backend, timeout.total_seconds())
     return env
 
 
 def cleanup() -> None:
+    global _control, _prepare
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _control = _prepare = None
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """This rank's seed for dropout, augmentation and loader workers: ``seed`` itself on rank 0 (a world
+    of one is unchanged), offset by ``rank x RANK_SEED_STRIDE`` elsewhere so ranks draw differently."""
+    return int(seed) + RANK_SEED_STRIDE * int(rank)
 
 
 def device_for(env: DistEnv, requested: str) -> torch.device:
@@ -81,16 +139,20 @@ def device_for(env: DistEnv, requested: str) -> torch.device:
     return torch.device(f"cuda:{env.local_rank}") if use_cuda else torch.device("cpu")
 
 
-def wrap_model(model: torch.nn.Module, env: DistEnv, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around ``model`` in a multi-process job; the model itself otherwise."""
+def wrap_model(
+    model: torch.nn.Module, env: DistEnv, device: torch.device, *, find_unused_parameters: bool = False
+) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` in a multi-process job; the model itself otherwise.
+
+    ``find_unused_parameters`` costs a graph traversal per step: only for a model with trainable
+    parameters that a step can leave without a gradient (frozen ones do not count: DDP skips them).
+    """
     if not env.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    # Frozen trunks leave parameters without gradients; DDP must then not wait for them.
-    has_frozen = any(not p.requires_grad for p in model.parameters())
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=has_frozen)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -126,49 +188,84 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a world of one)."""
+    if not env.enabled:
+        return [obj]
+    parts: list[Any] = [None] * env.world_size
+    with _peers(env, "a gather"):
+        dist.all_gather_object(parts, obj, group=_control)
+    return parts
+
+
 def gather_rows(arrays: dict[str, np.ndarray], env: DistEnv) -> dict[str, np.ndarray]:
     """Concatenate each rank's arrays (same keys, rows on axis 0) on every rank, rank order."""
     if not env.enabled:
         return arrays
-    parts: list[Any] = [None] * env.world_size
-    dist.all_gather_object(parts, arrays)
+    parts = gather_objects(arrays, env)
     return {key: np.concatenate([p[key] for p in parts], axis=0) for key in arrays}
+
+
+def all_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Element-wise sum over ranks of a few host numbers (float64, on the gloo group)."""
+    if not env.enabled:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    with _peers(env, "a sum over ranks"):
+        dist.all_reduce(t, group=_control)
+    return t.tolist()
 
 
 def all_mean(value: float, env: DistEnv) -> float:
     """Mean of a scalar over ranks."""
-    if not env.enabled:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t)
-    return float(t.item()) / env.world_size
+    return all_sum([value], env)[0] / env.world_size
 
 
 def all_true(flag: bool, env: DistEnv) -> bool:
     """True when ``flag`` holds on every rank (a NaN on one rank stops them all together)."""
-    if not env.enabled:
-        return bool(flag)
-    t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(t)
-    return int(t.item()) == 0
+    return all_sum([0.0 if flag else 1.0], env)[0] == 0.0
 
 
-def broadcast(obj: Any, env: DistEnv) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+def broadcast(obj: Any, env: DistEnv, *, prepare: bool = False) -> Any:
+    """Rank 0's ``obj`` on every rank. ``prepare``: rank 0 may first work alone for up to
+    ``prepare_timeout()`` (the index, the slice cache); otherwise the wait is ``collective_timeout()``."""
     if not env.enabled:
         return obj
     box = [obj if env.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    with _peers(env, "a broadcast from rank 0", prepare=prepare):
+        dist.broadcast_object_list(box, src=0, group=_prepare if prepare else _control)
     return box[0]
 
 
-def _collective_device() -> torch.device:
-    # NCCL reduces CUDA tensors only.
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+class PeerError(CommandError):
+    """Another rank did not reach a barrier in time, or its process ended: this rank stops too (exit 1)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=EXIT_FAILED)
 
 
-def barrier(env: DistEnv) -> None:
-    if env.enabled:
-        dist.barrier()
+def barrier(env: DistEnv, what: str = "a barrier") -> None:
+    """Wait until every rank is at ``what`` (words for the error), for at most ``collective_timeout()``.
+
+    A monitored barrier on the gloo group: rank 0 names the ranks that did not arrive, and a rank whose
+    process ended is seen at once (its sockets close) instead of at the timeout.
+    """
+    if not env.enabled:
+        return
+    with _peers(env, what):
+        dist.monitored_barrier(group=_control, timeout=collective_timeout(), wait_all_ranks=True)
+
+
+@contextmanager
+def _peers(env: DistEnv, what: str, *, prepare: bool = False) -> Iterator[None]:
+    """A collective's failure (a peer's timeout or closed connection) as one PeerError line."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed.DistError and gloo's errors are RuntimeErrors
+        limit = prepare_timeout() if prepare else collective_timeout()
+        name = PREPARE_TIMEOUT_ENV if prepare else TIMEOUT_ENV
+        raise PeerError(
+            f"rank {env.rank} stopped at {what}: another rank failed or did not arrive within "
+            f"{limit.total_seconds():.0f} s ({name}): {' '.join(str(exc).split())[:300]}"
+        ) from exc
+

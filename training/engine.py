@@ -24,6 +24,10 @@ from hemorrhage_core.metrics import stage1_targets
 from training.config import TrainConfig
 from training.distributed import DistEnv, all_mean, all_true, gather_rows, unwrap
 
+# CUDA: steps between host reads of the summed loss (NaN check and log). A read waits for the GPU to
+# drain its queue, so reading every step would stall it; on CPU a read costs nothing and happens every step.
+CUDA_READ_EVERY = 50
+
 log = logging.getLogger(__name__)
 
 
@@ -170,6 +174,8 @@ class LoopSettings:
     freeze_bn: bool = False
     max_steps: int | None = None
     progress: bool = True
+    read_every: int | None = None  # steps between host reads of loss and NaN flag; None: 1 on CPU, CUDA_READ_EVERY on CUDA
+    fp32_head: bool = False  # evaluation runs the head outside autocast (float32 logits); set on CUDA with AMP
 
     @classmethod
     def from_config(cls, config: TrainConfig, device: torch.device, env: DistEnv) -> LoopSettings:
@@ -189,13 +195,22 @@ class LoopSettings:
             freeze_bn=config.freeze_bn,
             max_steps=config.max_steps_per_epoch,
             progress=config.progress,
+            fp32_head=config.amp and cuda,
         )
 
     @property
     def amp_dtype(self) -> torch.dtype:
         if self.device.type != "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (pre-Ampere cards) is slow: those take float16 with a GradScaler instead.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+    @property
+    def sync_every(self) -> int:
+        """Steps between host reads of the summed loss (each read is a device synchronisation)."""
+        if self.read_every is not None:
+            return max(int(self.read_every), 1)
+        return CUDA_READ_EVERY if self.device.type == "cuda" else 1
 
     @property
     def precision(self) -> str:
@@ -290,8 +305,28 @@ class EpochResult:
 def _progress(iterable: Iterable, total: int, desc: str, settings: LoopSettings):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False,
+    # At most two refreshes a second: a terminal write per step costs more than a small GPU step.
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, mininterval=0.5,
                 disable=not settings.progress or not settings.env.is_main, dynamic_ncols=True)
+
+
+def may_leave_parameters_unused(net: nn.Module, settings: LoopSettings) -> bool:
+    """True when a training step can leave a trainable parameter without a gradient, which DDP must
+    then be told (``find_unused_parameters``): Inception's auxiliary head when its loss weight is 0.
+    Frozen parameters do not count (DDP skips them)."""
+    aux = getattr(unwrap(net), "aux_head", None)
+    return aux is not None and settings.aux_loss_weight <= 0 and any(p.requires_grad for p in aux.parameters())
+
+
+def read_loss_sum(loss_sum: torch.Tensor, settings: LoopSettings, *, epoch: int, first: int, last: int) -> float:
+    """The host value of the loss summed on the device (a synchronisation); NonFiniteLossError when it
+    is NaN/Inf on any rank, naming the steps ``first``..``last`` since the previous read."""
+    value = float(loss_sum)
+    if not all_true(math.isfinite(value), settings.env):
+        where = f"step {last}" if first == last else f"steps {first}-{last}"
+        what = value if not math.isfinite(value) else "non-finite on another rank"
+        raise NonFiniteLossError(f"training loss became {what} at epoch {epoch}, {where}")
+    return value
 
 
 def main_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -316,15 +351,20 @@ def train_one_epoch(
 ) -> EpochResult:
     """One pass over ``loader`` with ``model`` a TrainView (or DDP around one): forward, loss (+ Inception aux loss), backward, clip, step, schedule.
 
-    Raises NonFiniteLossError before the optimizer step when the loss is NaN/Inf on any rank, so the
-    weights and optimizer state stay those of the last good step.
+    The loss is summed on the device (float64) and read on the host every ``settings.sync_every`` steps
+    and at the epoch end, never in between, so a GPU step does not wait for the host. A read that finds
+    it NaN/Inf on any rank raises NonFiniteLossError before that step's optimizer step: on CPU (a read
+    every step) the weights and optimizer state stay those of the last good step; on CUDA the steps
+    since the previous read may have moved them, and the run keeps the last epoch's checkpoint.
     """
     model.train()
     if settings.freeze_bn:
         set_batchnorm_eval(model)
     total = steps_in(loader, settings)
+    every = settings.sync_every
     started = time.perf_counter()
-    loss_sum, steps, images = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=settings.device)
+    steps, images, read_at, mean = 0, 0, 0, float("nan")
     bar = _progress(loader, total, desc or f"epoch {epoch} train", settings)
     try:
         for batch in bar:
@@ -340,8 +380,14 @@ def train_one_epoch(
                 loss = loss_fn(out.logits, target)
                 if out.aux_logits is not None and settings.aux_loss_weight > 0:
                     loss = loss + settings.aux_loss_weight * loss_fn(out.aux_logits, target)
-            if not all_true(bool(torch.isfinite(loss).item()), settings.env):
-                raise NonFiniteLossError(f"training loss became {loss.item()} at epoch {epoch}, step {steps + 1}")
+            loss_sum += loss.detach()  # float64: the same sum the host made of float(loss) before
+            steps += 1
+            images += int(inputs.shape[0])
+            if steps % every == 0:  # before this step's update, so a NaN read here is never applied
+                mean = read_loss_sum(loss_sum, settings, epoch=epoch, first=read_at + 1, last=steps) / steps
+                read_at = steps
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{images / max(elapsed, 1e-9):.1f}", refresh=False)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -357,14 +403,11 @@ def train_one_epoch(
                 optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += float(loss.detach())
-            steps += 1
-            images += int(inputs.shape[0])
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{loss_sum / steps:.4f}", img_s=f"{images / max(elapsed, 1e-9):.1f}")
+        if steps and read_at < steps:  # the epoch end reads what the last steps added
+            mean = read_loss_sum(loss_sum, settings, epoch=epoch, first=read_at + 1, last=steps) / steps
     finally:
         bar.close()
-    mean_loss = all_mean(loss_sum / steps if steps else float("nan"), settings.env)
+    mean_loss = all_mean(mean if steps else float("nan"), settings.env)
     return EpochResult(mean_loss, images, steps, time.perf_counter() - started, main_lr(optimizer))
 
 
@@ -381,12 +424,25 @@ class TrainView(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
+def eval_logits(net: nn.Module, inputs: torch.Tensor, settings: LoopSettings) -> torch.Tensor:
+    """Eval forward of a batch; with ``settings.fp32_head`` the trunk runs under autocast and the head
+    in float32, so probabilities are not rounded to bf16's 8 bits (which ties AUC ranks)."""
+    x = settings.to_device(inputs)
+    if settings.fp32_head and hasattr(net, "forward_features") and hasattr(net, "forward_head"):
+        with settings.autocast():
+            features = net.forward_features(x)
+        return net.forward_head(features.float())
+    with settings.autocast():
+        return net(x)
+
+
+@torch.inference_mode()
 def predict_loader(
     model: nn.Module, loader: Iterable, settings: LoopSettings, *, desc: str = "evaluate"
 ) -> dict[str, np.ndarray]:
-    """Eval-mode forward over ``loader`` (items ``(image, six labels, image_id)``); returns this rank's
-    ``image_ids``, ``logits``, ``probs`` (LABELS order) and ``targets`` as arrays, rows in loader order."""
+    """Eval-mode forward (inference mode) over ``loader`` (items ``(image, six labels, image_id)``);
+    returns this rank's ``image_ids``, ``logits``, ``probs`` (LABELS order) and ``targets`` as arrays,
+    rows in loader order."""
     from hemorrhage_core.models import probabilities
 
     net = unwrap(model)
@@ -397,13 +453,12 @@ def predict_loader(
         if batch is None:
             continue
         inputs, target, batch_ids = batch
-        with settings.autocast():
-            logits = net(settings.to_device(inputs))
-        logits_parts.append(logits.float().cpu())
+        logits = eval_logits(net, inputs, settings)
+        logits_parts.append(logits.float())  # kept on the device: one copy to the host at the end
         target_parts.append(target.float().reshape(len(target), -1))
         ids.extend(str(i) for i in batch_ids)
     bar.close()
-    logits = torch.cat(logits_parts) if logits_parts else torch.zeros(0, len(LABELS))
+    logits = torch.cat(logits_parts).cpu() if logits_parts else torch.zeros(0, len(LABELS))
     targets = torch.cat(target_parts) if target_parts else torch.zeros(0, len(LABELS))
     probs = probabilities(settings.stage, logits)
     return {

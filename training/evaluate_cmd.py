@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs (default auto: the CUDA GPU when there is one)")
     parser.add_argument(
         "--workers", type=int, default=None, metavar="N",
         help="processes that read the DICOM headers when the data set's index is (re)built (default: auto)",
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CommandError("--batch-size must be at least 1")
     result = evaluate(args.run, args.data, batch_size=args.batch_size, workers=args.workers,
-                      split=args.split, calibrate=args.calibrate, save=args.save)
+                      split=args.split, calibrate=args.calibrate, save=args.save, device=args.device)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=False))
     else:

@@ -65,6 +65,7 @@ def evaluate(
     save: str | None = None,
     index=None,
     rows=None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a run's model on a data set and return the JSON object ``evaluate --json`` prints
     (its keys: ``training.evaluate_cmd``).
@@ -73,7 +74,6 @@ def evaluate(
     evaluates several runs on one data set build them once.
     """
     import numpy as np
-    import torch
 
     from hemorrhage_core import evaluations as ev
     from hemorrhage_core import metrics
@@ -85,8 +85,6 @@ def evaluate(
 
     if save is not None:
         ev.check_name(save)
-    # Bulk evaluation is where a GPU pays off; the Predictor moves model and batches to it.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     # Raw probabilities from the Predictor: this command calibrates them itself, keeping both.
     record, predictor = load_run_predictor(run_dir, calibrated=False, batch_size=batch_size, device=device)
     calibration = ev.read_calibration(record.path)

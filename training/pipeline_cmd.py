@@ -9,8 +9,11 @@ models compare slice by slice (``python -m training compare``). ``RUNS_DIR/pipel
 four runs (``{"phase1": {"stage1": RUN, "stage2": RUN}, "phase2": {...}, "test": {"source", "n_patients",
 "n_images"}}``, run ids, null until started) and is rewritten atomically as each run starts, so a
 dashboard can follow. Presets are YAML files in ``training/configs/`` (``quick`` for a 2-core CPU,
-``full`` for GPUs). The last line of stdout is the path of pipeline.json. Exit 0 when all four runs
-finished, 1 when one failed, 2 on unusable input, 130 when interrupted (``training.exits``).
+``full`` for GPUs at the original report's batch of 10, ``full-h100`` the same recipe at batch 128).
+Under torchrun every rank runs the four trainings together (DDP) and rank 0 alone writes the records
+and evaluates the test set; the README's multi-GPU section has the commands, which tests/test_ddp.py
+runs. The last line of stdout is the path of pipeline.json. Exit 0 when all four runs finished, 1 when
+one failed, 2 on unusable input, 130 when interrupted (``training.exits``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ PIPELINE_JSON = "pipeline.json"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="data set folder (RSNA layout)")
-    parser.add_argument("--preset", default="quick", metavar="quick|full|FILE.yaml", help="recipe preset (default quick)")
+    parser.add_argument("--preset", default="quick", metavar="quick|full|full-h100|FILE.yaml",
+                        help="recipe preset (default quick)")
     parser.add_argument("--runs-dir", metavar="DIR", help="where the runs and pipeline.json go (default: the preset's, else runs/)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",

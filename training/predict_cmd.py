@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads reading and preprocessing files ahead of the model (default 1)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
                         help="images per forward pass (default 16)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs (default auto: the CUDA GPU when there is one)")
 
 
 class _Table:
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--smooth smooths the submission: give --submission OUT.csv too")
     if args.workers < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise CommandError("--workers and --batch-size must be at least 1")
-    options = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    options = {"device": args.device} | ({} if args.batch_size is None else {"batch_size": args.batch_size})
     try:
         record, predictor = load_run_predictor(args.run, **options)
     except HemorrhageError as exc:

@@ -70,12 +70,30 @@ def expand_inputs(items: Sequence[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-def load_run_predictor(run_dir: str, *, calibrated: bool = True, **predictor_options: Any):
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(requested: str = "auto") -> str:
+    """The Predictor's device: for ``auto`` a CUDA GPU when torch sees one (bulk prediction is where it
+    pays off), else the CPU; ``cuda`` without a GPU is refused (ValueError: exit 2)."""
+    import torch
+
+    if requested not in DEVICES:
+        raise ValueError(f"device {requested!r}: use one of {', '.join(DEVICES)}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to torch")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def load_run_predictor(run_dir: str, *, calibrated: bool = True, device: str = "auto", **predictor_options: Any):
     """(RunRecord, Predictor) for a run directory; HemorrhageError subclasses when unusable.
 
     With ``calibrated`` the Predictor applies the run's calibration.json (if any; EvaluationError when
     it is damaged); without, it returns the model's raw probabilities (what evaluate calibrates itself).
-    ``predictor_options`` go to ``Predictor.from_checkpoint`` (e.g. ``batch_size``)."""
+    ``device`` goes through ``resolve_device`` (auto: the GPU when present). ``predictor_options`` go to
+    ``Predictor.from_checkpoint`` (e.g. ``batch_size``)."""
     from hemorrhage_core.errors import CheckpointError
     from hemorrhage_core.evaluations import read_calibration
     from hemorrhage_core.inference import Predictor
@@ -87,7 +105,8 @@ def load_run_predictor(run_dir: str, *, calibrated: bool = True, **predictor_opt
         raise CheckpointError(f"run {record.id} has no model file {record.info.get('model_file')}")
     # Read before the model loads: a damaged file refuses the run at once.
     calibration = read_calibration(record.path) if calibrated else None
-    return record, Predictor.from_checkpoint(model_path, calibration=calibration, **predictor_options)
+    return record, Predictor.from_checkpoint(model_path, calibration=calibration, device=resolve_device(device),
+                                             **predictor_options)
 
 
 def predict_rows(

@@ -3,7 +3,9 @@
 Settings come, weakest first, from the TrainConfig defaults, ``--config FILE.yaml`` (a mapping of
 TrainConfig fields), the named flags, then ``--set KEY=VALUE`` (any field, value read as YAML). The last
 line of stdout is the run directory's path. Exit 0 finished, 1 failed (e.g. a NaN loss), 2 unusable
-input (bad config, data or checkpoint), 130 interrupted.
+input (bad config, data or checkpoint), 130 interrupted. A pipeline preset (``training/configs/full.yaml``:
+``defaults``, ``phase1``, ``phase2``) is four runs, not one: ``--config`` refuses it and names the
+``pipeline`` command that runs it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         if args.no_progress:
             config = config.replace(progress=False)
     else:
+        if args.config:
+            refuse_pipeline_preset(args.config)
         config = config_from_args(args)
         if not config.data:
             raise ConfigError("--data is required (or give data: in --config)")
@@ -43,3 +47,20 @@ def run(args: argparse.Namespace) -> int:
         print(run_dir, flush=True)
         return run_exit_code(run_dir)
     return EXIT_OK
+
+
+def refuse_pipeline_preset(path: str) -> None:
+    """ConfigError naming the ``pipeline`` command when ``path`` is a pipeline preset, not TrainConfig fields."""
+    from pathlib import Path
+
+    from training.config import CONFIG_DIR, PHASES, ConfigError, read_yaml_mapping
+
+    sections = sorted(set(read_yaml_mapping(path)) & {"defaults", *PHASES})
+    if sections:
+        shipped = Path(path).resolve().parent == CONFIG_DIR
+        preset = Path(path).stem if shipped else path
+        raise ConfigError(
+            f"--config {path} is a pipeline preset ({', '.join(sections)}: four runs), not one run's settings; "
+            f"run it with `python -m training pipeline --data DIR --preset {preset}` (under torchrun too), "
+            "or give train a YAML mapping of TrainConfig fields"
+        )

@@ -42,6 +42,7 @@ from training.engine import (
     make_loss,
     make_optimizer,
     make_scheduler,
+    may_leave_parameters_unused,
     recompute_batchnorm,
     selection_value,
     steps_in,
@@ -66,6 +67,9 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     device_type = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
     env = D.init(device_type)
     device = D.device_for(env, config.device)
+    if device.type == "cuda":
+        # Fixed input sizes: cuDNN times its convolution algorithms once and keeps the fastest.
+        torch.backends.cudnn.benchmark = True
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     return Runtime(env, device)
@@ -141,34 +145,62 @@ def slice_prep(config: TrainConfig):
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
-    """The data set's index (rank 0 builds and saves it first; the others then reuse it)."""
+    """The data set's index. Rank 0 builds it, or checks the saved one is fresh; the other ranks then
+    read the file rank 0 names, without listing the image folder (no per-file stat on a shared disk)."""
     from hemorrhage_core.data import build_index
+    from hemorrhage_core.data.header_index import read_index
 
-    progress = config.progress and env.is_main
+    def work():
+        return build_index(config.data, progress=config.progress)
+
+    shared = _rank0_then_share(env, work, lambda index: index.report.index_path)
     if env.is_main:
-        index = build_index(config.data, progress=progress)
-        D.barrier(env)
-    else:
-        D.barrier(env)
-        index = build_index(config.data, progress=False)
-    return index
+        return shared
+    # An index rank 0 could not save anywhere: each rank builds its own.
+    return read_index(shared) if shared else build_index(config.data, progress=False)
 
 
-def build_cache(config: TrainConfig, rows: pd.DataFrame, env: D.DistEnv, prep=None):
-    """The preprocessed slice cache over ``rows`` (None when the config turns it off)."""
+def build_cache(
+    config: TrainConfig, rows: pd.DataFrame, env: D.DistEnv, prep=None, *,
+    workers: int | None = None, cache_dir=None, rebuild: bool = False,
+):
+    """The preprocessed slice cache over ``rows`` (None when the config turns it off). Rank 0 builds it
+    (continuing an unfinished build), or checks the saved one; the other ranks open the folder it names.
+    ``workers``, ``cache_dir`` and ``rebuild`` go to ``SliceCache.build`` (the cache command sets them)."""
     if not config.cache:
         return None
     from hemorrhage_core.data import SliceCache
 
     prep = slice_prep(config) if prep is None else prep
-    kwargs = {"prep": prep, "progress": config.progress and env.is_main}
+
+    def work():
+        return SliceCache.build(rows, config.data, prep=prep, progress=config.progress, workers=workers,
+                                cache_dir=cache_dir, rebuild=rebuild)
+
+    shared = _rank0_then_share(env, work, lambda cache: str(cache.directory))
+    return shared if env.is_main else SliceCache.open(shared)
+
+
+def _rank0_then_share(env: D.DistEnv, work: Callable[[], Any], share: Callable[[Any], Any]) -> Any:
+    """On rank 0: ``work()``'s result, after sending ``share(result)`` to the other ranks; there: what
+    rank 0 sent. When rank 0's work raises, the other ranks raise too instead of waiting for it."""
+    from contextlib import suppress
+
+    from hemorrhage_core.errors import DatasetError
+
     if env.is_main:
-        cache = SliceCache.build(rows, config.data, **kwargs)
-        D.barrier(env)
-    else:
-        D.barrier(env)
-        cache = SliceCache.build(rows, config.data, **kwargs)
-    return cache
+        try:
+            result = work()
+        except BaseException:
+            with suppress(Exception):
+                D.broadcast(("failed", None), env, prepare=True)
+            raise
+        D.broadcast(("ok", share(result)), env, prepare=True)
+        return result
+    status, value = D.broadcast(None, env, prepare=True)  # rank 0 may read the whole data set first
+    if status != "ok":
+        raise DatasetError("rank 0 could not prepare the data (its error says why)")
+    return value
 
 
 def data_fingerprint(rows: pd.DataFrame) -> str:
@@ -253,8 +285,8 @@ def train_loader(dataset, config: TrainConfig, env: D.DistEnv, device: torch.dev
     from hemorrhage_core.data.loader import collate_skip_failed, seed_worker
 
     sampler = D.train_sampler(dataset, env, seed=config.seed)
-    generator = torch.Generator()
-    generator.manual_seed(config.seed)
+    generator = torch.Generator()  # the workers' seeds: one stream per rank, so ranks augment differently
+    generator.manual_seed(D.rank_seed(config.seed, env.rank))
     per_rank = len(sampler)
     return DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
@@ -346,7 +378,8 @@ class Loop:
         self.loader = train_loader(train_set, config, runtime.env, runtime.device)
         stage1 = np.asarray(train_set.targets) if config.stage == 1 else None
         self.loss_fn = make_loss(config, stage1).to(runtime.device)
-        self.model = D.wrap_model(TrainView(self.net), runtime.env, runtime.device)
+        self.model = D.wrap_model(TrainView(self.net), runtime.env, runtime.device,
+                                  find_unused_parameters=may_leave_parameters_unused(self.net, self.settings))
         self.optimizer = make_optimizer(self.net, config)
         self.steps_per_epoch = steps_in(self.loader, self.settings)
         self.scheduler = make_scheduler(self.optimizer, config, self.steps_per_epoch)
@@ -366,23 +399,35 @@ class Loop:
         return result
 
     def state(self, epoch: int, best: dict | None) -> dict[str, Any]:
-        return {
+        """The train state for last.pt. Called on every rank: under torchrun it gathers each rank's
+        RNG and loader-generator states (``ranks``), so a resume gives every rank its own streams back."""
+        mine = {"rng": rng_state(), "loader_generator": self.loader.generator.get_state()}  # type: ignore[union-attr]
+        state = {
             "epoch": int(epoch),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_state(),
-            "loader_generator": self.loader.generator.get_state(),  # type: ignore[union-attr]
+            **mine,
             "best": best,
         }
+        if self.runtime.env.enabled:
+            state["ranks"] = D.gather_objects(mine, self.runtime.env)
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.loader.generator.set_state(state["loader_generator"])  # type: ignore[union-attr]
-        set_rng_state(state["rng"])
+        env = self.runtime.env
+        ranks = state.get("ranks") or []
+        mine = ranks[env.rank] if len(ranks) == env.world_size and env.enabled else state
+        self.loader.generator.set_state(mine["loader_generator"])  # type: ignore[union-attr]
+        set_rng_state(mine["rng"])
+        if mine is state and env.rank > 0:  # saved by another world size: fresh streams for this rank
+            fresh = D.rank_seed(self.config.seed + int(state["epoch"]), env.rank)
+            seed_everything(fresh)
+            self.loader.generator.manual_seed(fresh)  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------------------------ run records
@@ -537,7 +582,8 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
 
     env, device = runtime.env, runtime.device
     started = time.perf_counter()
-    seed_everything(config.seed)
+    # Dropout and augmentation draw per rank (rank 0: the seed itself); DDP copies rank 0's initial weights.
+    seed_everything(D.rank_seed(config.seed, env.rank))
     train_state = None
     # A run that a live process still writes is refused before anything of it is read or changed.
     lock = WriterLock.acquire(resume) if resume is not None and env.is_main else None
@@ -625,7 +671,7 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
                 if writer is not None:
                     writer.log(message)
                     writer.finish("failed", message)
-                D.barrier(env)
+                D.barrier(env, f"the failed end of epoch {epoch}")
                 return run_dir
             evaluation = evaluate(
                 loop.net, eval_loader(val_set, config, env, device), loop.settings, loop.loss_fn,
@@ -640,6 +686,7 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
             is_best = improved(value, None if best is None else best["value"], config.maximize)
             if is_best:
                 best = {"epoch": epoch, "metric": config.metric, "value": value}
+            epoch_state = loop.state(epoch, best)  # on every rank: it gathers their RNG states
             if writer is not None:
                 writer.append_metrics(row)
                 if is_best:
@@ -648,12 +695,12 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
                     writer.write_gallery(gallery_entries(loop.net, val_set, gallery, config.stage, device))
                     writer.set_best(epoch, config.metric, value)
                 save_checkpoint(writer.checkpoint_path(LAST), loop.net, prep=data.prep, config=config.to_dict(), metrics=row,
-                                train_state=loop.state(epoch, best))
+                                train_state=epoch_state)
                 rate = result.images * env.world_size / max(result.seconds, 1e-9)
                 line = epoch_line(epoch, config.epochs, row, rate, is_best)
                 writer.log(line)
                 log.info(line)
-            D.barrier(env)
+            D.barrier(env, f"the end of epoch {epoch} (rank 0 writes the checkpoints)")
         if writer is not None:
             if best is None:
                 writer.finish("failed", "no epoch produced a finite validation metric; no best model")

@@ -2,18 +2,29 @@
 
 A cache folder ``<root>/<SlicePrep key>-<ids digest>/`` holds ``slices.npy`` and ``cache.json``
 (format version, the preprocessing (``SlicePrep.to_dict``), the ordered image ids and their paths, the
-source signature and the ids that failed to decode). The root is ``DATA/.cache`` when writable, else the user cache
-directory, or a folder the caller gives.
+source signature and the ids that failed to decode). The root (``cache_roots``) is a folder the caller
+gives; else ``$HEMORRHAGE_CT_CACHE/slices/<digest of DATA's path>`` when that variable is set; else
+``DATA/.cache`` when writable, then the same folder under the user cache directory.
 
-A cache is built in a hidden temporary folder and renamed into place only once complete, so a crash
-never leaves a folder that is later trusted. It is reused by any request with the same size and
-windows whose ids it covers (the full-data cache serves the train and validation subsets), and
-rebuilt when the preprocessing (size, windows, head crop), its version (``PREPROCESS_VERSION``, 1 when
-absent) or a source file's size/mtime change.
+A cache is built in the hidden folder ``<root>/.partial-<key>`` and renamed into place only once complete,
+so a crash never leaves a folder that is later trusted. The build is resumable: it fills the array in
+fixed chunks of rows, each worker writing its own rows with ``O_DSYNC`` (no flush of the whole mapping),
+and the parent appends one fsynced line per finished chunk to ``progress.log``. A rerun after a kill
+(same data, settings and source files, per ``plan.json``) redoes only the unrecorded chunks; the result
+is byte for byte the one an uninterrupted build writes. One process builds a given cache at a time (a
+lock file ``<root>/.lock-<key>``). Before writing, the build checks that the disk keeps
+``free_space_margin`` (1 GiB or 2% of the cache, the larger) free; a disk that fills up anyway ends in
+one ``OSError`` (ENOSPC) naming what to do, and the finished chunks are kept.
+
+A cache is reused by any request with the same size and windows whose ids it covers (the full-data
+cache serves the train and validation subsets), and rebuilt when the preprocessing (size, windows, head
+crop), its version (``PREPROCESS_VERSION``, 1 when absent) or a source file's size/mtime change.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,8 +32,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 
@@ -32,7 +44,14 @@ import pandas as pd
 from hemorrhage_core.data.header_index import default_workers, fallback_dir
 from hemorrhage_core.data.labels_table import describe_ids
 from hemorrhage_core.errors import DatasetError, DicomReadError
-from hemorrhage_core.fileio import fsync_file, write_fsynced
+from hemorrhage_core.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    fsync_file,
+    fsync_handle,
+    write_fsynced,
+)
 from hemorrhage_core.preprocess import SlicePrep
 from hemorrhage_core.windowing import WindowStack
 
@@ -41,8 +60,15 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 ARRAY_FILE = "slices.npy"
 SIDECAR_FILE = "cache.json"
-_BUILDING_PREFIX = ".building-"
+PLAN_FILE = "plan.json"  # in a partial build: what is being built (checked before resuming)
+PROGRESS_FILE = "progress.log"  # in a partial build: one JSON line per finished chunk
+CACHE_ENV = "HEMORRHAGE_CT_CACHE"
+_PARTIAL_PREFIX = ".partial-"
+_LOCK_PREFIX = ".lock-"
+_BUILDING_PREFIX = ".building-"  # temporary folders of older versions (not resumable)
 _STALE_PREFIX = ".stale-"
+_CHUNK_BYTES = 32 << 20
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class SliceCache:
@@ -95,7 +121,11 @@ class SliceCache:
         """Return a fresh cache covering ``index`` (columns ``image_id``, ``path``), building it if needed.
 
         Slices that fail to decode are skipped, recorded in ``failed`` and logged; never fatal.
-        ``verify`` re-checks the size/mtime of every cached source file before reuse.
+        ``verify`` re-checks the size/mtime of every cached source file before reuse. An unfinished
+        build of the same cache (a killed process) is continued, unless ``rebuild``. ``cache_dir`` is
+        the one folder to use (see ``cache_roots`` for the default places).
+        Raises DatasetError when the disk lacks room (the margin included) or no place is writable,
+        and OSError (ENOSPC) when the disk fills up during the build.
         """
         if index.empty:
             raise DatasetError("cannot build a slice cache for an empty index")
@@ -114,7 +144,11 @@ class SliceCache:
         root = _first_writable(roots)
         if root is None:
             raise DatasetError(f"no writable place for the slice cache among {[str(r) for r in roots]}")
-        return cls._build_into(root, key, data, ids, paths, prep, workers, progress)
+
+        def recheck() -> SliceCache | None:
+            return None if rebuild else cls._find(roots, data, key, prep, ids, paths, verify)
+
+        return cls._build_into(root, key, data, ids, paths, prep, workers, progress, rebuild=rebuild, recheck=recheck)
 
     @classmethod
     def _find(cls, roots, data, key, prep, ids, paths, verify) -> SliceCache | None:
@@ -145,42 +179,78 @@ class SliceCache:
         return None
 
     @classmethod
-    def _build_into(cls, root, key, data, ids, paths, prep, workers, progress) -> SliceCache:
-        shape = (len(ids), prep.channels, prep.image_size, prep.image_size)
-        needed = int(np.prod(shape))
+    def _build_into(cls, root, key, data, ids, paths, prep, workers, progress, *, rebuild=False, recheck=None) -> SliceCache:
+        """Build (or finish building) the cache ``key`` in ``root/.partial-<key>`` and publish it."""
         root.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned(root)
-        free = shutil.disk_usage(root).free
-        if needed > free:
-            raise DatasetError(
-                f"the slice cache needs {needed / 1e9:.1f} GB but {root} has {free / 1e9:.1f} GB free; "
-                "choose a smaller image size, a subset, or another --cache-dir"
-            )
-        signature = source_signature(data, ids, paths)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_BUILDING_PREFIX}{os.getpid()}-", dir=root))
-        try:
-            array = np.lib.format.open_memmap(tmp / ARRAY_FILE, mode="w+", dtype=np.uint8, shape=shape)
-            del array  # header written; workers open the file themselves
-            failed = _fill(tmp / ARRAY_FILE, data, paths, ids, prep, workers, progress)
-            fsync_file(tmp / ARRAY_FILE)
-            meta = {
-                "format_version": CACHE_FORMAT_VERSION,
-                "image_size": prep.image_size,
-                "windows": prep.windows.to_list(),
-                "windows_key": prep.windows.key(),
-                "prep": prep.to_dict(),
-                "preprocess_version": preprocess_version(),
-                "shape": list(shape),
-                "ids": ids,
-                "paths": paths,
-                "source_signature": signature,
-                "failed": failed,
-            }
-            _write_json(tmp / SIDECAR_FILE, meta)
-            return cls.open(_publish(tmp, root / key))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        _remove_abandoned(root, key)
+        with _build_lock(root / f"{_LOCK_PREFIX}{key}") as waited:
+            # Another process held the lock: it may have published this cache meanwhile.
+            if waited and recheck is not None:
+                found = recheck()
+                if found is not None:
+                    return found
+            partial = root / f"{_PARTIAL_PREFIX}{key}"
+            try:
+                return cls._build_locked(root, partial, key, data, ids, paths, prep, workers, progress, rebuild)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL:
+                    raise
+                kept = _rows_recorded(partial)
+                raise OSError(
+                    exc.errno,
+                    f"the disk under {root} filled up while building the slice cache ({kept} of {len(ids)} slices "
+                    f"kept in {partial.name}; a rerun continues from there): free space, or give another "
+                    f"--cache-dir / {CACHE_ENV}, or a smaller image size",
+                ) from None
+
+    @classmethod
+    def _build_locked(cls, root, partial, key, data, ids, paths, prep, workers, progress, rebuild) -> SliceCache:
+        shape = (len(ids), prep.channels, prep.image_size, prep.image_size)
+        plan = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "key": key,
+            "prep": prep.to_dict(),
+            "preprocess_version": preprocess_version(),
+            "shape": list(shape),
+            "sources": _sources_digest(ids, paths),
+            "source_signature": source_signature(data, ids, paths),
+            "chunk_rows": chunk_rows(len(ids), int(np.prod(shape[1:]))),
+        }
+        done = None if rebuild else _resume_state(partial, plan)
+        if done is None:
+            shutil.rmtree(partial, ignore_errors=True)
+            _check_free_space(root, int(np.prod(shape)), int(np.prod(shape)))
+            partial.mkdir()
+            _create_array(partial / ARRAY_FILE, shape)
+            atomic_write_text(partial / PLAN_FILE, json.dumps(plan))
+            fsync_dir(root)
+            done = {}
+        else:
+            plan = json.loads((partial / PLAN_FILE).read_text())  # its chunk size rules the rest
+            total = int(np.prod(shape))
+            _check_free_space(root, max(0, total - _allocated(partial / ARRAY_FILE)), total)
+            log.info("resuming the slice cache build in %s: %d of %d chunks done", partial,
+                     len(done), _n_chunks(len(ids), plan["chunk_rows"]))
+        failed = _fill(partial / ARRAY_FILE, partial / PROGRESS_FILE, data, paths, ids, prep, workers, progress,
+                       plan["chunk_rows"], done)
+        fsync_file(partial / ARRAY_FILE)
+        meta = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "image_size": prep.image_size,
+            "windows": prep.windows.to_list(),
+            "windows_key": prep.windows.key(),
+            "prep": prep.to_dict(),
+            "preprocess_version": preprocess_version(),
+            "shape": list(shape),
+            "ids": ids,
+            "paths": paths,
+            "source_signature": plan["source_signature"],
+            "failed": failed,
+        }
+        _write_json(partial / SIDECAR_FILE, meta)
+        for name in (PLAN_FILE, PROGRESS_FILE):
+            (partial / name).unlink(missing_ok=True)
+        return cls.open(_publish(partial, root / key))
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -244,10 +314,20 @@ def cache_key(prep: SlicePrep, ids: Sequence[str]) -> str:
 
 
 def cache_roots(data_dir: str | PathLike, cache_dir: str | PathLike | None = None) -> list[Path]:
-    """Where caches are looked for, in order; a given ``cache_dir`` is the only place."""
+    """Where caches are looked for, in order: a given ``cache_dir`` is the only place; else, when the
+    environment sets ``HEMORRHAGE_CT_CACHE``, ``slice_cache_dir(data_dir)`` under it is; else
+    ``DATA/.cache``, then ``slice_cache_dir(data_dir)`` under the user cache directory."""
     if cache_dir is not None:
         return [Path(cache_dir)]
-    return [Path(data_dir) / ".cache", fallback_dir(data_dir, "slices")]
+    if os.environ.get(CACHE_ENV):
+        return [slice_cache_dir(data_dir)]
+    return [Path(data_dir) / ".cache", slice_cache_dir(data_dir)]
+
+
+def slice_cache_dir(data_dir: str | PathLike, root: str | PathLike | None = None) -> Path:
+    """``<root>/slices/<digest of DATA's absolute path>``: the caches of one data set under a cache root
+    (default: ``HEMORRHAGE_CT_CACHE``, else the user cache directory)."""
+    return fallback_dir(data_dir, "slices", root=root)
 
 
 def source_signature(data_dir: Path, ids: Sequence[str], paths: Sequence[str]) -> str:
@@ -266,29 +346,163 @@ def source_signature(data_dir: Path, ids: Sequence[str], paths: Sequence[str]) -
 # -- build helpers ---------------------------------------------------------------------------------
 
 
-def _fill(array_path, data, paths, ids, prep, workers, progress) -> dict[str, str]:
-    """Decode and preprocess every slice into the array; return ``{image_id: reason}`` for failures."""
+def chunk_rows(n_rows: int, row_bytes: int) -> int:
+    """Rows per build chunk: 8 to 256, at most 32 MiB, and never dependent on the worker count, so a
+    build resumed with other ``--workers`` finds the same chunks."""
+    return max(1, min(256, max(8, n_rows // 64), _CHUNK_BYTES // max(1, row_bytes)))
+
+
+def free_space_margin(needed: int) -> int:
+    """Bytes the build leaves free beyond the cache itself: 1 GiB or 2% of the cache, the larger."""
+    return max(1 << 30, needed // 50)
+
+
+def _n_chunks(n_rows: int, rows: int) -> int:
+    return -(-n_rows // rows)
+
+
+def _check_free_space(root: Path, needed: int, total: int) -> None:
+    """Refuse to start when ``needed`` more bytes (of a ``total``-byte cache) would eat into the margin."""
+    free = shutil.disk_usage(root).free
+    margin = free_space_margin(total)
+    if needed + margin > free:
+        raise DatasetError(
+            f"the slice cache needs {needed / 1e9:.1f} GB (and keeps {margin / 1e9:.1f} GB free) but {root} has "
+            f"{free / 1e9:.1f} GB free; choose a smaller image size, a subset, or another --cache-dir / {CACHE_ENV}"
+        )
+
+
+def _allocated(path: Path) -> int:
+    """Bytes the file already occupies on disk (the sparse array grows as chunks are written)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except (OSError, AttributeError):
+        return 0
+
+
+def _sources_digest(ids: Sequence[str], paths: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for image_id, rel in zip(ids, paths, strict=True):
+        digest.update(f"{image_id}\t{rel}\n".encode())
+    return digest.hexdigest()
+
+
+def _create_array(path: Path, shape: tuple[int, ...]) -> None:
+    """The ``.npy`` header and a sparse body of zeros (rows that fail to decode stay zero)."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    del array
+    fsync_file(path)  # the header and the file's length
+
+
+def _data_offset(path: Path) -> int:
+    """Byte offset of the first row in a ``.npy`` file."""
+    fmt = np.lib.format
+    with open(path, "rb") as fh:
+        version = fmt.read_magic(fh)
+        (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(fh)
+        return fh.tell()
+
+
+def _resume_state(partial: Path, plan: dict) -> dict[int, dict[str, str]] | None:
+    """``{chunk: failed ids}`` of an unfinished build of the same plan, or None when there is nothing to
+    resume (no folder, another plan, source files changed, a damaged file)."""
+    try:
+        old = json.loads((partial / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = json.loads(json.dumps(plan))  # as read back (tuples become lists)
+    same = {k: v for k, v in old.items() if k != "chunk_rows"} == {k: v for k, v in wanted.items() if k != "chunk_rows"}
+    if not same or not isinstance(old.get("chunk_rows"), int) or old["chunk_rows"] < 1:
+        log.info("discarding the unfinished slice cache build in %s (made for other data or settings)", partial)
+        return None
+    shape = tuple(plan["shape"])
+    try:
+        size_ok = os.path.getsize(partial / ARRAY_FILE) == _data_offset(partial / ARRAY_FILE) + int(np.prod(shape))
+    except (OSError, ValueError):
+        size_ok = False
+    if not size_ok:
+        return None
+    return _read_progress(partial / PROGRESS_FILE, _n_chunks(shape[0], old["chunk_rows"]))
+
+
+def _read_progress(path: Path, n_chunks: int, *, repair: bool = True) -> dict[int, dict[str, str]]:
+    """The finished chunks recorded in ``path``; a torn last line (a kill mid-append) is cut off the
+    file with ``repair``, so the next line appended starts on a line of its own."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    done: dict[int, dict[str, str]] = {}
+    kept = 0
+    for line in raw.split(b"\n")[:-1]:  # the part after the last newline is incomplete
+        try:
+            record = json.loads(line)
+            chunk = int(record["chunk"])
+            failed = {str(k): str(v) for k, v in record["failed"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            break
+        if not 0 <= chunk < n_chunks:
+            break
+        done[chunk] = failed
+        kept += len(line) + 1
+    if repair and kept != len(raw):
+        atomic_write_bytes(path, raw[:kept])
+    return done
+
+
+def _rows_recorded(partial: Path) -> int:
+    try:
+        plan = json.loads((partial / PLAN_FILE).read_text())
+        done = _read_progress(partial / PROGRESS_FILE, _n_chunks(plan["shape"][0], plan["chunk_rows"]), repair=False)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    rows, n = plan["chunk_rows"], plan["shape"][0]
+    return sum(min(rows, n - c * rows) for c in done)
+
+
+def _fill(array_path, progress_path, data, paths, ids, prep, workers, progress, rows_per_chunk, done) -> dict[str, str]:
+    """Decode and preprocess every slice of the chunks not in ``done`` into the array, recording each
+    finished chunk in ``progress_path``; return ``{image_id: reason}`` for the failures of all chunks."""
     from tqdm.auto import tqdm
 
     workers = default_workers() if workers is None else max(1, int(workers))
-    items = [(pos, image_id, str(data / rel)) for pos, (image_id, rel) in enumerate(zip(ids, paths, strict=True))]
-    chunk = max(8, min(256, len(items) // (workers * 8) or 1))
-    jobs = [(str(array_path), prep, items[i : i + chunk]) for i in range(0, len(items), chunk)]
+    n = len(ids)
+    offset = _data_offset(array_path)
+    row_bytes = int(np.prod((prep.channels, prep.image_size, prep.image_size)))
+    jobs = []
+    for chunk, start in enumerate(range(0, n, rows_per_chunk)):
+        if chunk in done:
+            continue
+        stop = min(n, start + rows_per_chunk)
+        items = [(image_id, str(data / rel)) for image_id, rel in zip(ids[start:stop], paths[start:stop], strict=True)]
+        jobs.append((str(array_path), offset + start * row_bytes, prep, chunk, items))
     failed: dict[str, str] = {}
-    with tqdm(total=len(items), unit="slice", desc=f"caching slices at {prep.image_size}px", disable=not progress) as bar:
-        if workers == 1 or len(jobs) == 1:
-            results = map(_fill_chunk, jobs)
-            pool = None
+    for chunk_failed in done.values():
+        failed.update(chunk_failed)
+    finished_rows = n - sum(len(job[4]) for job in jobs)
+    desc = f"caching slices at {prep.image_size}px"
+    with tqdm(total=n, initial=finished_rows, unit="slice", desc=desc, disable=not progress) as bar, \
+            open(progress_path, "ab") as record:
+
+        def finished(chunk: int, count: int, chunk_failed: dict[str, str]) -> None:
+            # The chunk's rows are on disk (written with O_DSYNC) before this line says so.
+            record.write(json.dumps({"chunk": chunk, "failed": chunk_failed}).encode() + b"\n")
+            fsync_handle(record)
+            failed.update(chunk_failed)
+            bar.update(count)
+
+        if workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                finished(*_fill_chunk(job))
         else:
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)))
-            results = pool.map(_fill_chunk, jobs)
-        try:
-            for done, chunk_failed in results:
-                failed.update(chunk_failed)
-                bar.update(done)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+                futures = [pool.submit(_fill_chunk, job) for job in jobs]
+                try:
+                    for future in as_completed(futures):
+                        finished(*future.result())
+                finally:
+                    for future in futures:
+                        future.cancel()
     if failed:
         log.warning(
             "%d slices could not be decoded and are left out of the cache: %s",
@@ -298,23 +512,48 @@ def _fill(array_path, data, paths, ids, prep, workers, progress) -> dict[str, st
     return dict(sorted(failed.items()))
 
 
-def _fill_chunk(job: tuple[str, SlicePrep, list[tuple[int, str, str]]]) -> tuple[int, dict[str, str]]:
+def _fill_chunk(job: tuple[str, int, SlicePrep, int, list[tuple[str, str]]]) -> tuple[int, int, dict[str, str]]:
+    """Preprocess one chunk's slices and write its rows, and only those, durably into the array."""
     import torch
 
     from hemorrhage_core.dicom import read_slice
 
-    array_path, prep, items = job
+    array_path, offset, prep, chunk, items = job
     torch.set_num_threads(1)  # one process per core already
-    array = np.load(array_path, mmap_mode="r+")
+    rows = np.zeros((len(items), prep.channels, prep.image_size, prep.image_size), dtype=np.uint8)
     failed: dict[str, str] = {}
-    for pos, image_id, path in items:
+    for i, (image_id, path) in enumerate(items):
         try:
-            array[pos] = prep(read_slice(path, image_id=image_id).hu)
+            rows[i] = prep(read_slice(path, image_id=image_id).hu)
         except (DicomReadError, OSError) as exc:
             failed[image_id] = str(exc) or type(exc).__name__
-    array.flush()
-    del array
-    return len(items), failed
+    # O_DSYNC: the write returns once these rows are on disk, without flushing the other workers' rows.
+    fd = os.open(array_path, os.O_WRONLY | getattr(os, "O_DSYNC", 0))
+    try:
+        view = memoryview(rows).cast("B")
+        written = 0
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], offset + written)
+    finally:
+        os.close(fd)
+    return chunk, len(items), failed
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` (one builder per cache); yields True when another process
+    held it first. A file system without locks gets a warning and no lock."""
+    with open(path, "a+b") as fh:
+        waited = False
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building this slice cache (%s); waiting for it", path.name)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            waited = True
+        except OSError as exc:
+            log.warning("cannot lock %s (%s): concurrent builds of this cache are not prevented", path, exc)
+        yield waited  # the lock goes with the file's closing
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -352,8 +591,14 @@ def _first_writable(roots: list[Path]) -> Path | None:
     return None
 
 
-def _remove_abandoned(root: Path) -> None:
-    """Delete temporary folders of builds whose process is gone (a crash mid-build)."""
+def _remove_abandoned(root: Path, key: str) -> None:
+    """Delete the temporary folders of older versions' builds whose process is gone and the set-aside
+    stale caches. Unfinished resumable builds (``.partial-*``) are kept for their next run; those of
+    other settings than ``key`` are named, with the space they hold."""
+    for folder in root.glob(f"{_PARTIAL_PREFIX}*"):
+        if folder.name != f"{_PARTIAL_PREFIX}{key}":
+            log.info("an unfinished slice cache build holds %.1f GB in %s; a build with its settings continues "
+                     "it, or delete it", _allocated(folder / ARRAY_FILE) / 1e9, folder)
     for folder in root.glob(f"{_BUILDING_PREFIX}*"):
         pid_text = folder.name[len(_BUILDING_PREFIX) :].split("-", 1)[0]
         if pid_text.isdigit() and _alive(int(pid_text)):

@@ -113,10 +113,11 @@ def user_cache_root() -> Path:
     return Path(platformdirs.user_cache_dir(_APP_NAME))
 
 
-def fallback_dir(data_dir: str | PathLike, kind: str) -> Path:
-    """``<user cache>/<kind>/<digest of the data folder's absolute path>``: one place per data set."""
+def fallback_dir(data_dir: str | PathLike, kind: str, root: str | PathLike | None = None) -> Path:
+    """``<root, default the user cache>/<kind>/<digest of the data folder's absolute path>``: one place
+    per data set."""
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
-    return user_cache_root() / kind / digest
+    return (user_cache_root() if root is None else Path(root)) / kind / digest
 
 
 def build_index(
@@ -385,6 +386,24 @@ def _signature(listing: list[tuple[str, int, int]], csv_digest: str) -> str:
 def index_locations(data_dir: str | PathLike) -> tuple[Path, Path]:
     """Where the index of ``data_dir`` is looked for: next to the data, then the user cache."""
     return Path(data_dir) / INDEX_FILE, fallback_dir(data_dir, "index") / INDEX_FILE
+
+
+def read_index(path: str | PathLike) -> DataIndex:
+    """The index saved at ``path`` as it is, with no freshness check (no listing of the image folder):
+    for the other ranks of a distributed run once rank 0 has built or checked it. Raises DatasetError
+    when the file is unreadable or of another format."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        meta = json.loads((pq.read_schema(path).metadata or {}).get(_METADATA_KEY, b"{}"))
+        if meta.get("format_version") != INDEX_FORMAT_VERSION:
+            raise ValueError(f"index format {meta.get('format_version')}, expected {INDEX_FORMAT_VERSION}")
+        table = pq.read_table(path).to_pandas()
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read the index {path}: {exc}") from exc
+    report = IndexReport.from_dict({**meta["report"], "reused": True, "index_path": str(path)})
+    return DataIndex(table, report)
 
 
 def _load_if_fresh(data: Path, signature: str) -> DataIndex | None:
