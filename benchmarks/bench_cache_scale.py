@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from hemorrhage_core.machine import cpu_name  # noqa: E402 - after the path is set
+
 RSNA_SLICES = 752_803
 SLICES_PER_PATIENT = 40
 RSNA_SIZES = (224, 256, 299)
@@ -66,18 +68,6 @@ me = resource.getrusage(resource.RUSAGE_SELF)
 print("BENCH " + json.dumps({"code": 0, "wall_s": wall, "cpu_s": me.ru_utime + me.ru_stime,
       "rss_mib": me.ru_maxrss / 1024, "worker_rss_mib": 0.0}), file=sys.stderr)
 """
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def write_set(data: Path, n: int, px: int, seed: int = 0) -> float:
@@ -203,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     result = {
-        "cpu": cpu_model(), "cpus": os.cpu_count(), "workers": workers, "load_average": os.getloadavg(),
+        "cpu": cpu_name(), "cpus": os.cpu_count(), "workers": workers, "load_average": os.getloadavg(),
         "px": args.px, "image_size": args.image_size, "write_files_per_s": write_rate, "dicom_mb": written_mb,
         "small": small, "large": large, "extrapolated": extrapolate(small, large, args.image_size),
     }

@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from hemorrhage_core.machine import cpu_name  # noqa: E402 - after the path is set
+
 SLICES_PER_PATIENT = 10
 _KEPT = """
 import sys
@@ -39,19 +41,6 @@ files = sorted(str(p) for p in Path(sys.argv[2]).rglob("*.dcm"))
 kept = list(predictor.predict_many(files))
 assert len(kept) == len(files)
 """
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def make_run(folder: Path, image_size: int) -> Path:
@@ -129,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 command = [sys.executable, "-c", _KEPT, model, str(folder)]
                 rows.append(("kept (before)", n, statistics.median(peak_rss_mib(command) for _ in range(args.repeat))))
 
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); DICOM {args.size} px, model input "
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores); DICOM {args.size} px, model input "
           f"{args.image_size} px, --workers {args.workers}{' --smooth' if args.smooth else ''}, "
           f"median of {args.repeat} processes")
     print(f"{'mode':<15}{'slices':>8}{'peak RSS (MiB)':>16}")

@@ -23,12 +23,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Source = str | os.PathLike | bytes
+T = TypeVar("T")
+R = TypeVar("R")
 
 # The header fields a Prediction may carry: an allowlist, so no patient identifier can slip through.
 META_FIELDS: tuple[str, ...] = (
@@ -91,19 +93,20 @@ def hu_flags(hu: np.ndarray, limits: HuLimits = HU_LIMITS) -> list[str]:
 HEAD_BODY_PARTS: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", "CRAN", "CEREB")
 
 
-def head_flags(hu: np.ndarray, body_part: str = "", *, ring: bool = True) -> list[str]:
+def head_flags(body_part: str, skull_ring: bool | None) -> list[str]:
     """Warnings for a CT slice that is plainly not of a head: BodyPartExamined naming another part, or
-    bone that forms no closed ring around brain-density tissue (the skull; see ``find_skull_ring``).
+    bone that forms no closed ring around brain-density tissue (``skull_ring`` False: the caller's
+    ``find_skull_ring`` found none; None: not checked, e.g. when the HU themselves are wrong and no
+    ring is then no news).
 
     The ring is open on the lowest slices of a head series (skull base, foramen magnum) and may be on
-    the vertex, so there the warning says so instead of refusing: the reader decides. ``ring=False``
-    skips the ring (the caller has found the HU themselves wrong: no ring is then no news).
+    the vertex, so there the warning says so instead of refusing: the reader decides.
     """
     flags: list[str] = []
     part = (body_part or "").strip().upper()
     if part and not any(name in part for name in HEAD_BODY_PARTS):
         flags.append(f"not_head: BodyPartExamined is {part!r}; this model reads head CT")
-    if ring and find_skull_ring(hu) is None:
+    if skull_ring is False:
         flags.append("no_skull_ring: no closed ring of skull in the slice; not a head CT, or a slice "
                      "through the skull base or vertex")
     return flags
@@ -142,6 +145,26 @@ class _Prepared:
     image: np.ndarray = field(repr=False)
     meta: dict[str, Any]
     flags: list[str]
+
+
+def isolating(run: Callable[[list[T]], Sequence[R]], items: list[T]) -> list[R | Exception]:
+    """``run(items)``; if that fails unexpectedly, ``run([item])`` one item at a time, so one input that
+    breaks a batch cannot sink the others (its exception stands in its place). A HemorrhageError from the
+    whole batch propagates: it refuses the call, not an input (``predict_many`` returns those in place)."""
+    try:
+        return list(run(items))
+    except HemorrhageError:
+        raise
+    except Exception:  # noqa: BLE001 - one input must not sink the others
+        log.debug("batch prediction failed; predicting one input at a time", exc_info=True)
+    out: list[R | Exception] = []
+    for item in items:
+        try:
+            out.extend(run([item]))
+        except Exception as exc:  # noqa: BLE001
+            log.debug("prediction failed", exc_info=True)
+            out.append(exc)
+    return out
 
 
 def _chunks(items: Iterator[Source], size: int) -> Iterator[list[Source]]:
@@ -247,8 +270,10 @@ class Predictor:
         if hu.ndim != 2 or hu.size == 0:
             raise InputRejectedError(f"{meta.get('image_id') or 'input'}: expected one 2-D slice, got shape {hu.shape}")
         hu_problems = hu_flags(hu)
-        flags += hu_problems + head_flags(hu, getattr(ct.meta, "body_part", ""), ring=not hu_problems)
-        return _Prepared(self.prep(hu), meta, flags)
+        # One ring search serves the not-a-head check and the head crop.
+        ring = find_skull_ring(hu) if self.prep.head_crop or not hu_problems else None
+        flags += hu_problems + head_flags(ct.meta.body_part, None if hu_problems else ring is not None)
+        return _Prepared(self.prep.apply(hu, ring), meta, flags)
 
     # -- prediction ---------------------------------------------------------------------------------
     def predict(self, source: Source | CtSlice, *, saliency_label: str | None = None) -> Prediction:

@@ -165,10 +165,13 @@ class SlicePrep:
         hu = np.asarray(hu)
         if hu.ndim != 2:
             raise ValueError(f"expected a 2-D HU slice, got shape {hu.shape}")
-        if self.head_crop:
-            ring = find_skull_ring(hu)
-            if ring is not None:
-                hu = crop_square(hu, *head_square(ring, hu.shape, self.crop_margin, self.crop_min_side))
+        return self.apply(hu, find_skull_ring(hu) if self.head_crop else None)
+
+    def apply(self, hu: np.ndarray, ring: HeadRing | None) -> np.ndarray:
+        """The same, with the slice's ring already found (``find_skull_ring(hu)``; None: none found),
+        for a caller that also uses the ring (the Predictor's not-a-head check)."""
+        if self.head_crop and ring is not None:
+            hu = crop_square(hu, *head_square(ring, hu.shape, self.crop_margin, self.crop_min_side))
         return prepare_slice(hu, self.image_size, self.windows)
 
     def key(self) -> str:

@@ -121,6 +121,8 @@ def predict_rows(
     ``batch_size``: images per forward (default: the Predictor's). ``workers`` > 1: threads that read
     and preprocess up to two batches ahead of the model.
     """
+    from hemorrhage_core.inference import isolating
+
     size = predictor.batch_size if batch_size is None else max(1, int(batch_size))
     todo = (f for f, err in entries if err is None)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict-read") if workers > 1 else None
@@ -130,7 +132,7 @@ def predict_rows(
             chunk = entries[start : start + CHUNK_IMAGES]
             files = [f for f, err in chunk if err is None]
             if prepared is None:
-                results = _predict_chunk(predictor, files, size)
+                results = isolating(lambda batch: predictor.predict_many(batch, batch_size=size), files)
             else:
                 results = _predict_prepared(predictor, [next(prepared) for _ in files], size)
             by_file = iter(results)
@@ -140,26 +142,6 @@ def predict_rows(
         if pool is not None:
             prepared.close()
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _predict_chunk(predictor, files: list[str], batch_size: int) -> list[Any]:
-    """``predict_many`` over one chunk; an unexpected failure is retried file by file to isolate it."""
-    from hemorrhage_core.errors import HemorrhageError
-
-    try:
-        return list(predictor.predict_many(files, batch_size=batch_size))
-    except HemorrhageError:
-        raise
-    except Exception:  # noqa: BLE001 - one input must not sink the others
-        log.debug("batch prediction failed; predicting one file at a time", exc_info=True)
-    results: list[Any] = []
-    for f in files:
-        try:
-            results.append(predictor.predict(f))
-        except Exception as exc:  # noqa: BLE001
-            log.debug("prediction failed", exc_info=True)
-            results.append(exc)
-    return results
 
 
 def _prepare_one(predictor, source: str) -> Any:
@@ -182,33 +164,15 @@ def _prepare_ahead(predictor, files: Iterator[str], pool: ThreadPoolExecutor, wi
 def _predict_prepared(predictor, prepared: list[Any], batch_size: int) -> list[Any]:
     """Forward prepared slices in the batches ``predict_many`` would form: ``batch_size`` inputs, the
     refused ones left out, so the probabilities equal the one-worker path's."""
+    from hemorrhage_core.inference import isolating
+
     results: list[Any] = []
     for start in range(0, len(prepared), batch_size):
         batch = prepared[start : start + batch_size]
         ready = [p for p in batch if not isinstance(p, BaseException)]
-        done = iter(_forward(predictor, ready) if ready else ())
+        done = iter(isolating(predictor.predict_prepared, ready) if ready else ())
         results.extend(p if isinstance(p, BaseException) else next(done) for p in batch)
     return results
-
-
-def _forward(predictor, ready: list[Any]) -> list[Any]:
-    """Predictions for prepared slices; an unexpected failure is retried slice by slice to isolate it."""
-    from hemorrhage_core.errors import HemorrhageError
-
-    try:
-        return predictor.predict_prepared(ready)
-    except HemorrhageError:
-        raise
-    except Exception:  # noqa: BLE001
-        log.debug("batch forward failed; one slice at a time", exc_info=True)
-    out: list[Any] = []
-    for p in ready:
-        try:
-            out.extend(predictor.predict_prepared([p]))
-        except Exception as exc:  # noqa: BLE001
-            log.debug("prediction failed", exc_info=True)
-            out.append(exc)
-    return out
 
 
 def _message(exc: BaseException) -> str:

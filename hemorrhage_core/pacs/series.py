@@ -220,24 +220,6 @@ def _message(exc: BaseException) -> str:
     return f"internal error while predicting ({type(exc).__name__})"
 
 
-def _predict_batch(predictor: Any, sources: list[bytes]) -> list[Any]:
-    """``predict_many`` over one batch; an unexpected failure is retried slice by slice to isolate it."""
-    try:
-        return list(predictor.predict_many(sources, batch_size=len(sources)))
-    except HemorrhageError:
-        raise
-    except Exception:  # noqa: BLE001 - one slice must not sink the others
-        log.debug("batch prediction failed; predicting one slice at a time", exc_info=True)
-    out: list[Any] = []
-    for source in sources:
-        try:
-            out.append(predictor.predict(source))
-        except Exception as exc:  # noqa: BLE001
-            log.debug("prediction failed", exc_info=True)
-            out.append(exc)
-    return out
-
-
 def _outcome(ref: InstanceRef, result: Any) -> SlicePrediction:
     if isinstance(result, BaseException):
         return SlicePrediction(ref.sop_instance_uid, ref.z, None, (), _message(result))
@@ -263,6 +245,7 @@ def predict_series(
     going away (PacsUnavailableError) stops the whole prediction. ``progress(done, total)`` is called
     after each batch.
     """
+    from hemorrhage_core.inference import isolating  # torch only once a series is predicted
     size = max(1, int(batch_size or getattr(predictor, "batch_size", 16)))
     refs = series.instances
     outcomes: list[SlicePrediction] = []
@@ -278,7 +261,8 @@ def predict_series(
             except PacsError as exc:
                 fetched.append((ref, None, str(exc)))
         ready = [data for _, data, _ in fetched if data is not None]
-        results = iter(_predict_batch(predictor, ready) if ready else ())
+        results = iter(isolating(lambda batch: predictor.predict_many(batch, batch_size=len(batch)), ready)
+                       if ready else ())
         for ref, data, error in fetched:
             if data is None:
                 outcomes.append(SlicePrediction(ref.sop_instance_uid, ref.z, None, (), error))
