@@ -151,6 +151,8 @@ def save_checkpoint(
     """Write ``model``, the preprocessing ``prep`` it takes and its description to ``path`` atomically."""
     if prep.channels != IN_CHANNELS:
         raise CheckpointError(f"the model takes {IN_CHANNELS} channels, the window stack has {prep.channels}")
+    if prep.context != model.spec.context:
+        raise CheckpointError(f"the model stacks {model.spec.context} neighbours a side, the preprocessing {prep.context}")
     payload = {
         "format_version": FORMAT_VERSION,
         "spec": model.spec.to_dict(),
@@ -202,8 +204,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(
             f"{source} was trained for labels {list(raw['labels'])}, this code uses {list(LABELS)}"
         )
-    if windows.channels != IN_CHANNELS or any(len(normalisation[k]) != IN_CHANNELS for k in normalisation):
-        raise CheckpointError(f"{source}: the model takes {IN_CHANNELS} channels")
+    channels = IN_CHANNELS * spec.slices
+    if windows.channels != IN_CHANNELS or any(len(normalisation[k]) != channels for k in normalisation):
+        raise CheckpointError(f"{source}: the model takes {channels} channels ({spec.slices} slices of {IN_CHANNELS})")
+    if prep.context != spec.context:
+        raise CheckpointError(f"{source}: its model stacks {spec.context} neighbours a side, its preprocessing {prep.context}")
     if image_size < 1:
         raise CheckpointError(f"{source}: image_size must be positive, got {image_size}")
     if prep.image_size != image_size or prep.windows.key() != windows.key():

@@ -14,6 +14,12 @@ inverted sign, no closed skull ring), a BodyPartExamined naming another part, a 
 hide the model's behaviour on exactly the inputs a user needs to question; the flags travel with the
 prediction and the caller decides (the dashboard shows them, evaluate counts them).
 
+A 2.5D model (``SlicePrep.context`` k > 0) reads each slice with its k neighbours on each side: the
+slices of one call are grouped by series and sorted by z (``stack_neighbours``), so a caller passes a
+whole series (or several) to ``predict_many``. A slice whose series has no other slice among the
+inputs (``predict`` of one file) is read with itself repeated in their place, and flagged
+``no_neighbours``: the model was trained on real neighbours, so that answer is an approximation.
+
 Thread-safe: the shared model is put in eval mode once, at construction; each call runs under its own
 ``torch.inference_mode`` and Grad-CAM builds its hooks on per-call objects (see ``saliency``).
 """
@@ -38,7 +44,14 @@ from hemorrhage_core.errors import HemorrhageError, InputRejectedError
 from hemorrhage_core.labels import LABELS, consistent_any
 from hemorrhage_core.machine import cpu_has_native_bf16
 from hemorrhage_core.models.net import HemorrhageNet, probabilities
-from hemorrhage_core.preprocess import SlicePrep, find_skull_ring, to_tensor
+from hemorrhage_core.preprocess import (
+    SlicePrep,
+    centre_channels,
+    context_positions,
+    find_skull_ring,
+    stack_context,
+    to_tensor,
+)
 from hemorrhage_core.windowing import WindowStack
 
 if TYPE_CHECKING:
@@ -56,6 +69,8 @@ META_FIELDS: tuple[str, ...] = (
     "window_center", "window_width",
 )
 ACCEPTED_MODALITIES: frozenset[str] = frozenset({"CT"})
+NO_NEIGHBOURS_FLAG = ("no_neighbours: this model reads each slice with its neighbours in the series; none were "
+                      "given, so the slice stands in for them (give the whole series for the model's full reading)")
 
 
 @dataclass(frozen=True)
@@ -118,7 +133,7 @@ class Prediction:
 
     probabilities: label -> p in ``LABELS`` order, calibrated when the Predictor has a calibration, with
     ``any`` at least every subtype (``consistent_any``);
-    image: uint8 (C, S, S) windowed model input; aligned: uint8 (C, s, s) STN output; theta: float32
+    image: uint8 (C, S, S) windowed model input (of a 2.5D stack, the slice itself); aligned: uint8 (C, s, s) STN output; theta: float32
     (2, 3); heatmap: float32 (S, S) in [0, 1] on the input image's grid, or None; meta: header fields
     (``META_FIELDS``, no patient identifiers); flags: warnings about the input ("code: explanation");
     raw_probabilities: the model's own values, before calibration and the ``any`` rule.
@@ -188,7 +203,8 @@ class Predictor:
     ``to_list()``). ``batch_size`` bounds ``predict_many``'s forward batches.
     ``channels_last`` converts the model and inputs to NHWC, faster for convolutions on CPU.
     ``read_ahead`` (default: on for accelerators, off on CPU) overlaps reading with the model in
-    ``predict_many``. ``calibration`` (a run's ``Calibration``) is applied to every probability returned.
+    ``predict_many`` (not for a 2.5D model, which reads every slice of the call before stacking them).
+    ``calibration`` (a run's ``Calibration``) is applied to every probability returned.
     The Predictor takes the model over: it moves it to ``device``, sets its memory format and eval
     mode once, here, and never changes it afterwards.
     """
@@ -217,6 +233,9 @@ class Predictor:
         self.prep: SlicePrep = prep if isinstance(prep, SlicePrep) else SlicePrep.from_dict(prep)
         self.windows = self.prep.windows
         self.image_size = self.prep.image_size
+        self.context = self.prep.context
+        if self.context != model.spec.context:
+            raise ValueError(f"the model stacks {model.spec.context} neighbours a side, the preprocessing {self.context}")
         self.device = torch.device(device)
         self.batch_size = max(1, int(batch_size))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -276,13 +295,54 @@ class Predictor:
         return _Prepared(self.prep.apply(hu, ring), meta, flags)
 
     # -- prediction ---------------------------------------------------------------------------------
-    def predict(self, source: Source | CtSlice, *, saliency_label: str | None = None) -> Prediction:
+    def predict(
+        self, source: Source | CtSlice, *, saliency_label: str | None = None,
+        neighbours: Sequence[Source | CtSlice] = (),
+    ) -> Prediction:
         """One slice, from a file, its bytes or a ``CtSlice`` already decoded (a caller that also shows
-        the HU decodes once). ``saliency_label`` (a name in ``LABELS``) adds a Grad-CAM heatmap."""
+        the HU decodes once). ``saliency_label`` (a name in ``LABELS``) adds a Grad-CAM heatmap.
+        ``neighbours``: other slices of its series (a 2.5D model stacks the nearest in z with it; a
+        neighbour that cannot be read is left out; ignored without context)."""
         if saliency_label is not None and saliency_label not in LABELS:
             raise ValueError(f"unknown saliency label {saliency_label!r}; known: {', '.join(LABELS)}")
-        prepared = self.prepare_slice(source) if isinstance(source, CtSlice) else self.prepare(source)
+        prepared = self._prepare_any(source)
+        if self.context and neighbours:
+            others: list[_Prepared] = []
+            for other in neighbours:
+                try:
+                    others.append(self._prepare_any(other))
+                except HemorrhageError as exc:
+                    log.info("a neighbour was left out: %s", exc)
+            prepared = self.stack_neighbours([prepared, *others])[0]
         return self._run([prepared], saliency_label)[0]
+
+    def predict_slices(
+        self, slices: Sequence[Source | CtSlice], *, saliency_label: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Prediction | HemorrhageError]:
+        """Slices of one upload or series, each read once and predicted one forward at a time (as
+        ``predict`` would, so the numbers equal a one-slice call's), a 2.5D model stacking each with
+        its neighbours among ``slices``. A slice that is refused yields its error, in place.
+        ``progress(done)`` is called after each slice's forward."""
+        if saliency_label is not None and saliency_label not in LABELS:
+            raise ValueError(f"unknown saliency label {saliency_label!r}; known: {', '.join(LABELS)}")
+        prepared: list[_Prepared | HemorrhageError] = []
+        for source in slices:
+            try:
+                prepared.append(self._prepare_any(source))
+            except HemorrhageError as exc:
+                prepared.append(exc)
+        ready_at = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared)]
+        stacked = self.stack_neighbours([prepared[i] for i in ready_at])
+        results: list[Prediction | HemorrhageError] = list(prepared)
+        for done, (i, p) in enumerate(zip(ready_at, stacked, strict=True), start=1):
+            results[i] = self._run([p], saliency_label)[0]
+            if progress is not None:
+                progress(done)
+        return results
+
+    def _prepare_any(self, source: Source | CtSlice) -> _Prepared:
+        return self.prepare_slice(source) if isinstance(source, CtSlice) else self.prepare(source)
 
     def predict_many(
         self, sources: Iterable[Source], *, batch_size: int | None = None
@@ -295,6 +355,9 @@ class Predictor:
         no faster (within noise), so it is off there by default.
         """
         size = self.batch_size if batch_size is None else max(1, int(batch_size))
+        if self.context:  # neighbours may be anywhere among the sources: read them all, then stack
+            prepared = self._prepare_chunk(list(sources)) or []
+            return self._forward_in_batches(prepared, size)
         chunks = _chunks(iter(sources), size)
         results: list[Prediction | HemorrhageError] = []
 
@@ -315,8 +378,50 @@ class Predictor:
         return results
 
     def predict_prepared(self, prepared: Sequence[_Prepared]) -> list[Prediction]:
-        """One forward over slices ``prepare`` has read (for callers that read in their own pool)."""
+        """One forward over slices ``prepare`` has read (for callers that read in their own pool). A
+        2.5D model stacks each slice with its neighbours among ``prepared``, unless ``stack_neighbours``
+        did so already over a larger set."""
         return self._run(prepared, None) if prepared else []
+
+    def stack_neighbours(self, prepared: Sequence[_Prepared]) -> list[_Prepared]:
+        """The model inputs of a 2.5D model: each slice stacked with its ``context`` neighbours on each
+        side among ``prepared`` (same study and series, sorted by z, the series' ends repeated). A slice
+        with no series, no z or no other slice of its series among them stands in for its neighbours and
+        is flagged ``no_neighbours``. Without context, and for inputs stacked already, the inputs as they are."""
+        if not self.context:
+            return list(prepared)
+        out = list(prepared)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, p in enumerate(prepared):
+            if p.image.shape[0] != self.prep.channels:
+                continue  # stacked already
+            series, z = p.meta.get("series_uid"), p.meta.get("z")
+            if series and isinstance(z, int | float) and np.isfinite(z):
+                groups.setdefault((str(p.meta.get("study_uid") or ""), str(series)), []).append(i)
+            else:
+                out[i] = _Prepared(stack_context([p.image] * self.prep.slices), p.meta, [*p.flags, NO_NEIGHBOURS_FLAG])
+        for members in groups.values():
+            members.sort(key=lambda i: (float(prepared[i].meta["z"]), str(prepared[i].meta.get("image_id") or "")))
+            alone = len(members) == 1
+            for i, row in zip(members, context_positions(len(members), self.context), strict=True):
+                p = prepared[i]
+                flags = [*p.flags, NO_NEIGHBOURS_FLAG] if alone else list(p.flags)
+                out[i] = _Prepared(stack_context([prepared[members[j]].image for j in row]), p.meta, flags)
+        return out
+
+    def _forward_in_batches(
+        self, prepared: Sequence[_Prepared | HemorrhageError], size: int
+    ) -> list[Prediction | HemorrhageError]:
+        """Stack the readable slices with their neighbours, forward them ``size`` at a time, and put
+        each result (or the input's error) in its input's place."""
+        ready_at = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared)]
+        stacked = self.stack_neighbours([prepared[i] for i in ready_at])
+        results: list[Prediction | HemorrhageError] = list(prepared)  # errors stay in place
+        for start in range(0, len(stacked), size):
+            for i, prediction in zip(ready_at[start : start + size], self._run(stacked[start : start + size], None),
+                                     strict=True):
+                results[i] = prediction
+        return results
 
     def _prepare_chunk(self, chunk: list[Source] | None) -> list[_Prepared | HemorrhageError] | None:
         if chunk is None:
@@ -330,6 +435,7 @@ class Predictor:
         return out
 
     def _run(self, prepared: Sequence[_Prepared], saliency_label: str | None) -> list[Prediction]:
+        prepared = self.stack_neighbours(prepared)
         batch = to_tensor(np.stack([p.image for p in prepared]))
         x = batch.to(self.device).contiguous(memory_format=self.memory_format)
         heatmaps: np.ndarray | None = None
@@ -361,7 +467,7 @@ class Predictor:
         return [
             Prediction(
                 probabilities={label: float(probs_np[i, j]) for j, label in enumerate(LABELS)},
-                image=p.image,
+                image=centre_channels(p.image, self.prep.channels),
                 aligned=np.ascontiguousarray(aligned_np[i]),
                 theta=theta_np[i],
                 heatmap=None if heatmaps is None else heatmaps[i],

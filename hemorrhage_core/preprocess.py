@@ -1,6 +1,8 @@
 """The deterministic slice preprocessing shared by the Dataset, its cache and the Predictor.
 
 HU slice -> [crop to the head] -> window stack -> uint8 -> resize to ``image_size`` -> uint8 (C, S, S).
+With ``context`` k > 0 (2.5D input) the model's input is that of the slice and of its k neighbours on
+each side in its series, stacked along the channels in z order (``stack_context``), (C (2k + 1), S, S).
 ``SlicePrep`` holds the parameters: built once from a run's config, saved in its checkpoints, part of
 the slice cache's key, and called by the Dataset (cached or not) and the Predictor, so training,
 evaluate, predict and the dashboard feed the model identical tensors. The model then resamples
@@ -10,7 +12,7 @@ evaluate, predict and the dashboard feed the model identical tensors. The model 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,9 @@ from hemorrhage_core.windowing import DEFAULT_STACK, WindowStack
 # Bump when the output of SlicePrep changes, so preprocessed caches built earlier are rebuilt.
 # 3: head crop (SlicePrep.head_crop).
 PREPROCESS_VERSION = 3
+
+# 2.5D input: at most this many neighbours on each side (RSNA slices are 5 mm; 3 covers 3 cm).
+MAX_CONTEXT = 3
 
 # Head finding runs on a copy of at most this many pixels a side: ~1 ms, and the skull is still
 # several pixels thick there (a 512 px slice at 2 mm a pixel).
@@ -132,6 +137,10 @@ def prepare_slice(hu: np.ndarray, image_size: int, windows: WindowStack = DEFAUL
 class SlicePrep:
     """The preprocessing of one model: output size, windows and the head crop.
 
+    ``context``: neighbours on each side whose slices are stacked with this one (2.5D input): the model
+    takes ``input_channels`` = ``channels`` (2 context + 1). Each slice is prepared on its own (its own
+    crop), so a slice's cache entry serves as a centre and as a neighbour, and ``key`` leaves context out.
+
     ``head_crop``: crop to the skull's bounding box (``find_skull_ring``), squared and widened by
     ``crop_margin`` a side, before windowing and resizing, so the brain fills the input instead of
     air (about 1.3x the pixels across the brain of a typical slice). A slice without a closed ring
@@ -143,6 +152,7 @@ class SlicePrep:
     head_crop: bool = False
     crop_margin: float = 0.08
     crop_min_side: float = 0.4  # of the slice's longer side: limits the zoom on small vertex rings
+    context: int = 0  # neighbours on each side stacked as channels (0: the slice alone)
 
     def __post_init__(self) -> None:
         if int(self.image_size) < 1:
@@ -151,6 +161,9 @@ class SlicePrep:
             raise ValueError(f"crop_margin must be in [0, 1], got {self.crop_margin}")
         if not 0.0 < float(self.crop_min_side) <= 1.0:
             raise ValueError(f"crop_min_side must be in (0, 1], got {self.crop_min_side}")
+        if isinstance(self.context, bool) or int(self.context) != self.context or not 0 <= int(self.context) <= MAX_CONTEXT:
+            raise ValueError(f"context must be a whole number of slices from 0 to {MAX_CONTEXT}, got {self.context!r}")
+        object.__setattr__(self, "context", int(self.context))
         object.__setattr__(self, "image_size", int(self.image_size))
         object.__setattr__(self, "head_crop", bool(self.head_crop))
         object.__setattr__(self, "crop_margin", float(self.crop_margin))
@@ -158,7 +171,18 @@ class SlicePrep:
 
     @property
     def channels(self) -> int:
+        """Channels of one prepared slice (its windows)."""
         return self.windows.channels
+
+    @property
+    def slices(self) -> int:
+        """Slices in one model input: the slice and ``context`` neighbours on each side."""
+        return 2 * self.context + 1
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the model's input: every window of every slice in the stack."""
+        return self.channels * self.slices
 
     def __call__(self, hu: np.ndarray) -> np.ndarray:
         """HU slice (H, W) -> uint8 (C, image_size, image_size)."""
@@ -174,8 +198,13 @@ class SlicePrep:
             hu = crop_square(hu, *head_square(ring, hu.shape, self.crop_margin, self.crop_min_side))
         return prepare_slice(hu, self.image_size, self.windows)
 
+    def per_slice(self) -> SlicePrep:
+        """This preprocessing without the context: what one slice's cache entry holds."""
+        return replace(self, context=0)
+
     def key(self) -> str:
-        """A short stable string naming this preprocessing, for cache folder names."""
+        """A short stable string naming one slice's preprocessing, for cache folder names (without
+        ``context``: the stack is assembled from per-slice entries, so every context shares a cache)."""
         crop = f"-crop{self.crop_margin:g}m{self.crop_min_side:g}" if self.head_crop else ""
         return f"{self.image_size}px-{self.windows.key()}{crop}"
 
@@ -183,6 +212,7 @@ class SlicePrep:
         return {
             "version": PREPROCESS_VERSION, "image_size": self.image_size, "windows": self.windows.to_list(),
             "head_crop": self.head_crop, "crop_margin": self.crop_margin, "crop_min_side": self.crop_min_side,
+            "context": self.context,
         }
 
     @classmethod
@@ -195,7 +225,35 @@ class SlicePrep:
             head_crop=bool(values.get("head_crop", False)),
             crop_margin=float(values.get("crop_margin", 0.08)),
             crop_min_side=float(values.get("crop_min_side", 0.4)),
+            context=int(values.get("context", 0)),
         )
+
+
+def context_positions(n: int, context: int) -> np.ndarray:
+    """(n, 2 context + 1) positions in a z-sorted series of ``n`` slices: for each slice, the slices
+    ``-context .. +context`` away, with the first and last slice repeated past the series' ends (as the
+    top RSNA 2019 solutions did). Position ``context`` of each row is the slice itself."""
+    if n < 1:
+        return np.zeros((0, 2 * context + 1), dtype=np.int64)
+    offsets = np.arange(-context, context + 1, dtype=np.int64)
+    return np.clip(np.arange(n, dtype=np.int64)[:, None] + offsets[None, :], 0, n - 1)
+
+
+def stack_context(slices: list[np.ndarray] | tuple[np.ndarray, ...]) -> np.ndarray:
+    """Prepared slices (each (C, S, S)) in z order, lowest first, -> one model input (C len, S, S)."""
+    return np.ascontiguousarray(np.concatenate(list(slices), axis=0))
+
+
+def centre_channels(image: np.ndarray | torch.Tensor, channels: int) -> np.ndarray | torch.Tensor:
+    """The centre slice's ``channels`` of a stacked input or aligned image (.., C (2k + 1), S, S): what a
+    person looks at. An image of ``channels`` channels is returned as it is."""
+    total = image.shape[-3]
+    if total == channels:
+        return image
+    if total % channels or (total // channels) % 2 == 0:
+        raise ValueError(f"{total} channels are not an odd number of {channels}-channel slices")
+    start = (total // channels // 2) * channels
+    return image[..., start : start + channels, :, :]
 
 
 def to_tensor(prepared: np.ndarray) -> torch.Tensor:

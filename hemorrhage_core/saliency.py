@@ -21,8 +21,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from hemorrhage_core.labels import LABELS
-from hemorrhage_core.models.net import HemorrhageNet, label_scores
+from hemorrhage_core.models.net import IN_CHANNELS, HemorrhageNet, label_scores
 from hemorrhage_core.models.stn import invert_theta
+from hemorrhage_core.preprocess import centre_channels
 
 
 class SaliencyResult(NamedTuple):
@@ -55,7 +56,8 @@ class _CamView(nn.Module):
             fmap = model.forward_feature_map(aligned)
         fmap = self.feature_map(fmap.detach().requires_grad_(True))
         logits = self.head(model.pool(fmap))
-        self.logits, self.theta, self.aligned = logits.detach(), theta, aligned
+        self.logits, self.theta = logits.detach(), theta
+        self.aligned = centre_channels(aligned, IN_CHANNELS)  # of a 2.5D stack, the slice itself
         return label_scores(model.spec.stage, logits)
 
 

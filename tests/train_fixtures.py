@@ -177,3 +177,18 @@ def train_with_kill_point(argv: list[str]) -> int:
     else:
         raise ValueError(f"unknown kill point {os.environ[KILL_ENV]!r}")
     return cli.main(argv)
+
+
+def context_model(spec):
+    """A 2.5D model (``spec.context`` > 0) whose first convolution reads the neighbours, as a trained
+    one does: ``widen_input`` starts their kernels at zero, so an untrained model would ignore them."""
+    import torch
+
+    from hemorrhage_core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    first = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        first.weight.normal_(0.0, 0.1)
+    return model

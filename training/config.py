@@ -45,6 +45,7 @@ class TrainConfig:
     image_size: int = 224  # preprocessed (cached) slice size in px; the STN resamples to input_size
     windows: list = field(default_factory=lambda: ["brain", "subdural", "bone"])
     head_crop: bool = True  # crop each slice to the skull's box before resizing (preprocess.SlicePrep)
+    context: int = 0  # 2.5D input: neighbours on each side in the series stacked as channels (0: 2D)
     cache: bool = True  # preprocessed uint8 cache, built once and reused
     num_workers: int = 0
     augment: bool = True  # random flips / small affine jitter on training slices only
@@ -104,6 +105,10 @@ class TrainConfig:
         _check(0.0 < self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "must be in (0, 0.5]")
         _check(0.0 <= self.test_fraction < 0.5, "test_fraction", self.test_fraction, "must be in [0, 0.5)")
         _check(self.image_size >= 32, "image_size", self.image_size, "must be >= 32 px")
+        from hemorrhage_core.preprocess import MAX_CONTEXT
+
+        _check(isinstance(self.context, int) and not isinstance(self.context, bool) and 0 <= self.context <= MAX_CONTEXT,
+               "context", self.context, f"must be a whole number of slices from 0 to {MAX_CONTEXT}")
         _check(self.input_size is None or self.input_size >= 32, "input_size", self.input_size, "must be >= 32 px")
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")

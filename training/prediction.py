@@ -5,6 +5,10 @@ chunk at a time: each chunk's Predictions (which hold image arrays) are reduced 
 dropped before the next chunk is read, so memory does not grow with the number of files. With
 ``workers`` > 1 a thread pool reads and preprocesses ahead while the model runs; the forward batches
 are the same as with one worker, so are the probabilities.
+
+A 2.5D model (``predictor.context`` > 0) needs each slice's neighbours in the same forward call: the
+files' headers are read first, and each chunk holds whole series, sorted by z; rows still come out
+in input order.
 """
 
 from __future__ import annotations
@@ -124,6 +128,9 @@ def predict_rows(
     from hemorrhage_core.inference import isolating
 
     size = predictor.batch_size if batch_size is None else max(1, int(batch_size))
+    if getattr(predictor, "context", 0):
+        yield from _rows_by_series(predictor, entries, size)
+        return
     todo = (f for f, err in entries if err is None)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict-read") if workers > 1 else None
     prepared = _prepare_ahead(predictor, todo, pool, window=2 * size + workers) if pool else None
@@ -142,6 +149,58 @@ def predict_rows(
         if pool is not None:
             prepared.close()
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def series_chunks(entries: Sequence[tuple[str, str | None]], chunk_images: int = CHUNK_IMAGES) -> list[list[int]]:
+    """Positions of the readable entries in chunks of whole series (study, series, then z order), each
+    of at least ``chunk_images`` files unless it is the last; a file whose header cannot be read (the
+    Predictor then says why) or has no series goes in a chunk of its own kind at the end."""
+    import pandas as pd
+
+    from hemorrhage_core.data import scan_headers
+
+    tasks = [(str(k), f, f) for k, (f, err) in enumerate(entries) if err is None]
+    if not tasks:
+        return []
+    headers, _unreadable = scan_headers(tasks, workers=1 if len(tasks) < 512 else None, progress=False)
+    series = headers["series_uid"].fillna("").astype(str)
+    placed = headers[series.str.len() > 0]
+    placed = placed.assign(k=placed["image_id"].astype(int), study_uid=placed["study_uid"].fillna("").astype(str),
+                           z=pd.to_numeric(placed["z"], errors="coerce"))
+    placed = placed.sort_values(["study_uid", "series_uid", "z", "k"], kind="stable", na_position="last")
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for _, group in placed.groupby(["study_uid", "series_uid"], sort=False):
+        current.extend(int(k) for k in group["k"])
+        if len(current) >= chunk_images:
+            chunks.append(current)
+            current = []
+    rest = sorted({int(t[0]) for t in tasks} - set(placed["k"].astype(int)))
+    current.extend(rest)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _rows_by_series(predictor, entries: Sequence[tuple[str, str | None]], size: int) -> Iterator[PredictionRow]:
+    """``predict_rows`` for a 2.5D model: whole series per forward call, rows yielded in input order
+    as soon as every row before them is done."""
+    from hemorrhage_core.inference import isolating
+
+    done: dict[int, PredictionRow] = {k: PredictionRow(f, None, err) for k, (f, err) in enumerate(entries)
+                                      if err is not None}
+    following = 0
+    for chunk in series_chunks(entries):
+        files = [entries[k][0] for k in chunk]
+        results = isolating(lambda batch: predictor.predict_many(batch, batch_size=size), files)
+        for k, result in zip(chunk, results, strict=True):
+            done[k] = _row(entries[k][0], result)
+        while following in done:
+            yield done.pop(following)
+            following += 1
+    while following < len(entries):  # nothing is left unread; a guard against a lost position
+        yield done.pop(following)
+        following += 1
 
 
 def _prepare_one(predictor, source: str) -> Any:

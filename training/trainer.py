@@ -141,7 +141,7 @@ def slice_prep(config: TrainConfig):
         windows = WindowStack.from_list(config.windows)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
-    return SlicePrep(config.image_size, windows, head_crop=config.head_crop)
+    return SlicePrep(config.image_size, windows, head_crop=config.head_crop, context=config.context)
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
@@ -272,7 +272,7 @@ def augmenter(config: TrainConfig):
 def make_dataset(config: TrainConfig, rows: pd.DataFrame, data_dir: Path, cache, *, stage: int, train: bool, prep=None):
     from hemorrhage_core.data import SliceDataset
 
-    prep = (cache.prep if cache is not None else slice_prep(config)) if prep is None else prep
+    prep = slice_prep(config) if prep is None else prep
     return SliceDataset(
         rows, data_dir, stage=stage, prep=prep, cache=cache,
         augment=augmenter(config) if train else None,
@@ -339,6 +339,7 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "image_size": ckpt.image_size,
         "windows": ckpt.windows.to_list(),
         "head_crop": ckpt.prep.head_crop,
+        "context": ckpt.prep.context,
         "input_size": ckpt.spec.input_size,
         "stn": ckpt.spec.stn,
     }
@@ -358,7 +359,7 @@ def build_network(config: TrainConfig) -> nn.Module:
         return stage2_from_stage1(model1, dropout=config.dropout, freeze=config.freeze_trunk)
     spec = ModelSpec(
         backbone=config.backbone, stage=1, input_size=config.input_size,
-        stn=config.stn,
+        stn=config.stn, context=config.context,
         dropout=DEFAULT_DROPOUT if config.dropout is None else config.dropout,
     )
     return build_model(spec, weights=config.weights, freeze=config.freeze_trunk)
@@ -473,7 +474,8 @@ def predictions_frame(val_rows: pd.DataFrame, targets: np.ndarray, probs: np.nda
 @torch.no_grad()
 def gallery_entries(net: nn.Module, val_set, positions: list[int], stage: int, device: torch.device):
     """GalleryEntry per position: the windowed input, the STN-aligned image, theta and probabilities."""
-    from hemorrhage_core.models import probabilities
+    from hemorrhage_core.models import IN_CHANNELS, probabilities
+    from hemorrhage_core.preprocess import centre_channels
     from hemorrhage_core.runs import GalleryEntry
 
     if not positions:
@@ -490,7 +492,7 @@ def gallery_entries(net: nn.Module, val_set, positions: list[int], stage: int, d
     for k, (_pos, (image, target, image_id)) in enumerate(kept):
         entries.append(GalleryEntry(
             image_id=str(image_id),
-            input_image=image.numpy(),
+            input_image=centre_channels(image, IN_CHANNELS).numpy(),  # the centre slice of a 2.5D stack
             aligned_image=out.aligned[k].float().clamp(0, 1).cpu().numpy(),
             theta=out.theta[k].float().cpu().reshape(-1).tolist(),
             true=[int(v) for v in np.nan_to_num(target.numpy())],

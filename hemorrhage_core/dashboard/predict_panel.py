@@ -8,7 +8,9 @@ threshold chosen on its validation set. Probabilities are calibrated when the ru
 Uploaded files are read into memory and deleted from disk at once; their bytes live only in this
 session. Prediction runs in an extended task on a worker thread (other sessions and this session's
 controls stay responsive) through the one shared Predictor of the chosen run. A series from the PACS
-(``pacs_predict``) arrives as uploads held in memory and takes the same path.
+(``pacs_predict``) arrives as uploads held in memory and takes the same path. A 2.5D model reads each
+slice with its neighbours among the slices uploaded with it: the panel asks for whole series, and says
+so when a slice had none.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class PredictBatch:
     calibrated: bool = False
     run_id: str | None = None  # the run's own id
     origin: PacsOrigin | None = None  # set when the slices came from the PACS
+    context: int = 0  # the model's neighbours on each side (2.5D); 0 for a 2D model
 
     @property
     def usable(self) -> list[UploadResult]:
@@ -137,13 +140,55 @@ def slice_label(position: int, count: int, result: UploadResult) -> str:
     """The slice picker's entry for a usable result; a flagged slice says so, whichever is shown."""
     z = f"z = {result.z:.1f} mm" if result.z is not None else "no z position"
     label = f"{position + 1} of {count} · {z} · {result.name}"
-    return f"{label} · ⚠ not like a head CT" if result.flags else label
+    if result.input_flags:
+        label += " · ⚠ not like a head CT"
+    if result.without_neighbours:
+        label += " · read without neighbours"
+    return label
+
+
+def _neighbours(context: int) -> str:
+    return f"{context} neighbour{'s' if context != 1 else ''}"
+
+
+def context_help(context: int) -> str | None:
+    """The upload help's sentence for a 2.5D model (``context`` neighbours on each side), else None."""
+    if context <= 0:
+        return None
+    return (
+        f"This model reads each slice with its {_neighbours(context)} on each side in the series: "
+        "upload the whole series (all its slices)."
+    )
+
+
+def context_notice(batch: PredictBatch, shown: UploadResult | None) -> Tag | None:
+    """For a 2.5D model, the note that some slices were read without their neighbours (the shown one,
+    or others marked in the slice list); None when every slice had them or the model is 2D."""
+    if batch.context <= 0:
+        return None
+    alone = [r for r in batch.usable if r.without_neighbours]
+    if not alone:
+        return None
+    if shown is not None and shown.without_neighbours:
+        which = f"the slice shown ({shown.name})"
+        if len(alone) > 1:
+            which += f" and {len(alone) - 1} other slice(s)"
+    else:
+        which = f"{len(alone)} slice(s), not the one shown"
+    return message(
+        f"This model reads each slice with its {_neighbours(batch.context)} on each side in the series; "
+        "upload the whole series (all its slices) for its full reading. Slices without neighbours were "
+        f"read with the slice repeated in their place: {which}, marked 'read without neighbours' in the "
+        "slice list. A slice whose header gives no series or z position has none either.",
+        kind="warning",
+    )
 
 
 def batch_notices(batch: PredictBatch, shown: UploadResult | None) -> list[Tag]:
     """The status lines of a finished batch, in order: the batch's error, one error per refused file,
     a warning per input flag of the shown slice (the model's output on such a slice is not to be trusted),
-    one warning naming the other flagged slices, and how many slices were predicted."""
+    one warning naming the other flagged slices, a 2.5D model's note on slices read without neighbours
+    (``context_notice``), and how many slices were predicted."""
     lines = [message(batch.error, kind="error")] if batch.error else []
     lines += [message(f"{r.name}: {r.error}", kind="error") for r in batch.results if not r.ok]
     if shown is not None:
@@ -153,9 +198,9 @@ def batch_notices(batch: PredictBatch, shown: UploadResult | None) -> list[Tag]:
                 f"prediction. {flag}",
                 kind="warning",
             )
-            for flag in shown.flags
+            for flag in shown.input_flags
         ]
-    others = [r.name for r in batch.usable if r.flags and r is not shown]
+    others = [r.name for r in batch.usable if r.input_flags and r is not shown]
     if others:
         lines.append(
             message(
@@ -164,6 +209,9 @@ def batch_notices(batch: PredictBatch, shown: UploadResult | None) -> list[Tag]:
                 kind="warning",
             )
         )
+    notice = context_notice(batch, shown)
+    if notice is not None:
+        lines.append(notice)
     if batch.usable:
         lines.append(
             ui.p(f"{len(batch.usable)} slice(s) predicted by {batch.run_name}.", class_="text-muted small")
@@ -267,6 +315,12 @@ def verdict_card(batch: PredictBatch, shown: UploadResult | None) -> Tag | None:
     )
 
 
+def run_context(summary: RunSummary | None) -> int:
+    """A run's neighbours on each side (its config's ``context``; 0 when absent or not a whole number)."""
+    value = (summary.config or {}).get("context") if summary is not None else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def default_model(runs: list[RunSummary]) -> str | None:
     """The newest finished stage-2 run, else the newest finished run."""
     stage2 = [s for s in runs if s.stage == 2]
@@ -360,6 +414,10 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
     def source() -> str:
         return input.source() or UPLOAD
 
+    def chosen_context() -> int:
+        """The chosen run's 2.5D context, from its config (0 for a 2D model or a run from before 2.5D)."""
+        return run_context(ctx.snapshot().by_id(input.model()))
+
     @render.ui
     def limits():
         if source() == PACS:
@@ -368,10 +426,12 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
                 "when you close the page. Studies are listed by date and description; patient names and "
                 "other identifying header fields are never shown."
             )
+        whole_series = context_help(chosen_context())
         return help_text(
+            *([ui.strong(whole_series), " "] if whole_series else []),
             f"Up to {ctx.config.max_upload_files} files, each at most {ctx.config.max_upload_mb:g} MB. "
             "Files are read into memory, deleted from the server at once, and forgotten when you "
-            "close the page. Patient names and other identifying header fields are never shown."
+            "close the page. Patient names and other identifying header fields are never shown.",
         )
 
     @reactive.effect
@@ -616,4 +676,5 @@ def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
         calibrated=calibration is not None,
         run_id=request.record_id or request.run_id,
         origin=request.origin,
+        context=int(getattr(predictor, "context", 0) or 0),
     )

@@ -5,8 +5,9 @@
 loading the same model at once). Given the run's folder it also applies the run's calibration.json,
 read on every request (a small file), so a calibration fitted later is used at once and a damaged one
 refuses the run as a damaged checkpoint does. ``analyse_uploads`` is the blocking work behind the
-Predict panel's extended task: it decodes each uploaded slice (for the window sliders) and predicts
-it, turning every failure into a per-file message so that one bad file never sinks the others.
+Predict panel's extended task: it decodes each uploaded slice once (for the window sliders) and
+predicts it, a 2.5D model with its uploaded neighbours, turning every failure into a per-file message
+so that one bad file never sinks the others.
 ``series_verdict`` is the study-level reading of one uploaded series: per label, the highest
 probability over its slices, on which slice, against the run's study-level threshold.
 """
@@ -28,9 +29,19 @@ from hemorrhage_core.labels import LABELS
 
 if TYPE_CHECKING:  # the dashboard imports torch only when a model is first used
     from hemorrhage_core.calibration import Calibration
-    from hemorrhage_core.inference import Predictor
+    from hemorrhage_core.dicom import CtSlice
+    from hemorrhage_core.inference import Prediction, Predictor
 
 log = logging.getLogger("hemorrhage_core.dashboard")
+
+# The code that starts ``inference.NO_NEIGHBOURS_FLAG``, spelt here because that module imports torch:
+# a 2.5D model read the slice with itself repeated in place of the neighbours it was not given.
+NO_NEIGHBOURS = "no_neighbours:"
+
+
+def is_no_neighbours(flag: str) -> bool:
+    """Whether ``flag`` says the slice was read without neighbours (not that it looks unlike a head CT)."""
+    return str(flag).startswith(NO_NEIGHBOURS)
 
 
 class PredictorCache:
@@ -119,6 +130,16 @@ class UploadResult:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def input_flags(self) -> list[str]:
+        """The flags saying the slice does not look like a head CT (all but ``no_neighbours``)."""
+        return [f for f in self.flags if not is_no_neighbours(f)]
+
+    @property
+    def without_neighbours(self) -> bool:
+        """A 2.5D model read this slice with itself repeated in place of its neighbours."""
+        return any(is_no_neighbours(f) for f in self.flags)
+
 
 class Progress:
     """How far a long call has got: written by its worker thread, read by the page's timer."""
@@ -154,40 +175,95 @@ def analyse_uploads(
 ) -> list[UploadResult]:
     """Decode each upload once and predict it; results sorted by series then z (files without z last).
 
-    Never raises for a bad file: its result carries a user-facing message instead.
-    ``progress(done, total)`` is called after each file.
+    The decoded slices go to ``Predictor.predict_slices``: a 2.5D model (``predictor.context`` > 0) gets
+    each series' uploads in one call, so it reads every slice with its uploaded neighbours; a 2D model
+    gets one slice a call, the numbers of ``predictor.predict``. Never raises for a bad file: its result
+    carries a user-facing message instead. ``progress(done, total)`` is called as files fail to decode
+    and as each slice is predicted.
     """
     from hemorrhage_core.dicom import read_slice
+    from hemorrhage_core.inference import isolating
 
-    results = []
+    results = [UploadResult(index=i, name=upload.name) for i, upload in enumerate(uploads)]
+    done = 0
+
+    reported = 0
+
+    def report(count: int) -> None:
+        nonlocal reported
+        if progress is not None and count != reported:
+            reported = count
+            progress(count, len(uploads))
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        report(done)
+
+    def failed(i: int, exc: BaseException) -> None:
+        results[i].error = user_message(exc, context=f"prediction of upload {i + 1}")
+
+    def predict(cts: list[CtSlice]) -> list[Prediction | Exception]:
+        base = done  # a series' slices count as each is predicted: Grad-CAM makes a long series slow
+        return predictor.predict_slices(
+            cts, saliency_label=saliency_label,
+            progress=lambda n: report(base + n),
+        )
+
+    decoded: list[tuple[int, CtSlice]] = []
     for i, upload in enumerate(uploads):
-        result = UploadResult(index=i, name=upload.name)
         try:
-            ct = read_slice(upload.data, image_id=f"upload-{i + 1}")
-            prediction = predictor.predict(ct, saliency_label=saliency_label)
+            decoded.append((i, read_slice(upload.data, image_id=f"upload-{i + 1}")))
         except Exception as exc:  # noqa: BLE001 - every failure becomes this file's message
-            result.error = user_message(exc, context=f"prediction of upload {i + 1}")
-            results.append(result)
-            if progress is not None:
-                progress(i + 1, len(uploads))
-            continue
-        result.hu = ct.hu
-        result.z = ct.meta.z
-        result.series = ct.meta.series_uid
-        result.pixel_spacing = ct.meta.pixel_spacing
-        result.modality = ct.meta.modality
-        result.shape = (ct.meta.rows, ct.meta.columns)
-        result.probabilities = {str(k): float(v) for k, v in prediction.probabilities.items()}
-        result.raw_probabilities = {str(k): float(v) for k, v in prediction.raw_probabilities.items()}
-        result.image = prediction.image
-        result.aligned = prediction.aligned
-        result.theta = np.asarray(prediction.theta, dtype=float)
-        result.heatmap = prediction.heatmap
-        result.flags = [str(f) for f in prediction.flags]
-        results.append(result)
-        if progress is not None:
-            progress(i + 1, len(uploads))
+            failed(i, exc)
+            advance(1)
+    for group in _prediction_groups(decoded, int(getattr(predictor, "context", 0) or 0)):
+        cts = [ct for _, ct in group]
+        try:
+            # A series whose call breaks is retried one slice at a time, so one slice cannot sink the
+            # others (a 2.5D model then reads those slices alone, and flags them so).
+            predictions = isolating(predict, cts) if len(cts) > 1 else predict(cts)
+        except Exception as exc:  # noqa: BLE001 - a refusal of the whole call: each of its files says so
+            predictions = [exc] * len(group)
+        for (i, ct), prediction in zip(group, predictions, strict=True):
+            if isinstance(prediction, BaseException):
+                failed(i, prediction)
+            else:
+                _fill(results[i], ct, prediction)
+        advance(len(group))
     return sort_by_position(results)
+
+
+def _prediction_groups(
+    decoded: Sequence[tuple[int, CtSlice]], context: int
+) -> list[list[tuple[int, CtSlice]]]:
+    """The slices of each ``predict_slices`` call, in upload order: a 2.5D model's per series (the
+    Predictor stacks neighbours within one study and series only), a 2D model's one by one."""
+    if not context:
+        return [[item] for item in decoded]
+    groups: dict[tuple[str, str] | int, list[tuple[int, CtSlice]]] = {}
+    for i, ct in decoded:
+        series = ct.meta.series_uid
+        key: tuple[str, str] | int = (str(ct.meta.study_uid or ""), str(series)) if series else i
+        groups.setdefault(key, []).append((i, ct))
+    return list(groups.values())
+
+
+def _fill(result: UploadResult, ct: CtSlice, prediction: Prediction) -> None:
+    """Copy a decoded slice and its prediction into ``result``."""
+    result.hu = ct.hu
+    result.z = ct.meta.z
+    result.series = ct.meta.series_uid
+    result.pixel_spacing = ct.meta.pixel_spacing
+    result.modality = ct.meta.modality
+    result.shape = (ct.meta.rows, ct.meta.columns)
+    result.probabilities = {str(k): float(v) for k, v in prediction.probabilities.items()}
+    result.raw_probabilities = {str(k): float(v) for k, v in prediction.raw_probabilities.items()}
+    result.image = prediction.image
+    result.aligned = prediction.aligned
+    result.theta = np.asarray(prediction.theta, dtype=float)
+    result.heatmap = prediction.heatmap
+    result.flags = [str(f) for f in prediction.flags]
 
 
 def sort_by_position(results: Sequence[UploadResult]) -> list[UploadResult]:

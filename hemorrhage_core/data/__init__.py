@@ -6,8 +6,9 @@ Typical use::
 
     idx = build_index(DATA)                      # labels + headers, saved as DATA/index.parquet
     train, val = split_train_val(idx.table, val_fraction=0.2, seed=0)
-    cache = SliceCache.build(idx.table, DATA, prep=SlicePrep(224, head_crop=True))
-    ds = SliceDataset(usable_index(train, cache), DATA, stage=2, prep=cache.prep, cache=cache,
+    prep = SlicePrep(224, head_crop=True)         # context=1: 2.5D, the slice and a neighbour a side
+    cache = SliceCache.build(idx.table, DATA, prep=prep)
+    ds = SliceDataset(usable_index(train, cache), DATA, stage=2, prep=prep, cache=cache,
                       augment=SliceAugment())
     loader = make_loader(ds, batch_size=32, shuffle=True, workers=2, seed=0)
 """

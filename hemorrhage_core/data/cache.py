@@ -129,6 +129,7 @@ class SliceCache:
         """
         if index.empty:
             raise DatasetError("cannot build a slice cache for an empty index")
+        prep = prep.per_slice()  # entries are single slices; a 2.5D stack is assembled when read
         data = Path(data_dir)
         ids = index["image_id"].astype(str).tolist()
         paths = index["path"].astype(str).tolist()

@@ -15,9 +15,10 @@ from torch.utils.data import Dataset
 
 from hemorrhage_core.data.cache import SliceCache
 from hemorrhage_core.data.labels_table import describe_ids
+from hemorrhage_core.data.neighbours import context_ids
 from hemorrhage_core.errors import DatasetError, DicomReadError
 from hemorrhage_core.labels import LABELS
-from hemorrhage_core.preprocess import SlicePrep, to_tensor
+from hemorrhage_core.preprocess import SlicePrep, stack_context, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ class SliceDataset(Dataset):
 
     The deterministic part (decode, crop, window, resize, uint8: ``prep``) comes from ``cache`` when
     given, else from ``read_slice`` + ``prep``; both give identical tensors. ``augment`` runs after it.
+    With ``prep.context`` k > 0 the image is the stack of the slice and its k neighbours on each side
+    in its series among ``index``'s rows (``neighbours.context_ids``), (C (2k + 1), S, S); a neighbour
+    that fails to decode (uncached) is replaced by the slice itself.
     Slices the cache failed to decode are excluded (``excluded_ids``). Without a cache, a slice
     that fails to decode yields ``None`` (``on_error="skip"``, dropped by make_loader's collate)
     or raises DicomReadError (``on_error="raise"``).
@@ -63,6 +67,12 @@ class SliceDataset(Dataset):
         self._warned: set[str] = set()
 
         rows = index
+        # Neighbours come from every row given, before stage 1 drops the slices with 2+ subtypes:
+        # those are still the anatomy next to the slices that stay.
+        neighbours = None
+        if prep.context:
+            usable = index if cache is None else index[~index["image_id"].isin(cache.failed)]
+            neighbours = context_ids(usable, prep.context)
         if stage == 1:
             # -1 marks 2+ subtypes; unlabeled rows (NA) stay, with an ignored target.
             classes = pd.to_numeric(rows["stage1_class"], errors="coerce").astype("float64")
@@ -75,9 +85,21 @@ class SliceDataset(Dataset):
         self.image_ids = self.index["image_id"].astype(str).to_numpy()
         self.paths = self.index["path"].astype(str).to_numpy()
         self.targets = self._targets(self.index)
+        self.context_ids: list[tuple[str, ...]] | None = None
+        self._context_positions: np.ndarray | None = None
+        self._paths_by_id: dict[str, str] = {}
+        if neighbours is not None:
+            self.context_ids = [neighbours[i] for i in self.image_ids]
+            if cache is not None and self.context_ids:
+                flat = cache.positions([i for stack in self.context_ids for i in stack])
+                self._context_positions = flat.reshape(len(self.context_ids), prep.slices)
+                if (flat < 0).any():  # rows absent from the cache were refused above; this is a last guard
+                    raise DatasetError("a neighbour slice is not in the cache; build the cache over the whole index")
+            else:
+                self._paths_by_id = dict(zip(index["image_id"].astype(str), index["path"].astype(str), strict=True))
 
     def _match_cache(self, rows: pd.DataFrame, cache: SliceCache) -> pd.DataFrame:
-        if cache.prep.key() != self.prep.key():
+        if cache.prep.key() != self.prep.key():  # the key leaves context out: stacks come from per-slice rows
             raise DatasetError(
                 f"the cache holds slices prepared as {cache.prep.key()}, but this dataset wants {self.prep.key()}"
             )
@@ -109,13 +131,31 @@ class SliceDataset(Dataset):
         return len(self.image_ids)
 
     def prepared(self, i: int) -> np.ndarray:
-        """The deterministic uint8 (C, S, S) slice of item ``i`` (cached or decoded now)."""
+        """The deterministic uint8 model input of item ``i`` (cached or decoded now): (C, S, S), or the
+        stack of its neighbours (C (2k + 1), S, S) with ``prep.context`` k."""
+        if self._context_positions is not None and self.cache is not None:
+            return stack_context([self.cache.read(int(p)) for p in self._context_positions[i]])
         if self._positions is not None and self.cache is not None:
             return self.cache.read(int(self._positions[i]))
+        centre = self._decode(str(self.image_ids[i]), self.paths[i])
+        if self.context_ids is None:
+            return centre
+        return stack_context([centre if other == self.image_ids[i] else self._neighbour(other, centre)
+                              for other in self.context_ids[i]])
+
+    def _decode(self, image_id: str, path: str) -> np.ndarray:
         from hemorrhage_core.dicom import read_slice
 
-        ct = read_slice(self.data_dir / self.paths[i], image_id=str(self.image_ids[i]))
-        return self.prep(ct.hu)
+        return self.prep(read_slice(self.data_dir / path, image_id=image_id).hu)
+
+    def _neighbour(self, image_id: str, centre: np.ndarray) -> np.ndarray:
+        try:
+            return self._decode(image_id, self._paths_by_id[image_id])
+        except (DicomReadError, OSError) as exc:  # a missing neighbour must not lose the slice
+            if image_id not in self._warned:
+                self._warned.add(image_id)
+                log.warning("neighbour %s unreadable, the slice is repeated in its place: %s", image_id, exc)
+            return centre
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str] | None:
         image_id = str(self.image_ids[i])

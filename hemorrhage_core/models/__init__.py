@@ -2,6 +2,7 @@
 
 from hemorrhage_core.models.backbones import BACKBONES, BackboneInfo, backbone_names, get_backbone
 from hemorrhage_core.models.net import (
+    IN_CHANNELS,
     HemorrhageNet,
     Model1,
     Model2,
@@ -20,6 +21,7 @@ __all__ = [
     "DEFAULT_DROPOUT",
     "DEFAULT_HIDDEN",
     "HemorrhageNet",
+    "IN_CHANNELS",
     "Model1",
     "Model2",
     "ModelOutput",

@@ -218,6 +218,33 @@ def resolve_weights_file(info: BackboneInfo, weights: str | os.PathLike) -> Path
     return path
 
 
+def widen_input(trunk: Trunk, slices: int) -> None:
+    """Let ``trunk`` take ``slices`` stacked 3-channel slices (2.5D input): its first convolution gets
+    3 ``slices`` input channels; the centre slice keeps the original kernel and the neighbours' kernels
+    start at zero.
+
+    So the widened trunk starts as its 2D self (a pretrained one keeps exactly what it learnt) and
+    learns from the data how much to read from the neighbours, instead of starting from their average,
+    where a bleed on the slice next door would look like one on this slice.
+    """
+    if slices == 1:
+        return
+    name, first = next((n, m) for n, m in trunk.named_modules() if isinstance(m, nn.Conv2d))
+    wide = nn.Conv2d(
+        first.in_channels * slices, first.out_channels, first.kernel_size, stride=first.stride,
+        padding=first.padding, dilation=first.dilation, groups=first.groups, bias=first.bias is not None,
+        device=first.weight.device, dtype=first.weight.dtype,
+    )
+    centre = (slices // 2) * first.in_channels
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, centre : centre + first.in_channels] = first.weight
+        if first.bias is not None:
+            wide.bias.copy_(first.bias)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(trunk.get_submodule(parent_name) if parent_name else trunk, attr, wide)
+
+
 def build_trunk(
     info: BackboneInfo, weights: str | os.PathLike = "none", *, init: bool = True
 ) -> tuple[Trunk, nn.Module | None]:

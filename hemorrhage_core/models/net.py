@@ -14,19 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from hemorrhage_core.labels import LABELS, STAGE1_CLASSES
-from hemorrhage_core.models.backbones import AuxHead, Trunk, build_trunk, get_backbone
+from hemorrhage_core.models.backbones import AuxHead, Trunk, build_trunk, get_backbone, widen_input
 from hemorrhage_core.models.heads import Head
 from hemorrhage_core.models.spec import DEFAULT_HIDDEN, ModelSpec
 from hemorrhage_core.models.stn import SpatialTransformer
+from hemorrhage_core.preprocess import centre_channels
 
-IN_CHANNELS = 3  # ImageNet trunks take three channels: the three windows of the stack
+IN_CHANNELS = 3  # channels of one slice: the three windows of the stack (ImageNet trunks take three)
 N_OUTPUTS = len(LABELS)
 assert len(STAGE1_CLASSES) == N_OUTPUTS  # both stages have six outputs; the mapping is in probabilities()
 
 
 class ModelOutput(NamedTuple):
     """Everything one forward pass yields: logits (N, 6), Inception's aux logits in train mode (or
-    None), theta (N, 2, 3) and the STN-aligned image (N, C, s, s) in [0, 1]."""
+    None), theta (N, 2, 3) and the STN-aligned image (N, 3, s, s) in [0, 1] (of a 2.5D stack, its
+    centre slice: what a person looks at)."""
 
     logits: torch.Tensor
     aux_logits: torch.Tensor | None
@@ -56,7 +58,9 @@ class Normalise(nn.Module):
 
 
 class HemorrhageNet(nn.Module):
-    """Input (N, 3, S, S) float in [0, 1] at any S >= 1; output logits (N, 6).
+    """Input (N, 3 (2k + 1), S, S) float in [0, 1] at any S >= 1, k = ``spec.context`` (2.5D: the
+    slice and k neighbours on each side, lowest z first); output logits (N, 6). One STN transform
+    aligns the whole stack, so the neighbours stay registered to the slice.
 
     Stage 1 logits are over ``STAGE1_CLASSES``, stage 2 over ``LABELS``; ``probabilities`` maps both
     to ``LABELS``. With a frozen backbone, ``train()`` keeps the trunk's batch-norm layers in eval mode
@@ -71,8 +75,10 @@ class HemorrhageNet(nn.Module):
             raise ValueError(f"{type(self).__name__} is stage {self.stage}, the spec says stage {spec.stage}")
         info = get_backbone(spec.backbone)
         self.spec = spec
-        self.stn = SpatialTransformer(spec.stn, spec.input_size or info.default_size, IN_CHANNELS)
-        self.normalise = Normalise(info.mean, info.std)
+        self.in_channels = IN_CHANNELS * spec.slices
+        self.stn = SpatialTransformer(spec.stn, spec.input_size or info.default_size, self.in_channels)
+        self.normalise = Normalise(info.mean * spec.slices, info.std * spec.slices)
+        widen_input(trunk, spec.slices)
         self.backbone = trunk
         self.head = Head(info.feature_dim, tuple(spec.hidden or ()), N_OUTPUTS, spec.dropout)
         self.aux_head = AuxHead(aux, N_OUTPUTS) if aux is not None else None
@@ -113,7 +119,8 @@ class HemorrhageNet(nn.Module):
             aux_logits = self.aux_head(tapped)
         else:
             feature_map = self.backbone(normalised)
-        return ModelOutput(self.forward_head(self.pool(feature_map)), aux_logits, theta, aligned)
+        return ModelOutput(self.forward_head(self.pool(feature_map)), aux_logits, theta,
+                           centre_channels(aligned, IN_CHANNELS))
 
     # -- training policy ---------------------------------------------------------------------------
     def _trunk_modules(self) -> list[nn.Module]:
@@ -246,7 +253,7 @@ def stage2_from_stage1(
     if hidden[0] != first:
         raise ValueError(f"hidden[0] must be Model1's first added layer size {first} (it is transferred), got {hidden[0]}")
     spec = ModelSpec(
-        backbone=s1.backbone, stage=2, input_size=s1.input_size, stn=s1.stn, hidden=hidden,
+        backbone=s1.backbone, stage=2, input_size=s1.input_size, stn=s1.stn, hidden=hidden, context=s1.context,
         dropout=s1.dropout if dropout is None else dropout,
     )
     info = get_backbone(spec.backbone)

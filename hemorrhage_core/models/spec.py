@@ -17,7 +17,10 @@ DEFAULT_DROPOUT = 0.3
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Backbone, stage, backbone input size, STN kind and head sizes of one model.
+    """Backbone, stage, backbone input size, STN kind, head sizes and 2.5D context of one model.
+
+    ``context`` k: the input stacks the slice and k neighbours on each side (``SlicePrep.context``), so
+    the model takes ``in_channels`` = 3 (2k + 1) channels; 0 is the original report's one slice.
 
     ``input_size`` None means the backbone's registry default (224, or 299 for inception_v3);
     ``hidden`` None means ``DEFAULT_HIDDEN[stage]``. Both are resolved on construction, so two specs
@@ -30,6 +33,7 @@ class ModelSpec:
     stn: str = "similarity"
     hidden: tuple[int, ...] | None = None
     dropout: float = DEFAULT_DROPOUT
+    context: int = 0
 
     def __post_init__(self) -> None:
         # Imported here: the registry imports torchvision, and spec must stay cheap for the CLI.
@@ -52,10 +56,20 @@ class ModelSpec:
             raise ValueError("a stage-2 head needs Model1's first layer plus at least one more: len(hidden) >= 2")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        from hemorrhage_core.preprocess import MAX_CONTEXT
+
+        if isinstance(self.context, bool) or int(self.context) != self.context or not 0 <= int(self.context) <= MAX_CONTEXT:
+            raise ValueError(f"context must be a whole number of slices from 0 to {MAX_CONTEXT}, got {self.context!r}")
+        object.__setattr__(self, "context", int(self.context))
         object.__setattr__(self, "input_size", size)
         object.__setattr__(self, "hidden", hidden)
         object.__setattr__(self, "dropout", float(self.dropout))
         object.__setattr__(self, "stage", int(self.stage))
+
+    @property
+    def slices(self) -> int:
+        """Slices in one input: the slice and ``context`` neighbours on each side."""
+        return 2 * self.context + 1
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (lists, ints, floats, strings): what checkpoints and run records store."""

@@ -3,10 +3,10 @@
 ``assess_series`` (pure, on WADO-RS metadata) says whether a series can be predicted: CT, single-frame CT
 Image Storage instances, not a localizer, axial. ``choose_series`` applies it to a study's series and
 picks the usable one with the most slices (or checks the one asked for). ``predict_study`` fetches the
-chosen series' instances a batch at a time (WADO-RS, in memory) and predicts them with
-``Predictor.predict_many``: the same reading, preprocessing, model and calibration as ``predict``,
-``evaluate`` and the dashboard. A slice that cannot be fetched or read is reported with its error; the
-others are still predicted.
+chosen series' instances (WADO-RS, in memory) a batch at a time, or all of them first for a 2.5D model
+that reads each slice with its neighbours, and predicts them with ``Predictor.predict_many``: the same
+reading, preprocessing, model and calibration as ``predict``, ``evaluate`` and the dashboard. A slice
+that cannot be fetched or read is reported with its error; the others are still predicted.
 """
 
 from __future__ import annotations
@@ -238,39 +238,55 @@ def predict_series(
     batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> StudyPrediction:
-    """Fetch and predict every usable instance of ``series``, ``batch_size`` (default: the Predictor's)
-    at a time, so memory holds one batch of slices whatever the series' length.
+    """Fetch and predict every usable instance of ``series`` in forwards of ``batch_size`` (default: the
+    Predictor's) slices.
+
+    A 2D model's series is fetched and predicted a batch at a time, so memory holds one batch of slices
+    whatever the series' length. A 2.5D model (``predictor.context`` > 0) reads each slice with its
+    neighbours, which a batch boundary would cut off: its whole series is fetched first and predicted in
+    one ``predict_many`` call, so memory holds the series' bytes and preprocessed slices.
 
     A slice the server will not give, or that the reader or Predictor refuses, gets an error; the server
     going away (PacsUnavailableError) stops the whole prediction. ``progress(done, total)`` is called
-    after each batch.
+    after each batch (a 2.5D model's series: once, when it is predicted).
     """
-    from hemorrhage_core.inference import isolating  # torch only once a series is predicted
     size = max(1, int(batch_size or getattr(predictor, "batch_size", 16)))
     refs = series.instances
+    # The instances fetched before each predict_many call: a 2.5D model's whole series, else one batch.
+    step = max(1, len(refs)) if int(getattr(predictor, "context", 0) or 0) > 0 else size
     outcomes: list[SlicePrediction] = []
-    for start in range(0, len(refs), size):
-        chunk = refs[start : start + size]
-        fetched: list[tuple[InstanceRef, bytes | None, str | None]] = []
-        for ref in chunk:
-            try:
-                data = client.fetch_instance(series.study_uid, series.series_uid, ref.sop_instance_uid)
-                fetched.append((ref, data, None))
-            except PacsUnavailableError:
-                raise
-            except PacsError as exc:
-                fetched.append((ref, None, str(exc)))
-        ready = [data for _, data, _ in fetched if data is not None]
-        results = iter(isolating(lambda batch: predictor.predict_many(batch, batch_size=len(batch)), ready)
-                       if ready else ())
-        for ref, data, error in fetched:
-            if data is None:
-                outcomes.append(SlicePrediction(ref.sop_instance_uid, ref.z, None, (), error))
-            else:
-                outcomes.append(_outcome(ref, next(results)))
+    for start in range(0, len(refs), step):
+        fetched = [_fetch(client, series, ref) for ref in refs[start : start + step]]
+        outcomes += _predict_fetched(predictor, fetched, size)
         if progress is not None:
             progress(len(outcomes), len(refs))
     return StudyPrediction(series.study_uid, series.series_uid, tuple(outcomes), series)
+
+
+def _fetch(
+    client: PacsClient, series: SeriesAssessment, ref: InstanceRef
+) -> tuple[InstanceRef, bytes | None, str | None]:
+    """One instance's bytes, or why the server would not give it; PacsUnavailableError propagates."""
+    try:
+        return ref, client.fetch_instance(series.study_uid, series.series_uid, ref.sop_instance_uid), None
+    except PacsUnavailableError:
+        raise
+    except PacsError as exc:
+        return ref, None, str(exc)
+
+
+def _predict_fetched(
+    predictor: Any, fetched: Sequence[tuple[InstanceRef, bytes | None, str | None]], size: int
+) -> list[SlicePrediction]:
+    """The outcomes of fetched instances in order: one ``predict_many`` call over those that arrived."""
+    from hemorrhage_core.inference import isolating  # torch only once a series is predicted
+
+    ready = [data for _, data, _ in fetched if data is not None]
+    # If the call breaks, isolating predicts one slice at a time (a 2.5D model then flags them no_neighbours).
+    results = iter(isolating(lambda batch: predictor.predict_many(batch, batch_size=size), ready)
+                   if ready else ())
+    return [SlicePrediction(ref.sop_instance_uid, ref.z, None, (), error) if data is None
+            else _outcome(ref, next(results)) for ref, data, error in fetched]
 
 
 def predict_study(
