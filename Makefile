@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 DATA ?= data/synthetic
 RUNS ?= runs
 # Demo set: patients x slices of synthetic head CT (see `python -m training synth --help`); the pipeline
-# holds out 20% of the patients as its test set, so 60 train and validate as before.
-SYNTH_PATIENTS ?= 75
+# holds out 20% of the patients as its test set, so 120 train and validate (phase 1 uses a quarter of them).
+SYNTH_PATIENTS ?= 150
 SYNTH_SLICES ?= 10
 PORT ?= 8000
 PRESET ?= quick
