@@ -187,6 +187,11 @@ def _chunks(items: Iterator[Source], size: int) -> Iterator[list[Source]]:
         yield chunk
 
 
+def _check_saliency_label(label: str | None) -> None:
+    if label is not None and label not in LABELS:
+        raise ValueError(f"unknown saliency label {label!r}; known: {', '.join(LABELS)}")
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -303,17 +308,13 @@ class Predictor:
         the HU decodes once). ``saliency_label`` (a name in ``LABELS``) adds a Grad-CAM heatmap.
         ``neighbours``: other slices of its series (a 2.5D model stacks the nearest in z with it; a
         neighbour that cannot be read is left out; ignored without context)."""
-        if saliency_label is not None and saliency_label not in LABELS:
-            raise ValueError(f"unknown saliency label {saliency_label!r}; known: {', '.join(LABELS)}")
+        _check_saliency_label(saliency_label)
         prepared = self._prepare_any(source)
         if self.context and neighbours:
-            others: list[_Prepared] = []
-            for other in neighbours:
-                try:
-                    others.append(self._prepare_any(other))
-                except HemorrhageError as exc:
-                    log.info("a neighbour was left out: %s", exc)
-            prepared = self.stack_neighbours([prepared, *others])[0]
+            others = self._prepare_chunk(list(neighbours)) or []
+            for refused in (p for p in others if not isinstance(p, _Prepared)):
+                log.info("a neighbour was left out: %s", refused)
+            prepared = self.stack_neighbours([prepared, *(p for p in others if isinstance(p, _Prepared))])[0]
         return self._run([prepared], saliency_label)[0]
 
     def predict_slices(
@@ -324,22 +325,9 @@ class Predictor:
         ``predict`` would, so the numbers equal a one-slice call's), a 2.5D model stacking each with
         its neighbours among ``slices``. A slice that is refused yields its error, in place.
         ``progress(done)`` is called after each slice's forward."""
-        if saliency_label is not None and saliency_label not in LABELS:
-            raise ValueError(f"unknown saliency label {saliency_label!r}; known: {', '.join(LABELS)}")
-        prepared: list[_Prepared | HemorrhageError] = []
-        for source in slices:
-            try:
-                prepared.append(self._prepare_any(source))
-            except HemorrhageError as exc:
-                prepared.append(exc)
-        ready_at = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared)]
-        stacked = self.stack_neighbours([prepared[i] for i in ready_at])
-        results: list[Prediction | HemorrhageError] = list(prepared)
-        for done, (i, p) in enumerate(zip(ready_at, stacked, strict=True), start=1):
-            results[i] = self._run([p], saliency_label)[0]
-            if progress is not None:
-                progress(done)
-        return results
+        _check_saliency_label(saliency_label)
+        prepared = self._prepare_chunk(list(slices)) or []
+        return self._forward_in_batches(prepared, 1, saliency_label, progress)
 
     def _prepare_any(self, source: Source | CtSlice) -> _Prepared:
         return self.prepare_slice(source) if isinstance(source, CtSlice) else self.prepare(source)
@@ -410,26 +398,29 @@ class Predictor:
         return out
 
     def _forward_in_batches(
-        self, prepared: Sequence[_Prepared | HemorrhageError], size: int
+        self, prepared: Sequence[_Prepared | HemorrhageError], size: int,
+        saliency_label: str | None = None, progress: Callable[[int], None] | None = None,
     ) -> list[Prediction | HemorrhageError]:
         """Stack the readable slices with their neighbours, forward them ``size`` at a time, and put
-        each result (or the input's error) in its input's place."""
+        each result (or the input's error) in its input's place; ``progress(done)`` after each forward."""
         ready_at = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared)]
         stacked = self.stack_neighbours([prepared[i] for i in ready_at])
         results: list[Prediction | HemorrhageError] = list(prepared)  # errors stay in place
         for start in range(0, len(stacked), size):
-            for i, prediction in zip(ready_at[start : start + size], self._run(stacked[start : start + size], None),
-                                     strict=True):
+            batch = stacked[start : start + size]
+            for i, prediction in zip(ready_at[start : start + size], self._run(batch, saliency_label), strict=True):
                 results[i] = prediction
+            if progress is not None:
+                progress(start + len(batch))
         return results
 
-    def _prepare_chunk(self, chunk: list[Source] | None) -> list[_Prepared | HemorrhageError] | None:
+    def _prepare_chunk(self, chunk: list[Source | CtSlice] | None) -> list[_Prepared | HemorrhageError] | None:
         if chunk is None:
             return None
         out: list[_Prepared | HemorrhageError] = []
         for source in chunk:
             try:
-                out.append(self.prepare(source))
+                out.append(self._prepare_any(source))
             except HemorrhageError as exc:
                 out.append(exc)
         return out

@@ -198,9 +198,7 @@ def _rows_by_series(predictor, entries: Sequence[tuple[str, str | None]], size: 
         while following in done:
             yield done.pop(following)
             following += 1
-    while following < len(entries):  # nothing is left unread; a guard against a lost position
-        yield done.pop(following)
-        following += 1
+    yield from (done.pop(k) for k in sorted(done))  # entries refused before reading, when nothing was read
 
 
 def _prepare_one(predictor, source: str) -> Any:
