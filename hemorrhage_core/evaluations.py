@@ -146,7 +146,17 @@ def evaluation_metrics(frame: pd.DataFrame, thresholds: Mapping[str, Any], *, st
         "defaulted": {"slice": thresholds.get("slice_defaulted", []), "study": thresholds.get("study_defaulted", [])},
     }
     out["any_consistent"] = any_consistent_report(y_true, y_prob)
+    out["auc_given_any"] = subtype_auc_given_any(y_true, y_prob)
     return out
+
+
+def subtype_auc_given_any(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float | None]:
+    """Each subtype's AUC among the slices that bleed (true ``any`` = 1): how well the outputs tell the
+    types apart once blood is there. A subtype's plain AUC mixes that with blood against no blood, which
+    ``any`` already measures; None where the bleed slices hold one class of the subtype only."""
+    bleeds = y_true[:, LABELS.index("any")] == 1
+    return {label: metrics.roc_auc(y_true[bleeds, j], y_prob[bleeds, j])
+            for j, label in enumerate(LABELS) if label != "any"}
 
 
 def any_consistent_report(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from hemorrhage_core.evaluations import (
     arrays,
     calibration_report,
     load_evaluation,
+    subtype_auc_given_any,
     validation_frame,
 )
 from hemorrhage_core.labels import LABELS
@@ -370,6 +371,22 @@ def auc_table(content: ReportContent) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def subtype_table(content: ReportContent) -> pd.DataFrame:
+    """Each subtype's AUC among the slices that bleed (``evaluations.subtype_auc_given_any``), per run
+    and data set: the types told apart once blood is there, which the plain AUC mixes with blood or not."""
+    rows = []
+    for item, name, data in _ordered_data(content):
+        y_true, y_prob = arrays(data.predictions)
+        rows.append({
+            "run": item.run.name,
+            "run id": item.run.id,
+            "data": data_label(name),
+            "bleed slices": int(y_true[:, LABELS.index("any")].sum()),
+            **{f"AUC {label}": value for label, value in subtype_auc_given_any(y_true, y_prob).items()},
+        })
+    return pd.DataFrame(rows)
+
+
 COMPARISON_COLUMNS = ("level", "label", "positives", "AUC A", "AUC B", "A − B", "95% CI low", "95% CI high",
                       "p (DeLong)", "p (Holm)")
 
@@ -471,6 +488,8 @@ _TABLES = {
     "environment": ("Code and machine", environment_table, ""),
     "config": ("Configuration", config_table, "Settings that differ between the runs first."),
     "auc": ("ROC AUC per class", auc_table, "Validation chose each run's best epoch, so its numbers are optimistic."),
+    "subtypes": ("Subtypes among the slices that bleed", subtype_table,
+                 "Each subtype's AUC on the slices with blood only: how well the outputs tell the types apart."),
     "comparison": ("Paired comparison of the final models (A minus B)", comparison_table, ""),
     "calibration": ("Calibration", calibration_table, ""),
     "thresholds": ("Operating points", thresholds_table,

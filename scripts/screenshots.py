@@ -65,6 +65,39 @@ def start_app(runs: Path, port: int, extra_env: dict[str, str] | None = None) ->
     raise SystemExit("the app did not answer within 120 s")
 
 
+class Camera:
+    """One chromium page on the app: ``settle`` waits for Shiny and plotly, ``shoot`` writes
+    ``OUT/dashboard-<name>.png`` once the page shows no output error."""
+
+    def __init__(self, pw, port: int, width: int, out: Path) -> None:
+        self.browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        self.page = self.browser.new_page(viewport={"width": width, "height": 1000})
+        self.page.goto(f"http://127.0.0.1:{port}/")
+        self.out = out
+
+    def settle(self) -> None:
+        self.page.wait_for_function(SETTLED, timeout=120_000)
+        self.page.wait_for_timeout(800)  # plotly draws after the data arrives
+
+    def shoot(self, name: str) -> None:
+        from playwright.sync_api import expect
+
+        self.settle()
+        expect(self.page.locator(".shiny-output-error")).to_have_count(0)
+        path = self.out / f"dashboard-{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        print(f"wrote {path}")
+
+    def show_likeliest_slice(self) -> None:
+        """Select the slice the model finds most likely to bleed (the z profile's ``any`` trace)."""
+        best = self.page.evaluate(
+            "() => { const t = (document.getElementById('predict-profile').data || [])"
+            ".find(x => x.name === 'any'); return t ? t.y.indexOf(Math.max(...t.y)) : 0; }"
+        )
+        self.page.select_option("#predict-slice", index=int(best))
+        self.settle()
+
+
 def hemorrhage_series(data: Path) -> list[Path]:
     """The slices of the patient with the most hemorrhage-positive slices (several types if possible)."""
     return ranked_series(data)[0]
@@ -114,19 +147,8 @@ def main() -> int:
     app = start_app(args.runs.resolve(), port)
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": args.width, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/")
-
-            def settle() -> None:
-                page.wait_for_function(SETTLED, timeout=120_000)
-                page.wait_for_timeout(800)  # plotly draws after the data arrives
-
-            def shoot(panel: str) -> None:
-                settle()
-                expect(page.locator(".shiny-output-error")).to_have_count(0)
-                page.screenshot(path=str(args.out / f"dashboard-{panel}.png"), full_page=True)
-                print(f"wrote {args.out / f'dashboard-{panel}.png'}")
+            camera = Camera(pw, port, args.width, args.out)
+            page, settle, shoot = camera.page, camera.settle, camera.shoot
 
             def open_panel(panel: str) -> None:
                 controller.PageNavbar(page, "panel").set(panel)
@@ -180,13 +202,7 @@ def main() -> int:
             controller.InputFile(page, "predict-files").set([str(p) for p in series])
             expect(page.locator("#predict-aligned_image img")).to_be_visible(timeout=300_000)
             settle()
-            # Show the slice the model finds most likely to bleed (the z profile's 'any' trace).
-            best = page.evaluate(
-                "() => { const t = (document.getElementById('predict-profile').data || [])"
-                ".find(x => x.name === 'any'); return t ? t.y.indexOf(Math.max(...t.y)) : 0; }"
-            )
-            page.select_option("#predict-slice", index=int(best))
-            settle()
+            camera.show_likeliest_slice()
             shoot("predict")
             if any(json.loads(p.read_text()).get("kind") == "grid" for p in args.runs.glob("*/run.json")):
                 open_panel("grid")
@@ -198,7 +214,7 @@ def main() -> int:
                 timeout=300_000,
             )
             shoot("report")
-            browser.close()
+            camera.browser.close()
     finally:
         app.terminate()
         app.wait(timeout=30)
@@ -248,19 +264,8 @@ def pacs_screenshots(args: argparse.Namespace) -> int:
             app = start_app(args.runs.resolve(), port, {"HEMORRHAGE_DICOMWEB_URL": server.url,
                                                        "HEMORRHAGE_PACS_WATCH_STATE": str(state), **server.env})
             with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": args.width, "height": 1000})
-                page.goto(f"http://127.0.0.1:{port}/")
-
-                def settle() -> None:
-                    page.wait_for_function(SETTLED, timeout=120_000)
-                    page.wait_for_timeout(800)
-
-                def shoot(name: str) -> None:
-                    settle()
-                    expect(page.locator(".shiny-output-error")).to_have_count(0)
-                    page.screenshot(path=str(args.out / f"dashboard-{name}.png"), full_page=True)
-                    print(f"wrote {args.out / f'dashboard-{name}.png'}")
+                camera = Camera(pw, port, args.width, args.out)
+                page, settle, shoot = camera.page, camera.settle, camera.shoot
 
                 controller.PageNavbar(page, "panel").set("worklist")
                 controller.InputSelect(page, "worklist-model").set(run.path.name)
@@ -269,11 +274,7 @@ def pacs_screenshots(args: argparse.Namespace) -> int:
                 rows.locator("button.worklist-open").click()
                 expect(page.locator("#predict-status")).to_contain_text("slice(s) predicted", timeout=600_000)
                 settle()
-                best = page.evaluate(
-                    "() => { const t = (document.getElementById('predict-profile').data || [])"
-                    ".find(x => x.name === 'any'); return t ? t.y.indexOf(Math.max(...t.y)) : 0; }"
-                )
-                page.select_option("#predict-slice", index=int(best))
+                camera.show_likeliest_slice()
                 page.locator("#predict-pacs_push").click()
                 expect(page.locator("#predict-pacs_pushed")).to_contain_text("Stored in the PACS", timeout=120_000)
                 shoot("predict-pacs")
@@ -281,7 +282,7 @@ def pacs_screenshots(args: argparse.Namespace) -> int:
                 expect(page.locator(f"#worklist-table tr[data-study='{target}']")).to_contain_text(
                     "SR stored", timeout=60_000)
                 shoot("worklist")
-                browser.close()
+                camera.browser.close()
     finally:
         if app is not None:
             app.terminate()

@@ -84,6 +84,18 @@ def test_compare_table_says_which_differences_hold(two_runs, capsys):
     assert "p Holm" in out and "study level" in out and "Paired on the same 360 images of 60 patients" in out
 
 
+def test_two_runs_of_one_backbone_are_told_apart_as_a_and_b(tmp_path, capsys):
+    strong = predictions(n_patients=60, seed=0, signal=3.0)
+    weak = strong.copy()
+    noise = np.random.default_rng(7).normal(0, 0.6, (len(weak), len(LABELS)))
+    weak[ev.PROB_COLUMNS] = np.clip(weak[ev.PROB_COLUMNS].to_numpy() + noise, 0, 1)
+    a, b = make_run(tmp_path, "a", strong), make_run(tmp_path, "b", weak)
+    code, out, _ = call(capsys, "compare", "--a", str(a), "--b", str(b), "--resamples", "50")
+    assert code == 0 and "A (vgg16_bn) has the higher AUC for" in out
+    code, out, _ = call(capsys, "compare", "--a", str(b), "--b", str(a), "--resamples", "50")
+    assert code == 0 and "B (vgg16_bn) has the higher AUC for" in out
+
+
 def test_compare_pairs_only_the_shared_images(tmp_path):
     frame = predictions(n_patients=20)
     subset = frame[frame["patient"] < "p010"]

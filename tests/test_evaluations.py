@@ -85,6 +85,20 @@ def test_evaluation_metrics_agree_with_an_independent_recomputation():
     json.dumps(out, allow_nan=False)
 
 
+def test_subtype_auc_given_any_scores_the_bleed_slices_only():
+    frame = predictions()
+    out = ev.evaluation_metrics(frame, ev.choose_thresholds(frame), stage=2)["auc_given_any"]
+    assert set(out) == set(LABELS) - {"any"}
+    bleeds = frame[frame["true_any"] == 1]
+    for label in out:
+        assert out[label] == pytest.approx(roc_auc_score(bleeds[f"true_{label}"], bleeds[f"prob_{label}"]), abs=1e-12)
+    # A subtype output that only says "blood" (the same score on every bleed slice) tells no type apart.
+    flat = frame.copy()
+    flat["prob_subdural"] = flat["true_any"] * 0.9
+    assert ev.subtype_auc_given_any(*ev.arrays(flat))["subdural"] == 0.5
+    assert ev.subtype_auc_given_any(*ev.arrays(frame[frame["true_any"] == 0]))["subdural"] is None
+
+
 def test_a_label_with_one_class_gets_the_default_threshold_and_says_so():
     frame = predictions()
     frame["true_epidural"] = 0

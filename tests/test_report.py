@@ -144,6 +144,23 @@ def test_auc_rows_put_the_held_out_test_first_and_mark_validation_optimistic(pip
     assert rows and all(r.startswith(' class="optimistic"') for r in rows)
 
 
+def test_subtype_rows_score_the_bleed_slices_of_each_evaluation(pipeline):
+    content = collect_report(pipeline["runs"], n_resamples=20)
+    table = {t.key: t for t in report_tables(content)}["subtypes"].frame
+    assert list(table["data"]) == ["test (held out)"] * 4 + ["validation (optimistic)"] * 4
+    for _, row in table.iterrows():
+        name = TEST if row["data"].startswith(TEST) else "validation"
+        frame = load_evaluation(pipeline["runs"] / row["run id"], name).predictions
+        bleeds = frame[frame["true_any"] == 1]
+        assert row["bleed slices"] == len(bleeds)
+        for label in LABELS[:-1]:
+            if bleeds[f"true_{label}"].nunique() < 2:
+                assert row[f"AUC {label}"] is None or np.isnan(row[f"AUC {label}"])
+            else:
+                assert row[f"AUC {label}"] == pytest.approx(roc_auc_score(bleeds[f"true_{label}"], bleeds[f"prob_{label}"]))
+        assert "AUC any" not in row
+
+
 def test_calibration_before_and_after_agree_with_the_saved_evaluation(pipeline):
     content = collect_report(pipeline["runs"], n_resamples=20)
     table = {t.key: t for t in report_tables(content)}["calibration"].frame

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hemorrhage_core import metrics
 from hemorrhage_core.labels import STAGE1_CLASSES
 from hemorrhage_core.models import ModelSpec, build_model
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.engine import (
     LoopSettings,
     LrSchedule,
@@ -22,6 +22,7 @@ from training.engine import (
     TrainView,
     class_weights_for,
     improved,
+    make_loss,
     make_optimizer,
     make_scheduler,
     predict_loader,
@@ -37,6 +38,39 @@ def test_stage2_loss_is_the_rsna_weighted_log_loss():
     ours = float(Stage2Loss()(logits, target))
     reference = metrics.weighted_log_loss(target.numpy().astype(int), torch.sigmoid(logits).double().numpy())
     assert ours == pytest.approx(reference, rel=1e-5)
+
+
+def test_stage2_subtype_cross_entropy_scores_the_bleed_slices_against_their_types():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 6, generator=gen) * 2
+    target = torch.tensor([
+        [0, 0, 0, 0, 0, 0],  # no blood: no softmax term
+        [1, 0, 0, 0, 0, 1],  # epidural
+        [0, 1, 0, 1, 0, 1],  # two types share the target
+        [0, 0, 0, 0, 1, 1],  # subdural
+        [0, 0, 1, 0, 0, 1.0],
+    ])
+    target_unknown = target.clone()
+    target_unknown[4, 0] = float("nan")  # an unknown label leaves its slice out of the softmax term
+    log_p = torch.log_softmax(logits[:, :5], dim=1)
+    hand = [-log_p[1, 0], -(log_p[2, 1] + log_p[2, 3]) / 2, -log_p[3, 4], -log_p[4, 2]]
+    for tgt, terms in ((target, hand), (target_unknown, hand[:3])):
+        plain = float(Stage2Loss()(logits, tgt))
+        with_ce = float(Stage2Loss(subtype_ce=0.5)(logits, tgt))
+        assert with_ce - plain == pytest.approx(0.5 * float(sum(terms)) / 5, rel=1e-5)
+    # The term depends on the subtype logits' differences only: the levels stay with the sigmoids.
+    shifted = logits.clone()
+    shifted[:, :5] += 3.0
+    extra = Stage2Loss(subtype_ce=1.0)
+    assert float(extra(shifted, target)) - float(Stage2Loss()(shifted, target)) == pytest.approx(
+        float(extra(logits, target)) - float(Stage2Loss()(logits, target)), rel=1e-5)
+
+
+def test_make_loss_takes_the_subtype_weight_for_stage2_only():
+    assert make_loss(TrainConfig(stage=2, subtype_ce_weight=0.5)).subtype_ce == 0.5
+    assert isinstance(make_loss(TrainConfig(stage=1, subtype_ce_weight=0.5)), Stage1Loss)
+    with pytest.raises(ConfigError, match="subtype_ce_weight"):
+        TrainConfig(subtype_ce_weight=-1.0)
 
 
 def test_stage1_loss_weights_samples_by_class_and_divides_by_n():

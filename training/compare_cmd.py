@@ -69,7 +69,9 @@ def _print_table(result: dict[str, Any], stream) -> None:
             print(f"{label:<18}{row['positives']:>6}{_fmt(row['auc_a']):>8}{_fmt(row['auc_b']):>8}"
                   f"{_fmt(row['diff']):>8}{ci:>18}{_fmt(row['p_value'], 4):>9}{_fmt(row['p_holm'], 4):>9}",
                   file=stream)
-        for sentence in summary_sentences(result, a["backbone"] or "A", b["backbone"] or "B", level=level):
+        # "A (backbone)": two runs of one backbone (a recipe against another) stay told apart.
+        names = (f"A ({a['backbone']})", f"B ({b['backbone']})")
+        for sentence in summary_sentences(result, *names, level=level):
             print(sentence, file=stream)
 
 

@@ -78,6 +78,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
     class_weights: str | list = "none"  # stage 1: none | balanced | six numbers (STAGE1_CLASSES order)
     aux_loss_weight: float = 0.4  # Inception_v3's auxiliary classifier loss weight
+    subtype_ce_weight: float = 0.0  # stage 2: softmax cross-entropy among the subtypes on bleed slices (engine.Stage2Loss)
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16)
     channels_last: bool = True  # memory format, used on CUDA (and on CPU with cpu_bf16)
     cpu_bf16: bool = False  # on a CPU with native bf16 (AVX512-BF16/AMX): bf16 autocast + channels_last
@@ -113,7 +114,8 @@ class TrainConfig:
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
-        for name in ("lr", "weight_decay", "stn_lr_scale", "warmup_epochs", "min_lr_ratio", "aux_loss_weight"):
+        for name in ("lr", "weight_decay", "stn_lr_scale", "warmup_epochs", "min_lr_ratio", "aux_loss_weight",
+                     "subtype_ce_weight"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")
         _check(self.lr > 0, "lr", self.lr, "must be > 0")

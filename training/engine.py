@@ -58,20 +58,36 @@ class Stage1Loss(nn.Module):
 
 
 class Stage2Loss(nn.Module):
-    """Binary cross-entropy over LABELS with the RSNA weights (``any`` x2), the challenge metric's form."""
+    """Binary cross-entropy over LABELS with the RSNA weights (``any`` x2), the challenge metric's form.
 
-    def __init__(self, label_weights: tuple[float, ...] = LABEL_WEIGHTS) -> None:
+    ``subtype_ce`` > 0 adds, on the slices that bleed, a softmax cross-entropy over the five subtype
+    logits whose target shares 1 equally among the slice's types, times ``subtype_ce`` and averaged
+    over N as the rest. The sigmoids alone learn "blood or not" first, since most of each subtype's
+    negatives are slices without blood; the softmax term makes the subtypes compete on the slices that
+    bleed, as stage 1's softmax does, and leaves the binary terms (and so calibration) in charge of the
+    levels. A slice with an unknown label takes no part in it.
+    """
+
+    def __init__(self, label_weights: tuple[float, ...] = LABEL_WEIGHTS, subtype_ce: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("label_weights", torch.tensor(label_weights, dtype=torch.float32))
+        self.subtype_ce = float(subtype_ce)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target = target.float()
+        logits, target = logits.float(), target.float()
         known = torch.isfinite(target)
-        per_element = F.binary_cross_entropy_with_logits(
-            logits.float(), torch.where(known, target, torch.zeros_like(target)), reduction="none"
-        )
+        target0 = torch.where(known, target, torch.zeros_like(target))
+        per_element = F.binary_cross_entropy_with_logits(logits, target0, reduction="none")
         weights = self.label_weights.to(per_element.device) * known
-        return (per_element * weights).sum(dim=1).div(self.label_weights.sum()).mean()
+        loss = (per_element * weights).sum(dim=1).div(self.label_weights.sum()).mean()
+        if self.subtype_ce > 0:
+            types = target0[:, :-1]
+            count = types.sum(dim=1, keepdim=True)
+            bleeds = known.all(dim=1) & (count[:, 0] > 0)
+            share = types / count.clamp_min(1.0)
+            ce = -(share * F.log_softmax(logits[:, :-1], dim=1)).sum(dim=1)
+            loss = loss + self.subtype_ce * (ce * bleeds).sum() / max(int(target.shape[0]), 1)
+        return loss
 
 
 def class_weights_for(config: TrainConfig, stage1_classes: np.ndarray) -> torch.Tensor | None:
@@ -92,7 +108,7 @@ def make_loss(config: TrainConfig, stage1_classes: np.ndarray | None = None) -> 
     if config.stage == 1:
         weights = class_weights_for(config, stage1_classes if stage1_classes is not None else np.zeros(0, int))
         return Stage1Loss(weights)
-    return Stage2Loss()
+    return Stage2Loss(subtype_ce=config.subtype_ce_weight)
 
 
 # ------------------------------------------------------------------------------ optimizer, schedule
