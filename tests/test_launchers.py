@@ -31,8 +31,7 @@ def stand_in(tmp_path) -> dict:
     python = bin_dir / "python"
     python.write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> "$CALLS"\nexit 0\n')
     python.chmod(0o755)
-    for stamp in (".installed", ".test-installed"):  # newer than requirements*.txt: make installs nothing
-        (bin_dir / stamp).touch()
+    (bin_dir / ".installed").touch()  # newer than the lock file: make installs nothing
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     env.update(CALLS=str(calls), HOST="ich-workstation.example.org")  # what tcsh exports
     env.pop("DASHBOARD_HOST", None)
@@ -141,8 +140,7 @@ def test_ctrl_c_stops_the_demo_dashboard_and_pipeline(tmp_path):
         '#!/bin/sh\ncase "$1" in -) exit 1;; esac\necho $$ >> "$PIDS"\nexec sleep 300\n'
     )
     python.chmod(0o755)
-    for stamp in (".installed", ".test-installed"):
-        (bin_dir / stamp).touch()
+    (bin_dir / ".installed").touch()
     data = tmp_path / "data"
     data.mkdir()
     (data / "stage_2_train.csv").write_text("ID,Label\n")
