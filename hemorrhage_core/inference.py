@@ -311,7 +311,7 @@ class Predictor:
         _check_saliency_label(saliency_label)
         prepared = self._prepare_any(source)
         if self.context and neighbours:
-            others = self._prepare_chunk(list(neighbours)) or []
+            others = self._prepare_chunk(neighbours)
             for refused in (p for p in others if not isinstance(p, _Prepared)):
                 log.info("a neighbour was left out: %s", refused)
             prepared = self.stack_neighbours([prepared, *(p for p in others if isinstance(p, _Prepared))])[0]
@@ -326,7 +326,7 @@ class Predictor:
         its neighbours among ``slices``. A slice that is refused yields its error, in place.
         ``progress(done)`` is called after each slice's forward."""
         _check_saliency_label(saliency_label)
-        prepared = self._prepare_chunk(list(slices)) or []
+        prepared = self._prepare_chunk(slices)
         return self._forward_in_batches(prepared, 1, saliency_label, progress)
 
     def _prepare_any(self, source: Source | CtSlice) -> _Prepared:
@@ -344,7 +344,7 @@ class Predictor:
         """
         size = self.batch_size if batch_size is None else max(1, int(batch_size))
         if self.context:  # neighbours may be anywhere among the sources: read them all, then stack
-            prepared = self._prepare_chunk(list(sources)) or []
+            prepared = self._prepare_chunk(list(sources))
             return self._forward_in_batches(prepared, size)
         chunks = _chunks(iter(sources), size)
         results: list[Prediction | HemorrhageError] = []
@@ -356,12 +356,15 @@ class Predictor:
 
         if not self.read_ahead:
             for chunk in chunks:
-                finish(self._prepare_chunk(chunk) or [])
+                finish(self._prepare_chunk(chunk))
             return results
+        def read(chunk: list[Source] | None) -> list[_Prepared | HemorrhageError] | None:
+            return None if chunk is None else self._prepare_chunk(chunk)  # None: the sources are done
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predictor-read") as pool:
-            future = pool.submit(self._prepare_chunk, next(chunks, None))
+            future = pool.submit(read, next(chunks, None))
             while (prepared := future.result()) is not None:
-                future = pool.submit(self._prepare_chunk, next(chunks, None))
+                future = pool.submit(read, next(chunks, None))
                 finish(prepared)
         return results
 
@@ -414,9 +417,7 @@ class Predictor:
                 progress(start + len(batch))
         return results
 
-    def _prepare_chunk(self, chunk: list[Source | CtSlice] | None) -> list[_Prepared | HemorrhageError] | None:
-        if chunk is None:
-            return None
+    def _prepare_chunk(self, chunk: Sequence[Source | CtSlice]) -> list[_Prepared | HemorrhageError]:
         out: list[_Prepared | HemorrhageError] = []
         for source in chunk:
             try:
