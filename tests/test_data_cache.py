@@ -205,6 +205,18 @@ def test_stage_targets(rsna):
     assert torch.isnan(SliceDataset(unlabeled, data / "stage_2_train", stage=2, prep=SlicePrep(SIZE))[0][1]).all()
     with pytest.raises(ValueError):
         SliceDataset(index, data, stage=3, prep=SlicePrep(SIZE))
+    with pytest.raises(ValueError, match="stage1_multi"):
+        SliceDataset(index, data, stage=1, prep=SlicePrep(SIZE), stage1_multi="keep")
+
+
+def test_stage1_share_keeps_the_multi_type_slices_with_their_six_labels(rsna):
+    data, index = rsna
+    shared = SliceDataset(index, data, stage=1, prep=SlicePrep(SIZE), stage1_multi="share")
+    assert len(shared) == len(index) and (index["stage1_class"] == -1).any()
+    expected = index.set_index("image_id").loc[list(shared.image_ids), list(LABELS)].to_numpy(dtype=np.float32)
+    np.testing.assert_array_equal(shared.targets, expected)
+    _, target, _ = shared[0]
+    assert target.dtype == torch.float32 and target.shape == (len(LABELS),)
 
 
 def test_augmentation_runs_after_the_deterministic_part(rsna):

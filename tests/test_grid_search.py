@@ -18,7 +18,7 @@ from hemorrhage_core import metrics
 from hemorrhage_core.data import build_index
 from hemorrhage_core.labels import LABELS
 from training.config import ConfigError
-from training.estimator import HemorrhageEstimator, make_scorer
+from training.estimator import TUNABLE, HemorrhageEstimator, make_scorer
 from training.grid_search_cmd import load_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +38,14 @@ def test_estimator_clones_with_its_parameters():
     assert copy.effective_config().lr == 0.01 and copy.effective_config().epochs == 1
     with pytest.raises(ConfigError):
         HemorrhageEstimator(tiny_config("d", "r"), lr=-1.0).effective_config()
+
+
+def test_every_tunable_field_is_an_estimator_parameter():
+    # GridSearchCV sets only parameters the estimator's __init__ declares.
+    params = HemorrhageEstimator().get_params()
+    assert set(TUNABLE) <= set(params)
+    est = HemorrhageEstimator(tiny_config("d", "r"), stage1_multi="share", subtype_ce_weight=0.5)
+    assert est.effective_config().stage1_multi == "share" and est.effective_config().subtype_ce_weight == 0.5
 
 
 @pytest.mark.slow

@@ -94,6 +94,46 @@ def test_stage1_loss_of_a_split_batch_is_the_mean_of_the_halves():
     assert float(loss(logits, target)) == pytest.approx(float(halves), rel=1e-6)
 
 
+def test_stage1_shared_targets_split_a_multi_type_slice_among_its_types():
+    # stage1_multi: share. Labels in LABELS order (five subtypes, any); classes: none + the five.
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 6, generator=gen)
+    nan = float("nan")
+    labels = torch.tensor([
+        [0, 0, 0, 0, 0, 0],  # nothing: class none
+        [0, 1, 0, 0, 0, 1],  # intraparenchymal only
+        [1, 0, 0, 0, 1, 1],  # epidural and subdural: half each
+        [nan] * 6,  # unlabeled: no part
+        [0, 0, 0, 0, 0, 1],  # any without a subtype: no part
+    ])
+    weights = torch.tensor([0.5, 1, 2, 3, 4, 5.0])
+    log_p = torch.log_softmax(logits, dim=1)
+    terms = [-0.5 * log_p[0, 0], -2 * log_p[1, 2], -(1 + 5) / 2 * (log_p[2, 1] + log_p[2, 5]) / 2]
+    assert float(Stage1Loss(weights)(logits, labels)) == pytest.approx(float(sum(terms) / 5), rel=1e-6)
+    # A single-type slice scores exactly as its hard class index does.
+    hard = torch.tensor([0, 2, -100, -100, -100])
+    single = labels.clone()
+    single[2:] = nan
+    assert float(Stage1Loss(weights)(logits, single)) == pytest.approx(float(Stage1Loss(weights)(logits, hard)), rel=1e-6)
+
+
+def test_balanced_class_weights_from_labels_count_each_slices_share():
+    nan = float("nan")
+    labels = np.array([[0, 0, 0, 0, 0, 0]] * 6 + [[1, 0, 0, 0, 0, 1]] * 2 + [[1, 0, 0, 0, 1, 1]] * 2 + [[nan] * 6])
+    weights = class_weights_for(TrainConfig(class_weights="balanced"), labels).numpy()
+    # class mass: none 6, epidural 2 + 2 x 0.5 = 3, subdural 2 x 0.5 = 1, of 10 labelled slices
+    np.testing.assert_allclose(weights, [10 / (6 * 6), 10 / (6 * 3), 1, 1, 1, 10 / (6 * 1)])
+    # Single-type slices only: the same weights as from their class indices.
+    single = class_weights_for(TrainConfig(class_weights="balanced"), labels[:8]).numpy()
+    np.testing.assert_allclose(single, class_weights_for(TrainConfig(class_weights="balanced"), np.array([0] * 6 + [1] * 2)).numpy())
+
+
+def test_stage1_multi_is_drop_or_share():
+    assert TrainConfig().stage1_multi == "drop"  # the original report
+    with pytest.raises(ConfigError, match="stage1_multi"):
+        TrainConfig(stage1_multi="keep")
+
+
 def test_balanced_class_weights():
     classes = np.array([0] * 6 + [1] * 2 + [2] * 4 + [-1] * 3)  # -1: several subtypes, ignored
     weights = class_weights_for(TrainConfig(class_weights="balanced"), classes).numpy()

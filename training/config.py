@@ -22,6 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 STN_MODES = ("similarity", "affine", "none")
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("adamw", "sgd")
+STAGE1_MULTI = ("drop", "share")  # stage 1: what happens to slices with 2+ subtypes (engine.Stage1Loss)
 METRICS = ("auc_mean", "weighted_log_loss")
 CLASS_WEIGHTS = ("none", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
@@ -77,6 +78,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01  # cosine floor as a share of lr
     grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
     class_weights: str | list = "none"  # stage 1: none | balanced | six numbers (STAGE1_CLASSES order)
+    stage1_multi: str = "drop"  # stage 1, slices with 2+ subtypes: drop (the original report) | share (kept, target shared among their types)
     aux_loss_weight: float = 0.4  # Inception_v3's auxiliary classifier loss weight
     subtype_ce_weight: float = 0.0  # stage 2: softmax cross-entropy among the subtypes on bleed slices (engine.Stage2Loss)
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16)
@@ -121,6 +123,7 @@ class TrainConfig:
         _check(self.lr > 0, "lr", self.lr, "must be > 0")
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "must be in [0, 1)")
+        _check(self.stage1_multi in STAGE1_MULTI, "stage1_multi", self.stage1_multi, f"must be one of {', '.join(STAGE1_MULTI)}")
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
         _check(self.step_epochs >= 1, "step_epochs", self.step_epochs, "must be >= 1")
         _check(0.0 < self.step_gamma <= 1.0, "step_gamma", self.step_gamma, "must be in (0, 1]")

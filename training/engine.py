@@ -50,11 +50,33 @@ class Stage1Loss(nn.Module):
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(len(STAGE1_CLASSES)))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim == 2:
+            return self._shared(logits.float(), target.float())
         target = target.long()
         keep = target != self.ignore_index
         per_sample = F.cross_entropy(logits.float(), target.clamp_min(0), reduction="none")
         weights = self.class_weights.to(per_sample.device)[target.clamp_min(0)] * keep
         return (per_sample * weights).sum() / max(int(target.numel()), 1)
+
+    def _shared(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, 6) LABELS targets (``stage1_multi: share``): see ``shared_stage1_targets``; a sample's
+        weight is the same mix of class weights. A single-type slice gets exactly the hard-label loss."""
+        soft = shared_stage1_targets(labels)
+        per_sample = -(soft * F.log_softmax(logits, dim=1)).sum(dim=1)
+        weights = soft @ self.class_weights.to(soft.device)
+        return (per_sample * weights).sum() / max(int(labels.shape[0]), 1)
+
+
+def shared_stage1_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(N, 6) LABELS -> (N, 6) target distributions over STAGE1_CLASSES: none when nothing bleeds,
+    else 1 shared equally among the slice's subtypes. Unlabeled rows, and rows marked ``any`` without
+    a subtype, get all zeros (no part in the loss)."""
+    known = torch.isfinite(labels).all(dim=1, keepdim=True)
+    labels = torch.where(known, labels, torch.zeros_like(labels))
+    types = labels[:, :-1]
+    count = types.sum(dim=1, keepdim=True)
+    none = ((count == 0) & (labels[:, -1:] == 0)).to(labels.dtype)
+    return torch.cat([none, types / count.clamp_min(1.0)], dim=1) * known
 
 
 class Stage2Loss(nn.Module):
@@ -91,15 +113,18 @@ class Stage2Loss(nn.Module):
 
 
 def class_weights_for(config: TrainConfig, stage1_classes: np.ndarray) -> torch.Tensor | None:
-    """Stage-1 class weights from the config: None, ``balanced`` (N / (K x count)) or six numbers."""
+    """Stage-1 class weights from the config: None, ``balanced`` (N / (K x count), counted over the
+    single-class slices) or six numbers. ``stage1_classes``: (N,) class indices or (N, 6) labels."""
     if config.stage != 1 or config.class_weights == "none":
         return None
     if config.class_weights == "balanced":
         classes = np.asarray(stage1_classes)
-        classes = classes[classes >= 0]
-        counts = np.bincount(classes, minlength=len(STAGE1_CLASSES)).astype(np.float64)
+        if classes.ndim == 2:  # six labels (stage1_multi: share): each slice's target mass per class
+            counts = shared_stage1_targets(torch.from_numpy(classes.astype(np.float64))).sum(dim=0).numpy()
+        else:
+            counts = np.bincount(classes[classes >= 0], minlength=len(STAGE1_CLASSES)).astype(np.float64)
         # A class absent from training gets weight 1: it cannot contribute a loss anyway.
-        weights = np.where(counts > 0, len(classes) / (len(STAGE1_CLASSES) * np.maximum(counts, 1)), 1.0)
+        weights = np.where(counts > 0, counts.sum() / (len(STAGE1_CLASSES) * np.maximum(counts, 1)), 1.0)
         return torch.tensor(weights, dtype=torch.float32)
     return torch.tensor([float(w) for w in config.class_weights], dtype=torch.float32)
 

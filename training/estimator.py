@@ -24,7 +24,7 @@ from training.config import ConfigError, TrainConfig
 TUNABLE: tuple[str, ...] = (
     "lr", "batch_size", "epochs", "image_size", "input_size", "stn_lr_scale", "weight_decay",
     "warmup_epochs", "schedule", "augment", "dropout", "freeze_trunk", "freeze_bn", "grad_clip",
-    "class_weights",
+    "class_weights", "stage1_multi", "subtype_ce_weight",
 )
 
 
@@ -54,6 +54,8 @@ class HemorrhageEstimator(BaseEstimator):
         freeze_bn: bool | None = None,
         grad_clip: float | None = None,
         class_weights: str | list | None = None,
+        stage1_multi: str | None = None,
+        subtype_ce_weight: float | None = None,
     ) -> None:
         self.config = config
         self.lr = lr
@@ -71,6 +73,8 @@ class HemorrhageEstimator(BaseEstimator):
         self.freeze_bn = freeze_bn
         self.grad_clip = grad_clip
         self.class_weights = class_weights
+        self.stage1_multi = stage1_multi
+        self.subtype_ce_weight = subtype_ce_weight
 
     def effective_config(self) -> TrainConfig:
         """The base config with this estimator's non-None parameters applied (validated)."""

@@ -275,7 +275,7 @@ def make_dataset(config: TrainConfig, rows: pd.DataFrame, data_dir: Path, cache,
     prep = slice_prep(config) if prep is None else prep
     return SliceDataset(
         rows, data_dir, stage=stage, prep=prep, cache=cache,
-        augment=augmenter(config) if train else None,
+        augment=augmenter(config) if train else None, stage1_multi=config.stage1_multi,
     )
 
 

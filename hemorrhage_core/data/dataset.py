@@ -29,9 +29,11 @@ IGNORE_INDEX = -100
 class SliceDataset(Dataset):
     """One item per index row: ``(image (C, S, S) float32 in [0, 1], target, image_id)``.
 
-    Stage 1 (multi-class): rows with two or more subtypes are dropped; the target is the int64
-    class index in STAGE1_CLASSES (``IGNORE_INDEX`` for unlabeled rows). Stage 2 (multi-label): the
-    target is the float32 tensor of the six labels (NaN for unlabeled rows).
+    Stage 1 (multi-class), ``stage1_multi="drop"`` (the original report): rows with two or more
+    subtypes are dropped; the target is the int64 class index in STAGE1_CLASSES (``IGNORE_INDEX`` for
+    unlabeled rows). ``stage1_multi="share"`` keeps them, and the target is the six labels as in stage
+    2, from which the stage-1 loss builds a class distribution (engine.Stage1Loss). Stage 2
+    (multi-label): the target is the float32 tensor of the six labels (NaN for unlabeled rows).
 
     The deterministic part (decode, crop, window, resize, uint8: ``prep``) comes from ``cache`` when
     given, else from ``read_slice`` + ``prep``; both give identical tensors. ``augment`` runs after it.
@@ -53,13 +55,18 @@ class SliceDataset(Dataset):
         cache: SliceCache | None = None,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         on_error: Literal["skip", "raise"] = "skip",
+        stage1_multi: Literal["drop", "share"] = "drop",
     ) -> None:
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if stage1_multi not in ("drop", "share"):
+            raise ValueError(f"stage1_multi must be 'drop' or 'share', got {stage1_multi!r}")
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         self.data_dir = Path(data_dir)
         self.stage = stage
+        # Six-label targets: stage 2, and stage 1 when it keeps the slices with several subtypes.
+        self.label_targets = stage == 2 or stage1_multi == "share"
         self.prep = prep
         self.cache = cache
         self.augment = augment
@@ -73,7 +80,7 @@ class SliceDataset(Dataset):
         if prep.context:
             usable = index if cache is None else index[~index["image_id"].isin(cache.failed)]
             neighbours = context_ids(usable, prep.context)
-        if stage == 1:
+        if not self.label_targets:
             # -1 marks 2+ subtypes; unlabeled rows (NA) stay, with an ignored target.
             classes = pd.to_numeric(rows["stage1_class"], errors="coerce").astype("float64")
             rows = rows[(classes != -1).to_numpy()]
@@ -122,7 +129,7 @@ class SliceDataset(Dataset):
         return rows[~failed]
 
     def _targets(self, rows: pd.DataFrame) -> np.ndarray:
-        if self.stage == 1:
+        if not self.label_targets:
             classes = pd.to_numeric(rows["stage1_class"], errors="coerce").astype("float64")
             return classes.fillna(IGNORE_INDEX).to_numpy().astype(np.int64)
         return rows[list(LABELS)].to_numpy(dtype=np.float32)
