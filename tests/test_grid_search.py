@@ -81,6 +81,19 @@ def test_group_kfold_never_puts_a_patient_in_both_folds(tiny_data, tmp_path):
         assert sorted(tested) == sorted(everyone)
 
 
+@pytest.mark.slow
+def test_stage1_multi_decides_which_fold_images_train(tiny_data, tmp_path):
+    # The folds keep the images with several subtypes; each fit's stage-1 dataset drops or shares them.
+    X = build_index(tiny_data, progress=False).table
+    single = int((X["stage1_class"] >= 0).sum())
+    assert single < len(X)
+    fitted = {
+        multi: HemorrhageEstimator(tiny_config(tiny_data, tmp_path, max_steps_per_epoch=1), stage1_multi=multi).fit(X)
+        for multi in ("drop", "share")
+    }
+    assert fitted["drop"].n_fit_images_ == single and fitted["share"].n_fit_images_ == len(X)
+
+
 def test_grid_file_is_checked(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("grid: {learning_rate: [1]}\n")

@@ -113,8 +113,9 @@ class Stage2Loss(nn.Module):
 
 
 def class_weights_for(config: TrainConfig, stage1_classes: np.ndarray) -> torch.Tensor | None:
-    """Stage-1 class weights from the config: None, ``balanced`` (N / (K x count), counted over the
-    single-class slices) or six numbers. ``stage1_classes``: (N,) class indices or (N, 6) labels."""
+    """Stage-1 class weights from the config: None, ``balanced`` (N / (K x count)) or six numbers.
+    ``stage1_classes``: (N,) class indices (-1, several subtypes, not counted) or (N, 6) labels, where a
+    slice with k subtypes counts 1/k towards each."""
     if config.stage != 1 or config.class_weights == "none":
         return None
     if config.class_weights == "balanced":

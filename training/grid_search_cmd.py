@@ -96,8 +96,9 @@ def grid_search(config, grid_spec: dict[str, Any], *, folds: int, scoring: str):
     if cache is not None:
         skipped = sorted(set(skipped) | (set(cache.failed) & set(table["image_id"])))
         table = cache.usable(table)
-    if config.stage == 1:  # stage 1 cannot learn from images with several subtypes
-        table = table[table["stage1_class"].astype(int) >= 0]
+    # Images with several subtypes stay in the folds: each fit's stage-1 dataset leaves them out of
+    # training or shares their target (stage1_multi, which a grid may vary), and the folds score all
+    # six labels on every image, as the trainer's validation does.
     X = table.reset_index(drop=True)
     groups = X["patient_id"].astype(str).to_numpy()
     if len(set(groups)) < folds:
