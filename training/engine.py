@@ -103,12 +103,10 @@ class Stage2Loss(nn.Module):
         weights = self.label_weights.to(per_element.device) * known
         loss = (per_element * weights).sum(dim=1).div(self.label_weights.sum()).mean()
         if self.subtype_ce > 0:
-            types = target0[:, :-1]
-            count = types.sum(dim=1, keepdim=True)
-            bleeds = known.all(dim=1) & (count[:, 0] > 0)
-            share = types / count.clamp_min(1.0)
+            # Stage 1's shared target without its none column: all zeros on slices without blood.
+            share = shared_stage1_targets(target)[:, 1:]
             ce = -(share * F.log_softmax(logits[:, :-1], dim=1)).sum(dim=1)
-            loss = loss + self.subtype_ce * (ce * bleeds).sum() / max(int(target.shape[0]), 1)
+            loss = loss + self.subtype_ce * ce.sum() / max(int(target.shape[0]), 1)
         return loss
 
 
