@@ -159,6 +159,46 @@ def subtype_auc_given_any(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, f
             for j, label in enumerate(LABELS) if label != "any"}
 
 
+def auc_by_size(frame: pd.DataFrame, areas: pd.DataFrame, bins: int = 3) -> dict[str, list[dict[str, Any]] | None]:
+    """Each label's AUC with its positive slices split into ``bins`` equal-count groups by blood area.
+
+    ``frame``: an evaluation's predictions (``image_id``, ``true_*``, ``prob_*``); ``areas``: mm² per
+    slice and label (``synthetic.truth.blood_areas``: phantoms only, a real archive has no areas).
+    Each group is scored against every negative slice (``auc``) and, for a subtype, against the
+    negatives that bleed (``auc_given_any``), which separates "too small to see" from "seen but taken
+    for another type". None for a label with fewer positives than groups or no negatives.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    merged = frame.merge(areas, on="image_id", how="inner", validate="one_to_one", suffixes=("", "_area"))
+    out: dict[str, list[dict[str, Any]] | None] = {}
+    for label in LABELS:
+        truth = merged[f"true_{label}"].to_numpy()
+        pos, neg = merged[truth == 1], merged[truth == 0]
+        if len(pos) < bins or neg.empty:
+            out[label] = None
+            continue
+        area = pos[label].to_numpy(dtype=np.float64)
+        # Equal-count groups by rank, so tied areas cannot leave a group empty.
+        group = np.minimum((np.argsort(np.argsort(area, kind="stable"), kind="stable") * bins) // len(area), bins - 1)
+        bleeding = neg[neg["true_any"] == 1] if label != "any" else None
+        rows = []
+        for g in range(bins):
+            part = pos[group == g]
+            rows.append({"n": int(len(part)), "area_mm2": [float(part[label].min()), float(part[label].max())],
+                         "auc": _auc_against(part, neg, label), "auc_given_any": _auc_against(part, bleeding, label)})
+        out[label] = rows
+    return out
+
+
+def _auc_against(positives: pd.DataFrame, negatives: pd.DataFrame | None, label: str) -> float | None:
+    """AUC of ``label``'s probability for these positives against these negatives (None: no negatives)."""
+    if negatives is None or negatives.empty:
+        return None
+    y = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
+    return metrics.roc_auc(y, np.r_[positives[f"prob_{label}"], negatives[f"prob_{label}"]])
+
+
 def any_consistent_report(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, Any]:
     """``any`` scored as predictions report it (``labels.consistent_any``: at least every subtype)
     beside its own output: AUC, log loss, and the share of slices the rule raised."""

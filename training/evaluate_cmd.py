@@ -1,4 +1,4 @@
-"""``evaluate --run RUN_DIR --data DIR [--split all|test] [--save NAME] [--calibrate] [--json]``.
+"""``evaluate --run RUN_DIR --data DIR [--split all|test] [--save NAME] [--calibrate] [--by-size] [--json]``.
 
 A run's model on every usable image of a data set (``--split test``: only the patients the run held
 out as its test set). Labels and file paths come from the data set's index; the probabilities from the
@@ -9,7 +9,9 @@ validation predictions first). ``--json`` prints one object with the keys ``n_im
 J), ``sensitivity, specificity, ppv, npv`` (at that threshold), ``n_patients``, ``n_studies``, ``study``
 (the same maps with one row per series, the maximum over its slices), ``calibration`` (applied or not;
 Brier, ECE and log loss before and after), ``zsmoothed``, ``flagged`` and the run's
-``run``/``backbone``/``stage``. ``--save NAME`` also writes RUN/evaluations/NAME/ (predictions.csv,
+``run``/``backbone``/``stage``; with ``--by-size`` (synthetic sets) also ``by_size``: per label a list
+of three groups of its positives by blood area, each ``{n, area_mm2: [min, max], auc, auc_given_any}``
+(``hemorrhage_core.evaluations.auc_by_size``). ``--save NAME`` also writes RUN/evaluations/NAME/ (predictions.csv,
 metrics.json) atomically. The work is ``training.evaluation.evaluate``. Exit 0 on success, 2 when the
 run or the data set cannot be used (``training.exits``).
 """
@@ -37,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibrate", action="store_true",
         help="fit per-label temperature scaling on the run's validation predictions (if it has none) and apply it",
+    )
+    parser.add_argument(
+        "--by-size", action="store_true",
+        help="synthetic sets only: also score each label with its positive slices in three groups by blood "
+             "area (re-rendered from synth.json)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
@@ -75,10 +82,24 @@ def _print_report(result: dict[str, Any], stream) -> None:
         before, after = cal["before"], cal["after"]
         print(f"calibrated (temperature per label, fitted on validation): weighted log loss "
               f"{_fmt(before['weighted_log_loss'])} -> {_fmt(after['weighted_log_loss'])}", file=stream)
+    if result.get("by_size"):
+        _print_by_size(result["by_size"], stream)
     if result["skipped"]:
         shown = ", ".join(result["skipped"][:10])
         more = f" and {len(result['skipped']) - 10} more" if len(result["skipped"]) > 10 else ""
         print(f"skipped: {shown}{more}", file=stream)
+
+
+def _print_by_size(by_size: dict[str, Any], stream) -> None:
+    print("\nby blood area: each label's positives in three equal groups (mm²), AUC against every negative "
+          "slice / against the negatives that bleed", file=stream)
+    for label, groups in by_size.items():
+        if not groups:
+            print(f"{label:<18}-", file=stream)
+            continue
+        cells = [f"{g['area_mm2'][0]:.0f}-{g['area_mm2'][1]:.0f} (n {g['n']}) {_fmt(g['auc'], 3)} / {_fmt(g['auc_given_any'], 3)}"
+                 for g in groups]
+        print(f"{label:<18}" + "   ".join(cells), file=stream)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CommandError("--batch-size must be at least 1")
     result = evaluate(args.run, args.data, batch_size=args.batch_size, workers=args.workers,
-                      split=args.split, calibrate=args.calibrate, save=args.save, device=args.device)
+                      split=args.split, calibrate=args.calibrate, save=args.save, device=args.device,
+                      by_size=args.by_size)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=False))
     else:

@@ -66,12 +66,14 @@ def evaluate(
     index=None,
     rows=None,
     device: str = "auto",
+    by_size: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run's model on a data set and return the JSON object ``evaluate --json`` prints
     (its keys: ``training.evaluate_cmd``).
 
     ``index`` (the data set's DataIndex) and ``rows`` (the index rows to evaluate) let a caller that
-    evaluates several runs on one data set build them once.
+    evaluates several runs on one data set build them once. ``by_size`` (a synthetic set only) adds
+    ``by_size``: each label's AUC by blood-area group of its positives (``evaluations.auc_by_size``).
     """
     import numpy as np
 
@@ -132,6 +134,11 @@ def evaluate(
     # Flagged slices (HU unlike a head CT) are predicted and counted, not dropped.
     result.update(flagged=flagged, run=record.id, backbone=record.info.get("backbone"), stage=record.stage)
     result["data"] = {"dir": str(data_dir), "split": split}
+    if by_size:
+        from hemorrhage_core.synthetic.truth import blood_areas
+
+        areas = blood_areas(data_dir, frame["image_id"].astype(str).tolist())
+        result["by_size"] = ev.auc_by_size(frame, areas)
     if save is not None:
         folder = ev.write_evaluation(record.path, save, frame, result)
         log.info("saved the evaluation in %s", folder)
