@@ -68,18 +68,19 @@ def _last_line(result: subprocess.CompletedProcess) -> Path:
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_equivalent_batch(tmp_path):
+@pytest.mark.parametrize("sampling", [[], ["--set", "repeat_threshold=0.5"]], ids=["shuffle", "repeat_factor"])
+def test_two_processes_match_one_process_with_the_equivalent_batch(tmp_path, sampling):
     data = tmp_path / "data"
     write_tiny_set(data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     two = subprocess.run(
-        [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "training", *COMMON,
+        [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "training", *COMMON, *sampling,
          "--data", str(data), "--batch-size", "2", "--runs-dir", str(tmp_path / "two")],
         cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
     )
     two_dir = _last_line(two)
     one_dir = _last_line(subprocess.run(
-        [sys.executable, "-m", "training", *COMMON, "--data", str(data), "--batch-size", "4",
+        [sys.executable, "-m", "training", *COMMON, *sampling, "--data", str(data), "--batch-size", "4",
          "--runs-dir", str(tmp_path / "one")],
         cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
     ))

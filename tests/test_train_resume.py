@@ -19,13 +19,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _train_args(data: Path, runs: Path) -> list[str]:
-    # Augmentation and dropout on, so the RNG states matter; one thread, so float sums are repeatable.
+    # Augmentation, dropout and repeat-factor sampling on, so the RNG states matter; one thread, so float
+    # sums are repeatable.
     return [
         sys.executable, "-m", "training", "train", "--data", str(data), "--backbone", "resnet18", "--stage", "1",
         "--epochs", "3", "--batch-size", "4", "--image-size", "32", "--input-size", "32", "--val-fraction", "0.3",
         "--runs-dir", str(runs), "--threads", "1", "--no-progress",
         "--set", "augment=true", "--set", "warmup_epochs=0.5", "--set", "gallery_size=4",
-        "--set", "precise_bn_images=8",
+        "--set", "precise_bn_images=8", "--set", "repeat_threshold=0.5",
     ]
 
 

@@ -81,6 +81,7 @@ class TrainConfig:
     stage1_multi: str = "drop"  # stage 1, slices with 2+ subtypes: drop (the original report) | share (kept, target shared among their types)
     aux_loss_weight: float = 0.4  # Inception_v3's auxiliary classifier loss weight
     subtype_ce_weight: float = 0.0  # stage 2: softmax cross-entropy among the subtypes on bleed slices (engine.Stage2Loss)
+    repeat_threshold: float = 0.0  # > 0: repeat-factor sampling, a category of frequency f < t drawn sqrt(t / f) x as often (training.sampling)
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16)
     channels_last: bool = True  # memory format, used on CUDA (and on CPU with cpu_bf16)
     cpu_bf16: bool = False  # on a CPU with native bf16 (AVX512-BF16/AMX): bf16 autocast + channels_last
@@ -117,10 +118,11 @@ class TrainConfig:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
         for name in ("lr", "weight_decay", "stn_lr_scale", "warmup_epochs", "min_lr_ratio", "aux_loss_weight",
-                     "subtype_ce_weight"):
+                     "subtype_ce_weight", "repeat_threshold"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")
         _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        _check(self.repeat_threshold <= 1, "repeat_threshold", self.repeat_threshold, "must be in [0, 1] (a frequency)")
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "must be in [0, 1)")
         _check(self.stage1_multi in STAGE1_MULTI, "stage1_multi", self.stage1_multi, f"must be one of {', '.join(STAGE1_MULTI)}")

@@ -24,7 +24,7 @@ from training.config import ConfigError, TrainConfig
 TUNABLE: tuple[str, ...] = (
     "lr", "batch_size", "epochs", "image_size", "input_size", "stn_lr_scale", "weight_decay",
     "warmup_epochs", "schedule", "augment", "dropout", "freeze_trunk", "freeze_bn", "grad_clip",
-    "class_weights", "stage1_multi", "subtype_ce_weight",
+    "class_weights", "stage1_multi", "subtype_ce_weight", "repeat_threshold",
 )
 
 
@@ -56,6 +56,7 @@ class HemorrhageEstimator(BaseEstimator):
         class_weights: str | list | None = None,
         stage1_multi: str | None = None,
         subtype_ce_weight: float | None = None,
+        repeat_threshold: float | None = None,
     ) -> None:
         self.config = config
         self.lr = lr
@@ -75,6 +76,7 @@ class HemorrhageEstimator(BaseEstimator):
         self.class_weights = class_weights
         self.stage1_multi = stage1_multi
         self.subtype_ce_weight = subtype_ce_weight
+        self.repeat_threshold = repeat_threshold
 
     def effective_config(self) -> TrainConfig:
         """The base config with this estimator's non-None parameters applied (validated)."""

@@ -280,11 +280,17 @@ def make_dataset(config: TrainConfig, rows: pd.DataFrame, data_dir: Path, cache,
 
 
 def train_loader(dataset, config: TrainConfig, env: D.DistEnv, device: torch.device) -> DataLoader:
-    """Shuffled by a DistributedSampler in every world size (see distributed.train_sampler); a full
-    last batch only, so batch norm never sees a single image."""
+    """Shuffled by a DistributedSampler in every world size (see distributed.train_sampler), or with
+    ``repeat_threshold`` > 0 by repeat-factor sampling (training.sampling), which keeps the epoch's
+    length; a full last batch only, so batch norm never sees a single image."""
     from hemorrhage_core.data.loader import collate_skip_failed, seed_worker
+    from training.sampling import RepeatFactorSampler, repeat_factors
 
-    sampler = D.train_sampler(dataset, env, seed=config.seed)
+    if config.repeat_threshold > 0:
+        sampler = RepeatFactorSampler(repeat_factors(np.asarray(dataset.targets), config.repeat_threshold),
+                                      num_replicas=env.world_size, rank=env.rank, seed=config.seed)
+    else:
+        sampler = D.train_sampler(dataset, env, seed=config.seed)
     generator = torch.Generator()  # the workers' seeds: one stream per rank, so ranks augment differently
     generator.manual_seed(D.rank_seed(config.seed, env.rank))
     per_rank = len(sampler)
@@ -651,6 +657,12 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
                 f"({loop.settings.precision}), "
                 f"world size {env.world_size}"
             )
+            if config.repeat_threshold > 0:
+                from training.sampling import category_factors
+
+                factors = category_factors(np.asarray(train_set.targets), config.repeat_threshold)
+                writer.log(f"repeat-factor sampling at threshold {config.repeat_threshold:g}: "
+                           + ", ".join(f"{name} x{value:.2f}" for name, value in factors.items()))
     run_dir = Path(D.broadcast(str(writer.path) if writer else None, env))
     if writer is not None and on_start is not None:
         on_start(run_dir)
