@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from training.config import ConfigError, TrainConfig
-from training.sampling import CATEGORIES, RepeatFactorSampler, category_factors, category_matrix, repeat_factors
+from training.sampling import (
+    CATEGORIES,
+    RepeatFactorSampler,
+    category_factors,
+    category_matrix,
+    repeat_factors,
+)
 
 NAN = float("nan")
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from hemorrhage_core.labels import LABELS, SUBTYPES
+from hemorrhage_core.labels import LABELS, STAGE1_CLASSES, SUBTYPES
 
-CATEGORIES: tuple[str, ...] = ("none", *SUBTYPES)
+CATEGORIES: tuple[str, ...] = STAGE1_CLASSES  # no blood, then each subtype
 
 
 def category_matrix(targets: np.ndarray) -> np.ndarray:
@@ -40,21 +40,21 @@ def category_matrix(targets: np.ndarray) -> np.ndarray:
     return np.concatenate([none[:, None], subtypes], axis=1)
 
 
+def _factors(held: np.ndarray, threshold: float) -> np.ndarray:
+    frequency = held.mean(axis=0) if len(held) else np.zeros(len(CATEGORIES))
+    safe = np.where(frequency > 0, frequency, 1.0)
+    return np.where(frequency > 0, np.maximum(1.0, np.sqrt(threshold / safe)), 1.0)
+
+
 def category_factors(targets: np.ndarray, threshold: float) -> dict[str, float]:
     """r_c = max(1, sqrt(threshold / f_c)) per category (1 for a category no slice holds)."""
-    held = category_matrix(targets)
-    frequency = held.mean(axis=0) if len(held) else np.zeros(len(CATEGORIES))
-    return {
-        name: max(1.0, math.sqrt(threshold / f)) if f > 0 else 1.0
-        for name, f in zip(CATEGORIES, frequency, strict=True)
-    }
+    return dict(zip(CATEGORIES, _factors(category_matrix(targets), threshold).tolist(), strict=True))
 
 
 def repeat_factors(targets: np.ndarray, threshold: float) -> np.ndarray:
     """Each slice's factor: the largest of its categories' (1 for a slice with none)."""
     held = category_matrix(targets)
-    per_category = np.array(list(category_factors(targets, threshold).values()))
-    return np.where(held, per_category[None, :], 1.0).max(axis=1, initial=1.0)
+    return np.where(held, _factors(held, threshold)[None, :], 1.0).max(axis=1, initial=1.0)
 
 
 class RepeatFactorSampler(Sampler[int]):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hemorrhage_core.data.labels_table import read_labels
 from hemorrhage_core.errors import HemorrhageError
 from hemorrhage_core.labels import LABELS, SUBTYPES
 from hemorrhage_core.synthetic.dataset import LABELS_CSV, SUMMARY_JSON, plan_series
@@ -36,14 +37,6 @@ def config_from_dict(values: dict) -> PhantomConfig:
         return PhantomConfig(**fields)
     except TypeError as exc:
         raise HemorrhageError(f"{SUMMARY_JSON}: a generator configuration this version cannot read ({exc})") from None
-
-
-def _labels(data_dir: Path) -> dict[str, dict[str, int]]:
-    table = pd.read_csv(data_dir / LABELS_CSV, dtype={"ID": str})
-    parts = table["ID"].str.rsplit("_", n=1, expand=True)
-    table = table.assign(image_id=parts[0], label=parts[1])
-    wide = table.pivot_table(index="image_id", columns="label", values="Label", aggfunc="max")
-    return {str(i): {k: int(v) for k, v in row.items()} for i, row in wide.iterrows()}
 
 
 def blood_areas(data_dir: str | PathLike, image_ids: Iterable[str] | None = None) -> pd.DataFrame:
@@ -70,17 +63,18 @@ def blood_areas(data_dir: str | PathLike, image_ids: Iterable[str] | None = None
     unknown = [i for i in wanted if i not in where]
     if unknown:
         raise HemorrhageError(f"{len(unknown)} images are not slices of this synthetic set (for example {unknown[:3]})")
-    labels = _labels(folder)
+    labels = read_labels(folder / LABELS_CSV).frame
     by_patient: dict[int, list[tuple[int, str]]] = {}
     for iid in wanted:
         p, s = where[iid]
         by_patient.setdefault(p, []).append((s, iid))
-    rows = []
+    rows: dict[str, dict[str, object]] = {}
     for p, slices in sorted(by_patient.items()):
         patient = sample_patient(seed, p, per_patient, config)
         for s, iid in sorted(slices):
             rendered = render_slice(patient, s, size=size, config=config)
-            if {k: rendered.labels[k] for k in LABELS} != {k: labels.get(iid, {}).get(k) for k in LABELS}:
+            given = labels.loc[iid, list(LABELS)].tolist() if iid in labels.index else None
+            if [rendered.labels[k] for k in LABELS] != given:
                 raise HemorrhageError(
                     f"re-rendering {iid} gives other labels than {LABELS_CSV}: the phantom generator has changed "
                     "since this set was written; write the set again (training synth) to know its blood areas"
@@ -92,7 +86,6 @@ def blood_areas(data_dir: str | PathLike, image_ids: Iterable[str] | None = None
                 row[name] = float(np.count_nonzero(rendered.blood[name])) * pixel_mm2
                 union |= rendered.blood[name]
             row[ANY] = float(np.count_nonzero(union)) * pixel_mm2
-            rows.append(row)
-    order = {iid: i for i, iid in enumerate(wanted)}
-    frame = pd.DataFrame(rows, columns=["image_id", *SUBTYPES, ANY])
-    return frame.sort_values("image_id", key=lambda c: c.map(order)).reset_index(drop=True)
+            rows[iid] = row
+    # Rendered patient by patient (each phantom drawn once), returned in the order asked.
+    return pd.DataFrame([rows[iid] for iid in wanted], columns=["image_id", *SUBTYPES, ANY])
