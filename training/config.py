@@ -57,6 +57,7 @@ class TrainConfig:
     init_from: str | None = None  # stage-1 run directory (stage 2 only)
     weights: str = "none"  # imagenet | none | PATH to a state dict
     input_size: int | None = None  # backbone input size (STN output); None = the backbone's default
+    fine_size: int | None = None  # stage 2 only: fine-tune at this input size instead of the stage-1 model's (progressive resizing)
     freeze_trunk: bool | None = None  # None = the models' policy (frozen with ImageNet weights)
     freeze_bn: bool = False  # batch-norm layers keep their running statistics while training
     precise_bn_images: int = 0  # > 0: before each evaluation, recompute BN statistics over this many training images
@@ -114,6 +115,8 @@ class TrainConfig:
         _check(isinstance(self.context, int) and not isinstance(self.context, bool) and 0 <= self.context <= MAX_CONTEXT,
                "context", self.context, f"must be a whole number of slices from 0 to {MAX_CONTEXT}")
         _check(self.input_size is None or self.input_size >= 32, "input_size", self.input_size, "must be >= 32 px")
+        _check(self.fine_size is None or self.fine_size >= 32, "fine_size", self.fine_size, "must be >= 32 px")
+        _check(self.stage == 2 or self.fine_size is None, "fine_size", self.fine_size, "is for stage 2 only")
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")

@@ -24,7 +24,7 @@ from training.config import ConfigError, TrainConfig
 TUNABLE: tuple[str, ...] = (
     "lr", "batch_size", "epochs", "image_size", "input_size", "stn_lr_scale", "weight_decay",
     "warmup_epochs", "schedule", "augment", "dropout", "freeze_trunk", "freeze_bn", "grad_clip",
-    "class_weights", "stage1_multi", "subtype_ce_weight", "repeat_threshold",
+    "class_weights", "stage1_multi", "subtype_ce_weight", "repeat_threshold", "fine_size",
 )
 
 
@@ -57,6 +57,7 @@ class HemorrhageEstimator(BaseEstimator):
         stage1_multi: str | None = None,
         subtype_ce_weight: float | None = None,
         repeat_threshold: float | None = None,
+        fine_size: int | None = None,
     ) -> None:
         self.config = config
         self.lr = lr
@@ -77,6 +78,7 @@ class HemorrhageEstimator(BaseEstimator):
         self.stage1_multi = stage1_multi
         self.subtype_ce_weight = subtype_ce_weight
         self.repeat_threshold = repeat_threshold
+        self.fine_size = fine_size
 
     def effective_config(self) -> TrainConfig:
         """The base config with this estimator's non-None parameters applied (validated)."""

@@ -349,6 +349,12 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "input_size": ckpt.spec.input_size,
         "stn": ckpt.spec.stn,
     }
+    if config.fine_size is not None and config.fine_size != inherited["input_size"]:
+        # Progressive resizing: the cached slice grows in proportion, so the STN keeps the same margin.
+        inherited["image_size"] = round(ckpt.image_size * config.fine_size / inherited["input_size"])
+        inherited["input_size"] = config.fine_size
+        log.info("stage 2 fine-tunes at %d px (stage 1: %d px), slices cached at %d px",
+                 config.fine_size, ckpt.spec.input_size, inherited["image_size"])
     changed = {k: v for k, v in inherited.items() if getattr(config, k) != v}
     if changed:
         log.info("stage 2 follows its stage-1 model for %s", ", ".join(sorted(changed)))
@@ -362,7 +368,7 @@ def build_network(config: TrainConfig) -> nn.Module:
 
     if config.stage == 2:
         model1, _ = model_from_checkpoint(parent_checkpoint(config.init_from))
-        return stage2_from_stage1(model1, dropout=config.dropout, freeze=config.freeze_trunk)
+        return stage2_from_stage1(model1, dropout=config.dropout, freeze=config.freeze_trunk, input_size=config.input_size)
     spec = ModelSpec(
         backbone=config.backbone, stage=1, input_size=config.input_size,
         stn=config.stn, context=config.context,

@@ -236,12 +236,15 @@ def stage2_from_stage1(
     hidden: tuple[int, ...] | None = None,
     dropout: float | None = None,
     freeze: bool | None = None,
+    input_size: int | None = None,
 ) -> Model2:
     """Model2 whose STN, backbone (and Inception's aux convolutions) and first added layer are copied
     from ``model1``, a built Model1 (from a checkpoint: ``checkpoint.model_from_checkpoint``).
 
     hidden: Model2's layer sizes; hidden[0] must equal Model1's (it is transferred). Default: Model1's
-    hidden[0] followed by ``DEFAULT_HIDDEN[2][1:]``. freeze None keeps Model1's trunk policy.
+    hidden[0] followed by ``DEFAULT_HIDDEN[2][1:]``. freeze None keeps Model1's trunk policy. input_size None
+    keeps Model1's; another size fine-tunes at it (every part is size-agnostic: the STN resamples to it and
+    the backbones pool adaptively).
     """
     if not isinstance(model1, HemorrhageNet):
         raise TypeError(f"expected a built Model1, got {type(model1).__name__} (load a checkpoint first)")
@@ -253,7 +256,7 @@ def stage2_from_stage1(
     if hidden[0] != first:
         raise ValueError(f"hidden[0] must be Model1's first added layer size {first} (it is transferred), got {hidden[0]}")
     spec = ModelSpec(
-        backbone=s1.backbone, stage=2, input_size=s1.input_size, stn=s1.stn, hidden=hidden, context=s1.context,
+        backbone=s1.backbone, stage=2, input_size=s1.input_size if input_size is None else input_size, stn=s1.stn, hidden=hidden, context=s1.context,
         dropout=s1.dropout if dropout is None else dropout,
     )
     info = get_backbone(spec.backbone)
