@@ -30,7 +30,7 @@ from hemorrhage_core import metrics
 from hemorrhage_core.calibration import ECE_BINS, Calibration, brier, expected_calibration_error
 from hemorrhage_core.errors import HemorrhageError
 from hemorrhage_core.fileio import atomic_write_text
-from hemorrhage_core.labels import LABEL_WEIGHTS, LABELS, consistent_any
+from hemorrhage_core.labels import LABEL_WEIGHTS, LABELS, SUBTYPES, consistent_labels
 from hemorrhage_core.runs import PREDICTION_COLUMNS, PREDICTIONS_CSV, dumps_json, read_csv_tolerant
 
 EVALUATIONS_DIR = "evaluations"
@@ -145,7 +145,7 @@ def evaluation_metrics(frame: pd.DataFrame, thresholds: Mapping[str, Any], *, st
         "method": thresholds.get("method", "youden_j"), "data": thresholds.get("data", VALIDATION),
         "defaulted": {"slice": thresholds.get("slice_defaulted", []), "study": thresholds.get("study_defaulted", [])},
     }
-    out["any_consistent"] = any_consistent_report(y_true, y_prob)
+    out["consistent"] = consistent_report(y_true, y_prob)
     out["auc_given_any"] = subtype_auc_given_any(y_true, y_prob)
     return out
 
@@ -199,17 +199,18 @@ def _auc_against(positives: pd.DataFrame, negatives: pd.DataFrame | None, label:
     return metrics.roc_auc(y, np.r_[positives[f"prob_{label}"], negatives[f"prob_{label}"]])
 
 
-def any_consistent_report(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, Any]:
-    """``any`` scored as predictions report it (``labels.consistent_any``: at least every subtype)
-    beside its own output: AUC, log loss, and the share of slices the rule raised."""
-    j = LABELS.index("any")
-    ruled = consistent_any(y_prob)
+def consistent_report(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, Any]:
+    """Every label scored as predictions report it (``labels.consistent_labels``: no subtype above
+    ``any``) beside the model's own outputs: per-label AUC and the weighted log loss, and per subtype
+    the share of slices the rule ``lowered``."""
+    ruled = consistent_labels(y_prob)
 
-    def scores(p: np.ndarray) -> dict[str, float | None]:
-        return {"auc": metrics.roc_auc(y_true[:, j], p[:, j]),
+    def scores(p: np.ndarray) -> dict[str, Any]:
+        return {"auc": metrics.per_label_auc(y_true, p),
                 "weighted_log_loss": metrics.weighted_log_loss(y_true, p, weights=LABEL_WEIGHTS)}
 
-    return {"own": scores(y_prob), "rule": scores(ruled), "raised": float(np.mean(ruled[:, j] > y_prob[:, j]))}
+    lowered = {label: float(np.mean(ruled[:, j] < y_prob[:, j])) for j, label in enumerate(SUBTYPES)}
+    return {"own": scores(y_prob), "rule": scores(ruled), "lowered": lowered}
 
 
 def calibration_report(y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray) -> dict[str, Any]:

@@ -4,9 +4,10 @@
 made for, crops, windows and resizes with the checkpoint's own preprocessing (``SlicePrep`` + ``to_tensor``),
 runs the model and returns probabilities in ``LABELS`` order with the windowed input, the STN-aligned
 image, theta and optionally a Grad-CAM heatmap. Given a run's ``Calibration`` (temperature scaling
-fitted on its validation set) the probabilities it returns are calibrated. Then ``any`` is raised to the
-largest subtype probability (``labels.consistent_any``): a slice with a likely subtype is a slice with
-likely hemorrhage. Each Prediction keeps the model's own values beside them (``raw_probabilities``).
+fitted on its validation set) the probabilities it returns are calibrated. Then no subtype is reported
+likelier than ``any`` (``labels.consistent_labels``: a subtype above ``any`` is lowered to it), since a
+slice with a subtype is a slice with hemorrhage. Each Prediction keeps the model's own values beside
+them (``raw_probabilities``).
 
 Refused (InputRejectedError): a modality other than CT, and everything the DICOM reader refuses
 (DicomReadError). Flagged, not refused: HU content that does not look like a head CT (no bone, no air,
@@ -41,7 +42,7 @@ import torch
 
 from hemorrhage_core.dicom import CtSlice, read_slice
 from hemorrhage_core.errors import HemorrhageError, InputRejectedError
-from hemorrhage_core.labels import LABELS, consistent_any
+from hemorrhage_core.labels import LABELS, consistent_labels
 from hemorrhage_core.machine import cpu_has_native_bf16
 from hemorrhage_core.models.net import HemorrhageNet, probabilities
 from hemorrhage_core.preprocess import (
@@ -132,11 +133,11 @@ class Prediction:
     """One slice's result.
 
     probabilities: label -> p in ``LABELS`` order, calibrated when the Predictor has a calibration, with
-    ``any`` at least every subtype (``consistent_any``);
+    no subtype above ``any`` (``consistent_labels``);
     image: uint8 (C, S, S) windowed model input (of a 2.5D stack, the slice itself); aligned: uint8 (C, s, s) STN output; theta: float32
     (2, 3); heatmap: float32 (S, S) in [0, 1] on the input image's grid, or None; meta: header fields
     (``META_FIELDS``, no patient identifiers); flags: warnings about the input ("code: explanation");
-    raw_probabilities: the model's own values, before calibration and the ``any`` rule.
+    raw_probabilities: the model's own values, before calibration and the consistency rule.
     """
 
     probabilities: dict[str, float]
@@ -453,7 +454,7 @@ class Predictor:
                 probs = probabilities(self.stage, logits)
         raw_np = probs.float().cpu().numpy().astype(np.float64)
         # Calibrated in float64 from the float32 output, as evaluate calibrates the saved raw values.
-        probs_np = consistent_any(raw_np if self.calibration is None else self.calibration.apply(raw_np))
+        probs_np = consistent_labels(raw_np if self.calibration is None else self.calibration.apply(raw_np))
         theta_np = theta.float().cpu().numpy().astype(np.float32)
         aligned_np = aligned.mul(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8).cpu().numpy()
         return [

@@ -36,17 +36,21 @@ def stage1_class(label_row: dict[str, int] | list[int] | tuple[int, ...]) -> int
     return None
 
 
-def consistent_any(probabilities):
-    """(N, 6) or (6,) probabilities in ``LABELS`` order -> a copy with ``any = max(any, every subtype)``.
+def consistent_labels(probabilities):
+    """(N, 6) or (6,) probabilities in ``LABELS`` order -> a copy with every subtype at most ``any``.
 
     The six outputs are independent sigmoids, so a model can say epidural 0.9 and any 0.1, which no
-    reader can act on. ``any`` is the OR of the subtypes, so it is at least each of them; raising it to
-    their maximum is the smallest change that says so. Applied after calibration, to what a prediction
-    reports (the Predictor); the subtypes are left as they are.
+    reader can act on. ``any`` is the OR of the subtypes, so no subtype is likelier than it; the rule
+    keeps ``any`` and lowers a subtype above it to its value (``subtype = min(subtype, any)``), the
+    hierarchy constraint of coherent multi-label classifiers. ``any`` is the one output trained on every
+    bleed slice, and the better one in every measurement (docs/model-card.md); raising it to the
+    subtypes instead (``any = max(any, subtypes)``, this rule before) let a subtype's false alarms on
+    slices without blood raise ``any``. Applied after calibration, to what a prediction reports.
     """
     import numpy as np
 
     out = np.array(probabilities, dtype=np.float64, copy=True)
     any_col = LABELS.index("any")
-    out[..., any_col] = np.maximum(out[..., any_col], out[..., : len(SUBTYPES)].max(axis=-1))
+    n = len(SUBTYPES)
+    out[..., :n] = np.minimum(out[..., :n], out[..., any_col : any_col + 1])
     return out

@@ -85,6 +85,26 @@ def test_evaluation_metrics_agree_with_an_independent_recomputation():
     json.dumps(out, allow_nan=False)
 
 
+def test_consistent_report_scores_every_label_as_predictions_report_it():
+    frame = predictions()
+    # A subdural output that fires on slices without blood, where any is sure there is none.
+    noisy = frame.copy()
+    clear = noisy["true_any"] == 0
+    noisy.loc[clear, "prob_any"] = 0.01
+    noisy.loc[clear, "prob_subdural"] = np.linspace(0.05, 0.95, int(clear.sum()))
+    out = ev.evaluation_metrics(noisy, ev.choose_thresholds(noisy), stage=2)["consistent"]
+    y_true, y_prob = ev.arrays(noisy)
+    ruled = np.minimum(y_prob[:, :5], y_prob[:, [5]])
+    for j, label in enumerate(LABELS[:5]):
+        assert out["own"]["auc"][label] == pytest.approx(roc_auc_score(y_true[:, j], y_prob[:, j]), abs=1e-12)
+        assert out["rule"]["auc"][label] == pytest.approx(roc_auc_score(y_true[:, j], ruled[:, j]), abs=1e-12)
+        assert out["lowered"][label] == pytest.approx(float(np.mean(ruled[:, j] < y_prob[:, j])), abs=1e-12)
+    assert out["rule"]["auc"]["any"] == out["own"]["auc"]["any"]  # any is never moved
+    assert out["rule"]["auc"]["subdural"] > out["own"]["auc"]["subdural"]  # its false alarms are gone
+    assert out["lowered"]["subdural"] >= clear.mean()  # every clear slice's subdural was above 0.01
+    assert out["rule"]["weighted_log_loss"] < out["own"]["weighted_log_loss"]
+
+
 def test_subtype_auc_given_any_scores_the_bleed_slices_only():
     frame = predictions()
     out = ev.evaluation_metrics(frame, ev.choose_thresholds(frame), stage=2)["auc_given_any"]

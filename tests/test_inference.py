@@ -16,7 +16,7 @@ from hemorrhage_core.checkpoint import save_checkpoint
 from hemorrhage_core.dicom import new_uid, read_slice, write_ct_slice
 from hemorrhage_core.errors import DicomReadError, InputRejectedError
 from hemorrhage_core.inference import Prediction, Predictor, hu_flags
-from hemorrhage_core.labels import LABELS, consistent_any
+from hemorrhage_core.labels import LABELS, consistent_labels
 from hemorrhage_core.models import ModelSpec, build_model, label_scores, probabilities
 from hemorrhage_core.preprocess import SlicePrep, prepare_slice, to_tensor
 from hemorrhage_core.windowing import DEFAULT_STACK
@@ -78,8 +78,8 @@ def test_predict_gives_probabilities_images_theta_and_heatmap(predictor, model, 
     with torch.inference_mode():
         expected = probabilities(2, model(to_tensor(expected_image)[None]))[0].numpy()
     np.testing.assert_allclose(list(result.raw_probabilities.values()), expected, atol=1e-6)
-    # what it reports: any raised to the largest subtype (here the untrained model's subdural is above any)
-    np.testing.assert_allclose(list(result.probabilities.values()), consistent_any(expected), atol=1e-6)
+    # what it reports: no subtype above any (here the untrained model's subdural is above any)
+    np.testing.assert_allclose(list(result.probabilities.values()), consistent_labels(expected), atol=1e-6)
     assert result.aligned.dtype == np.uint8 and result.aligned.shape == (3, 64, 64)
     np.testing.assert_allclose(result.theta, np.eye(2, 3), atol=1e-6)  # untrained STN: identity
     assert result.heatmap.dtype == np.float32 and result.heatmap.shape == (IMAGE_SIZE, IMAGE_SIZE)

@@ -19,7 +19,7 @@ from hemorrhage_core.calibration import Calibration
 from hemorrhage_core.dashboard.predictors import PredictorCache, UploadResult, series_verdict
 from hemorrhage_core.evaluations import CALIBRATION_JSON, EvaluationError, load_evaluation, read_calibration
 from hemorrhage_core.inference import Predictor
-from hemorrhage_core.labels import LABELS, consistent_any
+from hemorrhage_core.labels import LABELS, consistent_labels
 from hemorrhage_core.preprocess import SlicePrep
 from training import cli
 
@@ -77,7 +77,7 @@ def test_predictor_applies_its_calibration_and_keeps_the_raw_values(setup):
     results = predictor.predict_many(setup.files)
     got = np.array([[r.probabilities[label] for label in LABELS] for r in results])
     kept = np.array([[r.raw_probabilities[label] for label in LABELS] for r in results])
-    np.testing.assert_allclose(got, consistent_any(calibration.apply(raw)), atol=1e-6)
+    np.testing.assert_allclose(got, consistent_labels(calibration.apply(raw)), atol=1e-6)
     np.testing.assert_allclose(kept, raw, atol=1e-6)
     assert all(r.calibrated for r in results)
     # Temperature 1 leaves intraventricular as it was; the others move.
@@ -95,7 +95,7 @@ def test_with_calibration_shares_the_model_and_leaves_the_original_alone(setup):
     before = plain.predict(setup.files[1])
     after = calibrated.predict(setup.files[1])
     assert not before.calibrated
-    assert before.probabilities == pytest.approx(dict(zip(LABELS, consistent_any(
+    assert before.probabilities == pytest.approx(dict(zip(LABELS, consistent_labels(
         [before.raw_probabilities[label] for label in LABELS]), strict=True)), abs=1e-12)
     assert after.raw_probabilities == pytest.approx(before.raw_probabilities, abs=1e-7)
     assert plain.with_calibration(None) is plain
@@ -110,7 +110,7 @@ def test_predict_json_gives_calibrated_and_raw_values(setup, capsys, tmp_path):
     assert code == 0, err
     rows = json.loads(out)
     assert all({"file", "probabilities", "error", "flags"} <= set(row) for row in rows)
-    expected = consistent_any(_calibration().apply(raw))
+    expected = consistent_labels(_calibration().apply(raw))
     for row, want, model in zip(rows, expected, raw, strict=True):
         assert row["calibrated"] is True and row["error"] is None
         assert list(row["probabilities"]) == list(LABELS)
@@ -126,7 +126,7 @@ def test_predict_on_an_uncalibrated_run_reports_the_raw_values_with_any_made_con
     assert code == 0
     (row,) = json.loads(out)
     assert row["calibrated"] is False
-    want = consistent_any([row["raw_probabilities"][label] for label in LABELS])
+    want = consistent_labels([row["raw_probabilities"][label] for label in LABELS])
     assert [row["probabilities"][label] for label in LABELS] == pytest.approx(want.tolist(), abs=1e-12)
 
 
@@ -186,7 +186,7 @@ def test_dashboard_cache_applies_the_runs_calibration_and_refuses_a_damaged_one(
     assert batch.error is None and batch.calibrated
     raw = _raw(setup)
     by_name = {r.name: r for r in batch.results}
-    for path, want, model in zip(setup.files, consistent_any(_calibration().apply(raw)), raw, strict=True):
+    for path, want, model in zip(setup.files, consistent_labels(_calibration().apply(raw)), raw, strict=True):
         result = by_name[path.name]
         assert [result.probabilities[label] for label in LABELS] == pytest.approx(want.tolist(), abs=1e-6)
         assert [result.raw_probabilities[label] for label in LABELS] == pytest.approx(model.tolist(), abs=1e-6)

@@ -156,16 +156,18 @@ def test_non_head_ct_is_flagged_and_a_phantom_head_is_not(tmp_path):
     assert head_flags("", None) == []
 
 
-def test_any_is_raised_to_the_largest_subtype_and_nothing_else_moves():
-    from hemorrhage_core.labels import LABELS, consistent_any
+def test_subtypes_are_lowered_to_any_and_nothing_else_moves():
+    from hemorrhage_core.labels import LABELS, consistent_labels
 
     raw = np.array([
-        [0.95, 0.1, 0.0, 0.2, 0.3, 0.05],  # epidural 0.95 with any 0.05: any becomes 0.95
+        [0.95, 0.1, 0.0, 0.2, 0.3, 0.05],  # epidural 0.95 with any 0.05: every subtype above 0.05 drops to it
         [0.1, 0.2, 0.1, 0.1, 0.1, 0.7],  # any already above every subtype: unchanged
     ])
-    out = consistent_any(raw)
+    out = consistent_labels(raw)
     j = LABELS.index("any")
-    assert out[:, j].tolist() == [0.95, 0.7]
-    np.testing.assert_array_equal(np.delete(out, j, axis=1), np.delete(raw, j, axis=1))
-    assert raw[0, j] == 0.05  # a copy: the input is left alone
-    assert consistent_any(raw[0]).tolist() == out[0].tolist()  # one row works too
+    assert out[0].tolist() == [0.05, 0.05, 0.0, 0.05, 0.05, 0.05]
+    assert out[1].tolist() == raw[1].tolist()
+    assert out[:, j].tolist() == raw[:, j].tolist()  # any is never moved
+    assert (np.delete(out, j, axis=1) <= out[:, [j]]).all()
+    assert raw[0, 0] == 0.95  # a copy: the input is left alone
+    assert consistent_labels(raw[0]).tolist() == out[0].tolist()  # one row works too
