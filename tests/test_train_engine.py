@@ -301,3 +301,46 @@ def test_precise_bn_sets_running_statistics_to_the_average_over_training_batches
     torch.testing.assert_close(trained.running_var, variances)
     assert trained.momentum == 0.1
     assert torch.equal(frozen.running_mean, torch.full((3,), 5.0))
+
+
+def test_head_warmup_holds_the_trunk_still_then_trains_everything():
+    net = _tiny_model(stage=2)
+    config = TrainConfig(stage=2, lr=1e-3, epochs=3, warmup_epochs=0.0, head_warmup_epochs=1.0)
+    optimizer = make_optimizer(net, config)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch=2)
+    settings = LoopSettings(stage=2, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(8, 3, 32, 32, generator=gen), (torch.rand(8, 6, generator=gen) > 0.5).float(),
+                         torch.arange(8))
+    loader = DataLoader(data, batch_size=4)
+    parts = net.parameter_groups()
+
+    def snapshot():
+        return {part: [p.detach().clone() for p in params] for part, params in parts.items()}
+
+    def moved(before, part):
+        return any(not torch.equal(a, p.detach()) for a, p in zip(before[part], parts[part], strict=True))
+
+    trunk_lrs = [g["lr"] for g in optimizer.param_groups if g["name"].removesuffix("_no_decay") in ("stn", "backbone")]
+    assert trunk_lrs and all(lr == 0.0 for lr in trunk_lrs)
+    before = snapshot()
+    train_one_epoch(TrainView(net), loader, optimizer, scheduler, Stage2Loss(), settings, epoch=1)
+    assert not moved(before, "backbone") and not moved(before, "stn")  # held still for one epoch
+    assert moved(before, "head")
+    assert all(g["lr"] == pytest.approx(g["initial_lr"] * scheduler.lr_lambdas[0](2)) for g in optimizer.param_groups)
+    before = snapshot()
+    train_one_epoch(TrainView(net), loader, optimizer, scheduler, Stage2Loss(), settings, epoch=2)
+    assert moved(before, "backbone")  # then trained like the rest, on the head's schedule
+
+
+def test_head_warmup_is_refused_in_stage1_and_as_long_as_the_run():
+    with pytest.raises(ConfigError, match="head_warmup_epochs.*stage 2 only"):
+        TrainConfig(stage=1, head_warmup_epochs=1.0)
+    with pytest.raises(ConfigError, match="head_warmup_epochs.*shorter than the run"):
+        TrainConfig(stage=2, epochs=2, head_warmup_epochs=2.0)
+    with pytest.raises(ConfigError, match="head_warmup_epochs"):
+        TrainConfig(stage=2, head_warmup_epochs=-1.0)
+    # Without it every group follows one schedule.
+    config = TrainConfig(stage=2, epochs=2)
+    scheduler = make_scheduler(make_optimizer(_tiny_model(stage=2), config), config, steps_per_epoch=3)
+    assert len({id(f) for f in scheduler.lr_lambdas}) == 1

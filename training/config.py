@@ -74,6 +74,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine | step | constant, after a linear warm-up
     warmup_epochs: float = 1.0
+    head_warmup_epochs: float = 0.0  # stage 2: STN and backbone held still (lr 0) this long while the new layers learn (LP-FT)
     step_epochs: int = 3  # step schedule: multiply by step_gamma every step_epochs
     step_gamma: float = 0.1
     min_lr_ratio: float = 0.01  # cosine floor as a share of lr
@@ -121,7 +122,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
         for name in ("lr", "weight_decay", "stn_lr_scale", "warmup_epochs", "min_lr_ratio", "aux_loss_weight",
-                     "subtype_ce_weight", "repeat_threshold"):
+                     "subtype_ce_weight", "repeat_threshold", "head_warmup_epochs"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")
         _check(self.lr > 0, "lr", self.lr, "must be > 0")
@@ -159,6 +160,10 @@ class TrainConfig:
                 "must be none, balanced or six non-negative numbers",
             )
         _check(self.stage == 2 or self.init_from is None, "init_from", self.init_from, "is for stage 2 only")
+        _check(self.stage == 2 or self.head_warmup_epochs == 0, "head_warmup_epochs", self.head_warmup_epochs,
+               "is for stage 2 only (the trunk it holds comes from stage 1)")
+        _check(self.head_warmup_epochs < self.epochs, "head_warmup_epochs", self.head_warmup_epochs,
+               f"must be shorter than the run ({self.epochs} epochs)")
 
     @property
     def maximize(self) -> bool:

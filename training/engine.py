@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -171,8 +171,11 @@ class LrSchedule:
     step_epochs: int
     step_gamma: float
     min_ratio: float
+    hold_steps: int = 0  # multiplier 0 before this step (the trunk while a new head warms up)
 
     def __call__(self, step: int) -> float:
+        if step < self.hold_steps:
+            return 0.0
         if self.warmup_steps and step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.kind == "constant":
@@ -184,8 +187,16 @@ class LrSchedule:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+TRUNK_GROUPS = ("stn", "backbone")  # parameter groups held still by head_warmup_epochs
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step LambdaLR for ``config.epochs`` epochs of ``steps_per_epoch`` optimizer steps."""
+    """Per-step LambdaLR for ``config.epochs`` epochs of ``steps_per_epoch`` optimizer steps.
+
+    With ``head_warmup_epochs`` the STN and backbone groups stay at learning rate 0 for that long, then
+    follow the same schedule as the head: the new layers first learn on the stage-1 features, so their
+    random start does not send large gradients back into a trained trunk (linear probing then
+    fine-tuning, Kumar et al. 2022)."""
     steps_per_epoch = max(int(steps_per_epoch), 1)
     schedule = LrSchedule(
         total_steps=steps_per_epoch * config.epochs,
@@ -196,7 +207,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
         step_gamma=config.step_gamma,
         min_ratio=config.min_lr_ratio,
     )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    hold = int(round(config.head_warmup_epochs * steps_per_epoch))
+    if not hold:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    trunk = replace(schedule, hold_steps=hold)
+    per_group = [trunk if str(g.get("name", "")).removesuffix("_no_decay") in TRUNK_GROUPS else schedule
+                 for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, per_group)
 
 
 # ------------------------------------------------------------------------------------ loop settings

@@ -24,7 +24,7 @@ from training.config import ConfigError, TrainConfig
 TUNABLE: tuple[str, ...] = (
     "lr", "batch_size", "epochs", "image_size", "input_size", "stn_lr_scale", "weight_decay",
     "warmup_epochs", "schedule", "augment", "dropout", "freeze_trunk", "freeze_bn", "grad_clip",
-    "class_weights", "stage1_multi", "subtype_ce_weight", "repeat_threshold", "fine_size",
+    "class_weights", "stage1_multi", "subtype_ce_weight", "repeat_threshold", "fine_size", "head_warmup_epochs",
 )
 
 
@@ -58,6 +58,7 @@ class HemorrhageEstimator(BaseEstimator):
         subtype_ce_weight: float | None = None,
         repeat_threshold: float | None = None,
         fine_size: int | None = None,
+        head_warmup_epochs: float | None = None,
     ) -> None:
         self.config = config
         self.lr = lr
@@ -79,6 +80,7 @@ class HemorrhageEstimator(BaseEstimator):
         self.subtype_ce_weight = subtype_ce_weight
         self.repeat_threshold = repeat_threshold
         self.fine_size = fine_size
+        self.head_warmup_epochs = head_warmup_epochs
 
     def effective_config(self) -> TrainConfig:
         """The base config with this estimator's non-None parameters applied (validated)."""
