@@ -190,6 +190,11 @@ class LrSchedule:
 TRUNK_GROUPS = ("stn", "backbone")  # parameter groups held still by head_warmup_epochs
 
 
+def group_part(group: dict) -> str:
+    """The model part (``parameter_groups`` key) of an optimizer group made by ``make_optimizer``."""
+    return str(group.get("name", "")).removesuffix("_no_decay")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR for ``config.epochs`` epochs of ``steps_per_epoch`` optimizer steps.
 
@@ -211,8 +216,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
     if not hold:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     trunk = replace(schedule, hold_steps=hold)
-    per_group = [trunk if str(g.get("name", "")).removesuffix("_no_decay") in TRUNK_GROUPS else schedule
-                 for g in optimizer.param_groups]
+    per_group = [trunk if group_part(g) in TRUNK_GROUPS else schedule for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, per_group)
 
 
@@ -389,7 +393,7 @@ def read_loss_sum(loss_sum: torch.Tensor, settings: LoopSettings, *, epoch: int,
 def main_lr(optimizer: torch.optim.Optimizer) -> float:
     """Learning rate of the first non-STN group (what the log and metrics.csv report)."""
     for group in optimizer.param_groups:
-        if not str(group.get("name", "")).startswith("stn"):
+        if group_part(group) != "stn":
             return float(group["lr"])
     return float(optimizer.param_groups[0]["lr"])
 
