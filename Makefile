@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 DATA ?= data/synthetic
 RUNS ?= runs
 # Demo set: patients x slices of synthetic head CT (see `python -m training synth --help`); the pipeline
-# holds out 20% of the patients as its test set, so 120 train and validate (phase 1 uses a quarter of them).
-SYNTH_PATIENTS ?= 150
+# holds out 20% of the patients as its test set, so 180 train and validate (the quick preset's phase 1
+# uses a third of them, phase 2 all).
+SYNTH_PATIENTS ?= 225
 SYNTH_SLICES ?= 10
 PORT ?= 8000
 PRESET ?= quick

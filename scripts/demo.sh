@@ -8,7 +8,7 @@ DATA=${DATA:-data/synthetic}
 RUNS=${RUNS:-runs}
 PORT=${PORT:-8000}
 HOST=${DASHBOARD_HOST:-127.0.0.1}  # not $HOST: tcsh exports it (the machine name), which would serve the network
-PATIENTS=${SYNTH_PATIENTS:-150}
+PATIENTS=${SYNTH_PATIENTS:-225}
 SLICES=${SYNTH_SLICES:-10}
 LOG_DIR="$RUNS/logs"
 mkdir -p "$LOG_DIR"
