@@ -21,7 +21,9 @@ from training.engine import (
     Stage2Loss,
     TrainView,
     class_weights_for,
+    group_part,
     improved,
+    main_lr,
     make_loss,
     make_optimizer,
     make_scheduler,
@@ -331,6 +333,21 @@ def test_head_warmup_holds_the_trunk_still_then_trains_everything():
     before = snapshot()
     train_one_epoch(TrainView(net), loader, optimizer, scheduler, Stage2Loss(), settings, epoch=2)
     assert moved(before, "backbone")  # then trained like the rest, on the head's schedule
+
+
+def test_logged_lr_is_the_head_rate_while_the_trunk_is_held():
+    net = _tiny_model(stage=2)
+    held = TrainConfig(stage=2, lr=1e-3, epochs=3, warmup_epochs=0.0, head_warmup_epochs=2.0)
+    optimizer = make_optimizer(net, held)
+    make_scheduler(optimizer, held, steps_per_epoch=2)
+    rates = {group_part(g): g["lr"] for g in optimizer.param_groups}
+    assert rates["backbone"] == 0.0 and rates["head"] == pytest.approx(1e-3)
+    assert main_lr(optimizer) == pytest.approx(1e-3)  # the rate that trains, not the held trunk's 0
+    plain = TrainConfig(stage=2, lr=1e-3, epochs=3, warmup_epochs=0.0)
+    optimizer = make_optimizer(net, plain)
+    make_scheduler(optimizer, plain, steps_per_epoch=2)
+    backbone = next(g["lr"] for g in optimizer.param_groups if group_part(g) == "backbone")
+    assert main_lr(optimizer) == backbone == pytest.approx(1e-3)  # without a hold, what it always logged
 
 
 def test_head_warmup_is_refused_in_stage1_and_as_long_as_the_run():

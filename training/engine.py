@@ -391,10 +391,13 @@ def read_loss_sum(loss_sum: torch.Tensor, settings: LoopSettings, *, epoch: int,
 
 
 def main_lr(optimizer: torch.optim.Optimizer) -> float:
-    """Learning rate of the first non-STN group (what the log and metrics.csv report)."""
-    for group in optimizer.param_groups:
-        if group_part(group) != "stn":
-            return float(group["lr"])
+    """Learning rate of the added layers (what the log and metrics.csv report), else of the first
+    non-STN group. The head follows the schedule throughout: while ``head_warmup_epochs`` holds the
+    trunk at 0 the log shows the rate that is training, and otherwise backbone and head share it."""
+    for wanted in (lambda part: part not in TRUNK_GROUPS, lambda part: part != "stn"):
+        for group in optimizer.param_groups:
+            if wanted(group_part(group)):
+                return float(group["lr"])
     return float(optimizer.param_groups[0]["lr"])
 
 
