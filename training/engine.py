@@ -394,11 +394,8 @@ def main_lr(optimizer: torch.optim.Optimizer) -> float:
     """Learning rate of the added layers (what the log and metrics.csv report), else of the first
     non-STN group. The head follows the schedule throughout: while ``head_warmup_epochs`` holds the
     trunk at 0 the log shows the rate that is training, and otherwise backbone and head share it."""
-    for wanted in (lambda part: part not in TRUNK_GROUPS, lambda part: part != "stn"):
-        for group in optimizer.param_groups:
-            if wanted(group_part(group)):
-                return float(group["lr"])
-    return float(optimizer.param_groups[0]["lr"])
+    rank = {"backbone": 1, "stn": 2}  # min() keeps the first group of the best rank
+    return float(min(optimizer.param_groups, key=lambda g: rank.get(group_part(g), 0))["lr"])
 
 
 def train_one_epoch(
