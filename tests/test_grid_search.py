@@ -46,6 +46,8 @@ def test_every_tunable_field_is_an_estimator_parameter():
     assert set(TUNABLE) <= set(params)
     est = HemorrhageEstimator(tiny_config("d", "r"), stage1_multi="share", subtype_ce_weight=0.5)
     assert est.effective_config().stage1_multi == "share" and est.effective_config().subtype_ce_weight == 0.5
+    est = HemorrhageEstimator(tiny_config("d", "r"), label_smoothing=0.1, label_weights=[1, 1, 1, 2, 1, 2])
+    assert est.effective_config().label_smoothing == 0.1 and est.effective_config().label_weights == [1, 1, 1, 2, 1, 2]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from hemorrhage_core import metrics
@@ -73,6 +74,48 @@ def test_make_loss_takes_the_subtype_weight_for_stage2_only():
     assert isinstance(make_loss(TrainConfig(stage=1, subtype_ce_weight=0.5)), Stage1Loss)
     with pytest.raises(ConfigError, match="subtype_ce_weight"):
         TrainConfig(subtype_ce_weight=-1.0)
+
+
+def test_stage2_label_weights_give_the_weighted_log_loss_with_those_weights():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(24, 6, generator=gen) * 2
+    target = (torch.rand(24, 6, generator=gen) > 0.6).float()
+    weights = (1.0, 1.0, 1.0, 2.0, 1.0, 2.0)  # subarachnoid counted twice, as the model card measured
+    loss = make_loss(TrainConfig(stage=2, label_weights=list(weights)))
+    reference = metrics.weighted_log_loss(target.numpy().astype(int), torch.sigmoid(logits).double().numpy(),
+                                          weights=weights)
+    assert float(loss(logits, target)) == pytest.approx(reference, rel=1e-5)
+    assert make_loss(TrainConfig(stage=2)).label_weights.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 2.0]  # RSNA's
+    for bad in ([1, 1, 1], [1, 1, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0], "balanced", [1, 1, 1, 1, 1, float("nan")]):
+        with pytest.raises(ConfigError, match="label_weights"):
+            TrainConfig(stage=2, label_weights=bad)
+
+
+def test_stage1_label_smoothing_spreads_a_share_of_each_target_over_the_classes():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, 6, generator=gen)
+    classes = torch.tensor([0, 2, 5, 1])
+    labels = torch.zeros(4, 6)  # the same slices as six labels (stage1_multi: share)
+    for row, cls in enumerate(classes.tolist()):
+        if cls:
+            labels[row, cls - 1] = 1.0
+            labels[row, 5] = 1.0
+    reference = float(F.cross_entropy(logits, classes, label_smoothing=0.1))
+    loss = make_loss(TrainConfig(stage=1, label_smoothing=0.1))
+    assert float(loss(logits, classes)) == pytest.approx(reference, rel=1e-5)
+    assert float(loss(logits, labels)) == pytest.approx(reference, rel=1e-5)
+    # By hand for a slice with two types: 0.9 of the target shared between them, 0.1 over all six.
+    two = torch.tensor([[0, 1.0, 0, 1, 0, 1]])
+    target = torch.full((6,), 0.1 / 6)
+    target[[2, 4]] += 0.45
+    assert float(loss(logits[:1], two)) == pytest.approx(float(-(target * torch.log_softmax(logits[0], 0)).sum()), rel=1e-5)
+    # A slice without a target takes no part, smoothed or not; and 0 is the plain loss.
+    unknown = torch.cat([labels[:1], torch.full((1, 6), float("nan"))])
+    assert float(loss(logits[:2], unknown)) == pytest.approx(float(loss(logits[:1], labels[:1])) / 2, rel=1e-5)
+    assert float(make_loss(TrainConfig(stage=1))(logits, classes)) == pytest.approx(float(F.cross_entropy(logits, classes)), rel=1e-5)
+    for bad in (-0.1, 1.0, True):
+        with pytest.raises(ConfigError, match="label_smoothing"):
+            TrainConfig(label_smoothing=bad)
 
 
 def test_stage1_loss_weights_samples_by_class_and_divides_by_n():

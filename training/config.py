@@ -80,6 +80,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.01  # cosine floor as a share of lr
     grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
     class_weights: str | list = "none"  # stage 1: none | balanced | six numbers (STAGE1_CLASSES order)
+    label_smoothing: float = 0.0  # stage 1: this share of each target spread evenly over the six classes
+    label_weights: list | None = None  # stage 2: six binary cross-entropy weights (LABELS order); None = RSNA's (any x2)
     stage1_multi: str = "drop"  # stage 1, slices with 2+ subtypes: drop (the original report) | share (kept, target shared among their types)
     aux_loss_weight: float = 0.4  # Inception_v3's auxiliary classifier loss weight
     subtype_ce_weight: float = 0.0  # stage 2: softmax cross-entropy among the subtypes on bleed slices (engine.Stage2Loss)
@@ -158,6 +160,18 @@ class TrainConfig:
                 "class_weights",
                 self.class_weights,
                 "must be none, balanced or six non-negative numbers",
+            )
+        _check(isinstance(self.label_smoothing, (int, float)) and not isinstance(self.label_smoothing, bool)
+               and 0.0 <= self.label_smoothing < 1.0,
+               "label_smoothing", self.label_smoothing, "must be a number in [0, 1)")
+        if self.label_weights is not None:
+            weights = list(self.label_weights) if isinstance(self.label_weights, (list, tuple)) else []
+            _check(
+                len(weights) == 6 and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
+                and sum(weights) > 0,
+                "label_weights",
+                self.label_weights,
+                "must be null or six non-negative numbers (epidural ... subdural, any), not all zero",
             )
         _check(self.stage == 2 or self.init_from is None, "init_from", self.init_from, "is for stage 2 only")
         _check(self.stage == 2 or self.head_warmup_epochs == 0, "head_warmup_epochs", self.head_warmup_epochs,

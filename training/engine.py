@@ -39,14 +39,19 @@ class NonFiniteLossError(RuntimeError):
 class Stage1Loss(nn.Module):
     """Cross-entropy over STAGE1_CLASSES, each sample scaled by its class weight, averaged over N.
 
+    ``smoothing`` (label smoothing, Szegedy et al. 2016) spreads that share of every target evenly
+    over the six classes; a sample's weight still comes from its unsmoothed target.
+
     Dividing by N (not by the sum of the weights, as CrossEntropyLoss does) keeps the loss of a batch
     split over processes equal to the mean of their losses, which is what DDP's gradient averaging
     assumes.
     """
 
-    def __init__(self, class_weights: torch.Tensor | None = None, ignore_index: int = -100) -> None:
+    def __init__(self, class_weights: torch.Tensor | None = None, ignore_index: int = -100,
+                 smoothing: float = 0.0) -> None:
         super().__init__()
         self.ignore_index = ignore_index
+        self.smoothing = float(smoothing)
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(len(STAGE1_CLASSES)))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -54,7 +59,8 @@ class Stage1Loss(nn.Module):
             return self._shared(logits.float(), target.float())
         target = target.long()
         keep = target != self.ignore_index
-        per_sample = F.cross_entropy(logits.float(), target.clamp_min(0), reduction="none")
+        per_sample = F.cross_entropy(logits.float(), target.clamp_min(0), reduction="none",
+                                     label_smoothing=self.smoothing)
         weights = self.class_weights.to(per_sample.device)[target.clamp_min(0)] * keep
         return (per_sample * weights).sum() / max(int(target.numel()), 1)
 
@@ -62,7 +68,9 @@ class Stage1Loss(nn.Module):
         """(N, 6) LABELS targets (``stage1_multi: share``): see ``shared_stage1_targets``; a sample's
         weight is the same mix of class weights. A single-type slice gets exactly the hard-label loss."""
         soft = shared_stage1_targets(labels)
-        per_sample = -(soft * F.log_softmax(logits, dim=1)).sum(dim=1)
+        # Rows with no target (all zeros) stay all zeros: they take no part, smoothed or not.
+        smooth = soft * (1.0 - self.smoothing) + soft.sum(dim=1, keepdim=True) * (self.smoothing / soft.shape[1])
+        per_sample = -(smooth * F.log_softmax(logits, dim=1)).sum(dim=1)
         weights = soft @ self.class_weights.to(soft.device)
         return (per_sample * weights).sum() / max(int(labels.shape[0]), 1)
 
@@ -131,8 +139,9 @@ def class_weights_for(config: TrainConfig, stage1_classes: np.ndarray) -> torch.
 def make_loss(config: TrainConfig, stage1_classes: np.ndarray | None = None) -> nn.Module:
     if config.stage == 1:
         weights = class_weights_for(config, stage1_classes if stage1_classes is not None else np.zeros(0, int))
-        return Stage1Loss(weights)
-    return Stage2Loss(subtype_ce=config.subtype_ce_weight)
+        return Stage1Loss(weights, smoothing=config.label_smoothing)
+    weights = LABEL_WEIGHTS if config.label_weights is None else tuple(float(w) for w in config.label_weights)
+    return Stage2Loss(weights, subtype_ce=config.subtype_ce_weight)
 
 
 # ------------------------------------------------------------------------------ optimizer, schedule

@@ -24,7 +24,8 @@ from training.config import ConfigError, TrainConfig
 TUNABLE: tuple[str, ...] = (
     "lr", "batch_size", "epochs", "image_size", "input_size", "stn_lr_scale", "weight_decay",
     "warmup_epochs", "schedule", "augment", "dropout", "freeze_trunk", "freeze_bn", "grad_clip",
-    "class_weights", "stage1_multi", "subtype_ce_weight", "repeat_threshold", "fine_size", "head_warmup_epochs",
+    "class_weights", "label_smoothing", "label_weights", "stage1_multi", "subtype_ce_weight", "repeat_threshold",
+    "fine_size", "head_warmup_epochs",
 )
 
 
@@ -54,6 +55,8 @@ class HemorrhageEstimator(BaseEstimator):
         freeze_bn: bool | None = None,
         grad_clip: float | None = None,
         class_weights: str | list | None = None,
+        label_smoothing: float | None = None,
+        label_weights: list | None = None,
         stage1_multi: str | None = None,
         subtype_ce_weight: float | None = None,
         repeat_threshold: float | None = None,
@@ -76,6 +79,8 @@ class HemorrhageEstimator(BaseEstimator):
         self.freeze_bn = freeze_bn
         self.grad_clip = grad_clip
         self.class_weights = class_weights
+        self.label_smoothing = label_smoothing
+        self.label_weights = label_weights
         self.stage1_multi = stage1_multi
         self.subtype_ce_weight = subtype_ce_weight
         self.repeat_threshold = repeat_threshold
