@@ -154,9 +154,8 @@ class TrainConfig:
         if isinstance(self.class_weights, str):
             _check(self.class_weights in CLASS_WEIGHTS, "class_weights", self.class_weights, "must be none, balanced or six numbers")
         else:
-            weights = list(self.class_weights)
             _check(
-                len(weights) == 6 and all(isinstance(w, (int, float)) and w >= 0 for w in weights),
+                _six_weights(self.class_weights),
                 "class_weights",
                 self.class_weights,
                 "must be none, balanced or six non-negative numbers",
@@ -165,10 +164,9 @@ class TrainConfig:
                and 0.0 <= self.label_smoothing < 1.0,
                "label_smoothing", self.label_smoothing, "must be a number in [0, 1)")
         if self.label_weights is not None:
-            weights = list(self.label_weights) if isinstance(self.label_weights, (list, tuple)) else []
             _check(
-                len(weights) == 6 and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
-                and sum(weights) > 0,
+                _six_weights(self.label_weights) and all(map(math.isfinite, self.label_weights))
+                and sum(self.label_weights) > 0,
                 "label_weights",
                 self.label_weights,
                 "must be null or six non-negative numbers (epidural ... subdural, any), not all zero",
@@ -257,6 +255,17 @@ def preset_path(name: str) -> Path:
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(known)} (or a path to a .yaml file)")
     return path
+
+
+def _six_weights(value: Any) -> bool:
+    """True for six non-negative numbers (per-class or per-label loss weights), not a string."""
+    if isinstance(value, str):
+        return False
+    try:
+        values = list(value)
+    except TypeError:
+        return False
+    return len(values) == 6 and all(isinstance(w, (int, float)) and w >= 0 for w in values)
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:
