@@ -54,6 +54,21 @@ def test_factors_against_hand_counts():
     assert repeat_factors(np.array([[NAN] * 6]), 0.5).tolist() == [1.0]
 
 
+def test_a_boost_multiplies_its_categories_factors():
+    targets = np.array([_six()] * 6 + [_six(epidural=1)] + [_six(sdh=1)] * 2 + [_six(epidural=1, sdh=1)])
+    boost = [1.0, 2.0, 3.0, 1.0, 1.0, 1.5]
+    factors = category_factors(targets, 0.5, boost)
+    assert factors["epidural"] == pytest.approx(2 * math.sqrt(0.5 / 0.2))
+    assert factors["subdural"] == pytest.approx(1.5 * math.sqrt(0.5 / 0.3))
+    assert factors["none"] == 1.0 and factors["intraparenchymal"] == 1.0  # 1 x 1; held by no slice, so 1
+    edh, sdh = 2 * math.sqrt(2.5), 1.5 * math.sqrt(5 / 3)
+    np.testing.assert_allclose(repeat_factors(targets, 0.5, boost), [1.0] * 6 + [edh] + [sdh] * 2 + [max(edh, sdh)])
+    np.testing.assert_allclose(repeat_factors(targets, 0.5, [1.0] * 6), repeat_factors(targets, 0.5))
+    for bad in ([1.0] * 5, [1.0, 0.5, 1, 1, 1, 1], [1.0, NAN, 1, 1, 1, 1]):
+        with pytest.raises(ValueError, match="repeat boost"):
+            repeat_factors(targets, 0.5, bad)
+
+
 def test_an_epoch_keeps_its_length_and_depends_on_seed_and_epoch_only():
     factors = np.array([1.0] * 7 + [2.5, 1.3, 3.0])
     sampler = RepeatFactorSampler(factors, seed=3)
@@ -106,6 +121,12 @@ def test_refusals():
     for bad in (-0.1, 1.5):
         with pytest.raises(ConfigError, match="repeat_threshold"):
             TrainConfig(repeat_threshold=bad)
+    for bad in ([1, 2, 1, 1, 1], [1, 0.5, 1, 1, 1, 1], "epidural", [1, float("inf"), 1, 1, 1, 1]):
+        with pytest.raises(ConfigError, match="repeat_boost"):
+            TrainConfig(repeat_threshold=0.4, repeat_boost=bad)
+    with pytest.raises(ConfigError, match="set repeat_threshold > 0"):
+        TrainConfig(repeat_boost=[1, 2, 1, 1, 1, 1])
+    assert TrainConfig(repeat_threshold=0.4, repeat_boost=[1, 2, 1, 1, 1, 1]).repeat_boost == [1, 2, 1, 1, 1, 1]
 
 
 def test_the_trainer_samples_by_repeat_factor_when_asked(tmp_path):
@@ -123,5 +144,10 @@ def test_the_trainer_samples_by_repeat_factor_when_asked(tmp_path):
     assert isinstance(loader.sampler, RepeatFactorSampler)
     np.testing.assert_allclose(loader.sampler.factors, repeat_factors(np.asarray(dataset.targets), 0.5))
     assert len(loader.sampler) == len(dataset)
+    boosted = trainer.train_loader(dataset, TrainConfig.from_dict({"repeat_boost": [1, 3, 1, 1, 1, 1]}, base=config),
+                                   DistEnv(), trainer.torch.device("cpu"))
+    targets = np.asarray(dataset.targets)
+    np.testing.assert_allclose(boosted.sampler.factors, repeat_factors(targets, 0.5, [1, 3, 1, 1, 1, 1]))
+    assert boosted.sampler.factors.max() > loader.sampler.factors.max()  # the tiny set holds epidural slices
     off = trainer.train_loader(dataset, TrainConfig(data=str(data)), DistEnv(), trainer.torch.device("cpu"))
     assert not isinstance(off.sampler, RepeatFactorSampler)

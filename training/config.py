@@ -86,6 +86,7 @@ class TrainConfig:
     aux_loss_weight: float = 0.4  # Inception_v3's auxiliary classifier loss weight
     subtype_ce_weight: float = 0.0  # stage 2: softmax cross-entropy among the subtypes on bleed slices (engine.Stage2Loss)
     repeat_threshold: float = 0.0  # > 0: repeat-factor sampling, a category of frequency f < t drawn sqrt(t / f) x as often (training.sampling)
+    repeat_boost: list | None = None  # with repeat_threshold: six multipliers >= 1 of those factors (STAGE1_CLASSES order)
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16)
     channels_last: bool = True  # memory format, used on CUDA (and on CPU with cpu_bf16)
     cpu_bf16: bool = False  # on a CPU with native bf16 (AVX512-BF16/AMX): bf16 autocast + channels_last
@@ -171,6 +172,15 @@ class TrainConfig:
                 self.label_weights,
                 "must be null or six non-negative numbers (epidural ... subdural, any), not all zero",
             )
+        if self.repeat_boost is not None:
+            _check(
+                _six_weights(self.repeat_boost) and all(math.isfinite(b) and b >= 1 for b in self.repeat_boost),
+                "repeat_boost",
+                self.repeat_boost,
+                "must be null or six numbers >= 1 (none, epidural ... subdural)",
+            )
+            _check(self.repeat_threshold > 0, "repeat_boost", self.repeat_boost,
+                   "multiplies repeat-factor sampling's factors: set repeat_threshold > 0 too")
         _check(self.stage == 2 or self.init_from is None, "init_from", self.init_from, "is for stage 2 only")
         _check(self.stage == 2 or self.head_warmup_epochs == 0, "head_warmup_epochs", self.head_warmup_epochs,
                "is for stage 2 only (the trunk it holds comes from stage 1)")

@@ -6,13 +6,14 @@ Each epoch draws every slice floor(r) times and once more with probability r - f
 draws and keeps as many as the dataset has slices, so an epoch costs what it cost without it: rare
 types come more often, common slices a little less. The draws depend on (seed, epoch) alone and are
 cut into ranks like DistributedSampler's, so N processes see what one process sees and a resumed run
-sees what an uninterrupted one saw.
+sees what an uninterrupted one saw. A boost multiplies chosen categories' factors beyond the rule, for a
+type that its frequency alone does not make hard (``repeat_boost``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,21 +41,28 @@ def category_matrix(targets: np.ndarray) -> np.ndarray:
     return np.concatenate([none[:, None], subtypes], axis=1)
 
 
-def _factors(held: np.ndarray, threshold: float) -> np.ndarray:
+def _factors(held: np.ndarray, threshold: float, boost: Sequence[float] | None) -> np.ndarray:
     frequency = held.mean(axis=0) if len(held) else np.zeros(len(CATEGORIES))
     safe = np.where(frequency > 0, frequency, 1.0)
-    return np.where(frequency > 0, np.maximum(1.0, np.sqrt(threshold / safe)), 1.0)
+    factors = np.where(frequency > 0, np.maximum(1.0, np.sqrt(threshold / safe)), 1.0)
+    if boost is None:
+        return factors
+    boost = np.asarray(boost, dtype=np.float64)
+    if boost.shape != (len(CATEGORIES),) or not np.all(np.isfinite(boost)) or np.any(boost < 1.0):
+        raise ValueError(f"repeat boost must be {len(CATEGORIES)} finite numbers >= 1 ({', '.join(CATEGORIES)})")
+    return np.where(frequency > 0, factors * boost, 1.0)
 
 
-def category_factors(targets: np.ndarray, threshold: float) -> dict[str, float]:
-    """r_c = max(1, sqrt(threshold / f_c)) per category (1 for a category no slice holds)."""
-    return dict(zip(CATEGORIES, _factors(category_matrix(targets), threshold).tolist(), strict=True))
+def category_factors(targets: np.ndarray, threshold: float, boost: Sequence[float] | None = None) -> dict[str, float]:
+    """r_c = max(1, sqrt(threshold / f_c)) per category, times its ``boost`` (six multipliers in
+    CATEGORIES order; a category no slice holds keeps 1)."""
+    return dict(zip(CATEGORIES, _factors(category_matrix(targets), threshold, boost).tolist(), strict=True))
 
 
-def repeat_factors(targets: np.ndarray, threshold: float) -> np.ndarray:
+def repeat_factors(targets: np.ndarray, threshold: float, boost: Sequence[float] | None = None) -> np.ndarray:
     """Each slice's factor: the largest of its categories' (1 for a slice with none)."""
     held = category_matrix(targets)
-    return np.where(held, _factors(held, threshold)[None, :], 1.0).max(axis=1, initial=1.0)
+    return np.where(held, _factors(held, threshold, boost)[None, :], 1.0).max(axis=1, initial=1.0)
 
 
 class RepeatFactorSampler(Sampler[int]):

@@ -287,7 +287,8 @@ def train_loader(dataset, config: TrainConfig, env: D.DistEnv, device: torch.dev
     from training.sampling import RepeatFactorSampler, repeat_factors
 
     if config.repeat_threshold > 0:
-        sampler = RepeatFactorSampler(repeat_factors(np.asarray(dataset.targets), config.repeat_threshold),
+        sampler = RepeatFactorSampler(repeat_factors(np.asarray(dataset.targets), config.repeat_threshold,
+                                                     config.repeat_boost),
                                       num_replicas=env.world_size, rank=env.rank, seed=config.seed)
     else:
         sampler = D.train_sampler(dataset, env, seed=config.seed)
@@ -666,7 +667,8 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
             if config.repeat_threshold > 0:
                 from training.sampling import category_factors
 
-                factors = category_factors(np.asarray(train_set.targets), config.repeat_threshold)
+                factors = category_factors(np.asarray(train_set.targets), config.repeat_threshold,
+                                           config.repeat_boost)
                 writer.log(f"repeat-factor sampling at threshold {config.repeat_threshold:g}: "
                            + ", ".join(f"{name} x{value:.2f}" for name, value in factors.items()))
     run_dir = Path(D.broadcast(str(writer.path) if writer else None, env))
