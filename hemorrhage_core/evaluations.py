@@ -147,6 +147,7 @@ def evaluation_metrics(frame: pd.DataFrame, thresholds: Mapping[str, Any], *, st
     }
     out["consistent"] = consistent_report(y_true, y_prob)
     out["auc_given_any"] = subtype_auc_given_any(y_true, y_prob)
+    out["subtype_pairs"] = subtype_pair_auc(y_true, y_prob)
     return out
 
 
@@ -157,6 +158,26 @@ def subtype_auc_given_any(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, f
     bleeds = y_true[:, LABELS.index("any")] == 1
     return {label: metrics.roc_auc(y_true[bleeds, j], y_prob[bleeds, j])
             for j, label in enumerate(LABELS) if label != "any"}
+
+
+def subtype_pair_auc(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """``{A: {B: AUC}}``: subtype A's output on the slices holding A against the slices holding B but not
+    A, for every other subtype B. Below 0.5 the output ranks B's slices above A's own: A is taken for B
+    (a lens of epidural blood read as "blood under the skull" rates the longer subdural crescents
+    higher). Slices holding both count as A's positives only. None where either side is empty."""
+    out: dict[str, dict[str, float | None]] = {}
+    for a in SUBTYPES:
+        j = LABELS.index(a)
+        held = y_true[:, j] == 1
+        row: dict[str, float | None] = {}
+        for b in SUBTYPES:
+            if b == a:
+                continue
+            other = (y_true[:, LABELS.index(b)] == 1) & (y_true[:, j] == 0)
+            pick = held | other
+            row[b] = metrics.roc_auc(held[pick].astype(np.int64), y_prob[pick, j])
+        out[a] = row
+    return out
 
 
 def auc_by_size(frame: pd.DataFrame, areas: pd.DataFrame, bins: int = 3) -> dict[str, list[dict[str, Any]] | None]:

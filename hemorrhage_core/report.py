@@ -32,9 +32,10 @@ from hemorrhage_core.evaluations import (
     calibration_report,
     load_evaluation,
     subtype_auc_given_any,
+    subtype_pair_auc,
     validation_frame,
 )
-from hemorrhage_core.labels import LABELS
+from hemorrhage_core.labels import LABELS, SUBTYPES
 from hemorrhage_core.metrics import mean_defined, per_label_auc, weighted_log_loss
 from hemorrhage_core.runs import RunFormatError, list_runs, read_run
 
@@ -387,6 +388,23 @@ def subtype_table(content: ReportContent) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def subtype_pairs_table(content: ReportContent) -> pd.DataFrame:
+    """Each subtype output against each other type (``evaluations.subtype_pair_auc``), one row per run,
+    data set and output: which type an output takes for its own."""
+    rows = []
+    for item, name, data in _ordered_data(content):
+        pairs = subtype_pair_auc(*arrays(data.predictions))
+        for label in SUBTYPES:
+            rows.append({
+                "run": item.run.name,
+                "run id": item.run.id,
+                "data": data_label(name),
+                "output": label,
+                **{f"against {other}": pairs[label].get(other) for other in SUBTYPES},
+            })
+    return pd.DataFrame(rows)
+
+
 COMPARISON_COLUMNS = ("level", "label", "positives", "AUC A", "AUC B", "A − B", "95% CI low", "95% CI high",
                       "p (DeLong)", "p (Holm)")
 
@@ -490,6 +508,9 @@ _TABLES = {
     "auc": ("ROC AUC per class", auc_table, "Validation chose each run's best epoch, so its numbers are optimistic."),
     "subtypes": ("Subtypes among the slices that bleed", subtype_table,
                  "Each subtype's AUC on the slices with blood only: how well the outputs tell the types apart."),
+    "subtype_pairs": ("Which type each subtype output takes for its own", subtype_pairs_table,
+                      "A subtype's output on its own slices against the slices of one other type without it; "
+                      "under 0.5 it rates the other type's slices higher."),
     "comparison": ("Paired comparison of the final models (A minus B)", comparison_table, ""),
     "calibration": ("Calibration", calibration_table, ""),
     "thresholds": ("Operating points", thresholds_table,

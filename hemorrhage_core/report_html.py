@@ -160,7 +160,9 @@ def _runs_section(tables: Mapping[str, ReportTable]) -> str:
 def _roc_section(content: ReportContent, tables: Mapping[str, ReportTable]) -> str:
     from hemorrhage_core.report_figures import roc_svg
 
-    parts = ['<h2 id="roc">Discrimination: ROC per class</h2>', table_html(tables["auc"])]
+    parts = ['<h2 id="roc">Discrimination: ROC per class</h2>', table_html(tables["auc"]),
+             f"<h3>{_e(tables['subtypes'].title)}</h3>", table_html(tables["subtypes"]),
+             f"<h3>{_e(tables['subtype_pairs'].title)}</h3>", table_html(tables["subtype_pairs"])]
     for name in dict.fromkeys([content.evaluation, VALIDATION]):
         shown = [(item, item.data[name]) for item in content.runs if name in item.data]
         if not shown:

@@ -119,6 +119,30 @@ def test_subtype_auc_given_any_scores_the_bleed_slices_only():
     assert ev.subtype_auc_given_any(*ev.arrays(frame[frame["true_any"] == 0]))["subdural"] is None
 
 
+def test_subtype_pairs_score_each_output_against_each_other_type():
+    frame = predictions()
+    out = ev.evaluation_metrics(frame, ev.choose_thresholds(frame), stage=2)["subtype_pairs"]
+    subtypes = [label for label in LABELS if label != "any"]
+    assert set(out) == set(subtypes) and all(set(out[a]) == set(subtypes) - {a} for a in subtypes)
+    for a in subtypes:
+        for b in subtypes:
+            if b == a:
+                continue
+            own = frame[frame[f"true_{a}"] == 1]
+            other = frame[(frame[f"true_{b}"] == 1) & (frame[f"true_{a}"] == 0)]
+            y = np.r_[np.ones(len(own)), np.zeros(len(other))]
+            expected = roc_auc_score(y, np.r_[own[f"prob_{a}"], other[f"prob_{a}"]])
+            assert out[a][b] == pytest.approx(expected, abs=1e-12)
+    # An epidural output that reads "blood under the skull" (higher on subdural slices than on its own)
+    # is taken for subdural: under 0.5 against it.
+    taken = frame.copy()
+    taken["prob_epidural"] = 0.2 * taken["true_epidural"] + 0.6 * taken["true_subdural"]
+    taken = taken[(taken["true_epidural"] + taken["true_subdural"]) < 2]
+    assert ev.subtype_pair_auc(*ev.arrays(taken))["epidural"]["subdural"] == 0.0
+    no_edh = frame[frame["true_epidural"] == 0]
+    assert ev.subtype_pair_auc(*ev.arrays(no_edh))["epidural"]["subdural"] is None
+
+
 def test_a_label_with_one_class_gets_the_default_threshold_and_says_so():
     frame = predictions()
     frame["true_epidural"] = 0

@@ -144,6 +144,23 @@ def test_auc_rows_put_the_held_out_test_first_and_mark_validation_optimistic(pip
     assert rows and all(r.startswith(' class="optimistic"') for r in rows)
 
 
+def test_subtype_pair_rows_are_the_evaluations_pair_aucs(pipeline):
+    from hemorrhage_core.evaluations import arrays, subtype_pair_auc
+    from hemorrhage_core.labels import SUBTYPES
+
+    content = collect_report(pipeline["runs"], n_resamples=20)
+    table = {t.key: t for t in report_tables(content)}["subtype_pairs"].frame
+    assert len(table) == 8 * len(SUBTYPES) and list(table["output"][:5]) == list(SUBTYPES)
+    for _, row in table.iterrows():
+        name = TEST if row["data"].startswith(TEST) else "validation"
+        pairs = subtype_pair_auc(*arrays(load_evaluation(pipeline["runs"] / row["run id"], name).predictions))
+        for other in SUBTYPES:
+            value, expected = row[f"against {other}"], pairs[row["output"]].get(other)
+            assert (value is None or np.isnan(value)) if expected is None else value == pytest.approx(expected)
+    html = build_report(pipeline["runs"], n_resamples=20)
+    assert 'id="table-subtype_pairs"' in html and 'id="table-subtypes"' in html
+
+
 def test_subtype_rows_score_the_bleed_slices_of_each_evaluation(pipeline):
     content = collect_report(pipeline["runs"], n_resamples=20)
     table = {t.key: t for t in report_tables(content)}["subtypes"].frame

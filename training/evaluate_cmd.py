@@ -8,7 +8,8 @@ validation predictions first). ``--json`` prints one object with the keys ``n_im
 ``average_precision, brier, ece`` (15 equal-width bins), ``threshold`` (chosen on validation by Youden's
 J), ``sensitivity, specificity, ppv, npv`` (at that threshold), ``n_patients``, ``n_studies``, ``study``
 (the same maps with one row per series, the maximum over its slices), ``calibration`` (applied or not;
-Brier, ECE and log loss before and after), ``zsmoothed``, ``flagged`` and the run's
+Brier, ECE and log loss before and after), ``zsmoothed``, ``flagged``, ``auc_given_any``,
+``subtype_pairs`` (``{A: {B: AUC}}``, ``hemorrhage_core.evaluations.subtype_pair_auc``) and the run's
 ``run``/``backbone``/``stage``; with ``--by-size`` (synthetic sets) also ``by_size``: per label a list
 of three groups of its positives by blood area, each ``{n, area_mm2: [min, max], auc, auc_given_any}``
 (``hemorrhage_core.evaluations.auc_by_size``). ``--save NAME`` also writes RUN/evaluations/NAME/ (predictions.csv,
@@ -77,6 +78,7 @@ def _print_report(result: dict[str, Any], stream) -> None:
     print(f"\nz-smoothed: weighted log loss {_fmt(result['zsmoothed']['weighted_log_loss'])}, "
           f"AUC any {_fmt(result['zsmoothed']['auc']['any'])}", file=stream)
     print(f"accuracy {_fmt(result['accuracy'])} ({result['accuracy_kind']})", file=stream)
+    _print_pairs(result["subtype_pairs"], stream)
     cal = result.get("calibration") or {}
     if cal.get("applied"):
         before, after = cal["before"], cal["after"]
@@ -88,6 +90,16 @@ def _print_report(result: dict[str, Any], stream) -> None:
         shown = ", ".join(result["skipped"][:10])
         more = f" and {len(result['skipped']) - 10} more" if len(result["skipped"]) > 10 else ""
         print(f"skipped: {shown}{more}", file=stream)
+
+
+def _print_pairs(pairs: dict[str, dict[str, float | None]], stream) -> None:
+    from hemorrhage_core.labels import SUBTYPES
+
+    print("\nsubtype output (row) on its own slices against the slices of another type (column) without it; "
+          "under 0.5: taken for that type", file=stream)
+    print(f"{'':<18}" + "".join(f"{b[:8]:>10}" for b in SUBTYPES), file=stream)
+    for a in SUBTYPES:
+        print(f"{a:<18}" + "".join(f"{'-' if b == a else _fmt(pairs[a][b], 3):>10}" for b in SUBTYPES), file=stream)
 
 
 def _print_by_size(by_size: dict[str, Any], stream) -> None:
