@@ -38,6 +38,7 @@ from hemorrhage_core.evaluations import (
 from hemorrhage_core.labels import LABELS, SUBTYPES
 from hemorrhage_core.metrics import mean_defined, per_label_auc, weighted_log_loss
 from hemorrhage_core.runs import RunFormatError, list_runs, read_run
+from hemorrhage_core.windowing import WindowStack
 
 PIPELINE_JSON = "pipeline.json"  # written by `python -m training pipeline` (see docs/run-format.md)
 PIPELINE_ROLES: tuple[tuple[str, str, str], ...] = (
@@ -238,6 +239,12 @@ def _setting_text(key: str, value: Any) -> str:
         return ""
     if key in PATH_SETTINGS and isinstance(value, str) and value:
         return Path(value).name
+    if key == "windows" and isinstance(value, list):
+        # Stage 1 records preset names, stage 2 the windows its checkpoint resolved: one text for both.
+        try:
+            return WindowStack.from_list(value).key()
+        except (ValueError, KeyError, TypeError):
+            pass  # not a window list the project reads: shown as written
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return str(value)

@@ -305,3 +305,15 @@ def test_report_of_a_real_tiny_pipeline(tmp_path, capsys):
     assert test_rows["images"] == str(record["test"]["n_images"]) and test_rows["patients"] == str(
         record["test"]["n_patients"])
     assert set(TRUE_COLUMNS + PROB_COLUMNS) <= set(a.columns)
+
+
+def test_windows_named_or_resolved_read_the_same_in_the_settings_table():
+    from hemorrhage_core.report import _setting_text
+
+    named = _setting_text("windows", ["brain", "subdural", "bone"])
+    resolved = _setting_text("windows", [{"name": "brain", "center": 40.0, "width": 80.0},
+                                         {"name": "subdural", "center": 80.0, "width": 200.0},
+                                         {"name": "bone", "center": 600.0, "width": 2800.0}])
+    assert named == resolved == "brain40x80-subdural80x200-bone600x2800"
+    assert _setting_text("windows", ["brain", {"name": "blood", "center": 60, "width": 40}]) == "brain40x80-blood60x40"
+    assert _setting_text("windows", ["no-such-window"]) == '["no-such-window"]'  # shown as written
