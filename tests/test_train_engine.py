@@ -30,6 +30,7 @@ from training.engine import (
     make_scheduler,
     predict_loader,
     set_batchnorm_eval,
+    subtype_rank_loss,
     train_one_epoch,
 )
 
@@ -69,8 +70,54 @@ def test_stage2_subtype_cross_entropy_scores_the_bleed_slices_against_their_type
         float(extra(logits, target)) - float(Stage2Loss()(logits, target)), rel=1e-5)
 
 
+def test_subtype_rank_loss_ranks_each_subtype_among_the_bleed_slices_by_hand():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 6, generator=gen) * 2
+    target = torch.tensor([
+        [0, 0, 0, 0, 0, 0],  # no blood: in no pair
+        [1, 0, 0, 0, 1, 1],  # epidural and subdural
+        [0, 0, 0, 0, 1, 1],  # subdural
+        [0, 1, 0, 0, 0, 1],  # intraparenchymal
+        [1, 0, 0, 0, 0, 1],  # epidural
+        [0, 0, 0, 1, 0, float("nan")],  # any unknown: in no pair
+    ])
+    z = logits.double()
+    pairs = {0: ([1, 4], [2, 3]), 1: ([3], [1, 2, 4]), 4: ([1, 2], [3, 4])}  # IVH and SAH: no positive bleed slice
+    hand = [np.mean([math.log1p(math.exp(float(z[j, k] - z[i, k]))) for i in has for j in lacks])
+            for k, (has, lacks) in pairs.items()]
+    assert float(subtype_rank_loss(logits, target)) == pytest.approx(float(np.mean(hand)), rel=1e-5)
+    assert float(Stage2Loss(subtype_rank=0.5)(logits, target)) - float(Stage2Loss()(logits, target)) == pytest.approx(
+        0.5 * float(np.mean(hand)), rel=1e-5)
+    # Levels stay with the sigmoids: a shift of any subtype's logits changes nothing.
+    shifted = logits.clone()
+    shifted[:, 0] += 5.0
+    shifted[:, 4] -= 2.0
+    assert float(subtype_rank_loss(shifted, target)) == pytest.approx(float(subtype_rank_loss(logits, target)), rel=1e-6)
+
+
+def test_subtype_rank_loss_is_multi_label_and_zero_without_pairs():
+    # A slice with epidural and subdural blood: the term asks both of its outputs up, where the
+    # softmax would ask them to be equal.
+    logits = torch.zeros(3, 6, requires_grad=True)
+    target = torch.tensor([[1, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1], [1, 0, 0, 0, 0, 1.0]])
+    subtype_rank_loss(logits, target).backward()
+    assert logits.grad[0, 0] < 0 and logits.grad[0, 4] < 0  # descent raises both
+    assert logits.grad[1, 0] > 0 and logits.grad[2, 4] > 0  # and lowers each on the slice without it
+    # A batch without blood, or with one type only, has no pair: zero, and still differentiable.
+    none = torch.zeros(4, 6, requires_grad=True)
+    loss = subtype_rank_loss(none, torch.tensor([[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1.0]] * 2))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(none.grad, torch.zeros(4, 6))
+    # Perfectly ranked with a wide margin: close to 0.
+    far = torch.tensor([[9.0, 0, 0, 0, -9, 0], [-9, 0, 0, 0, 9, 0]])
+    assert float(subtype_rank_loss(far, torch.tensor([[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 1, 1.0]]))) < 1e-7
+
+
 def test_make_loss_takes_the_subtype_weight_for_stage2_only():
     assert make_loss(TrainConfig(stage=2, subtype_ce_weight=0.5)).subtype_ce == 0.5
+    assert make_loss(TrainConfig(stage=2, subtype_rank_weight=0.5)).subtype_rank == 0.5
+    with pytest.raises(ConfigError, match="subtype_rank_weight"):
+        TrainConfig(subtype_rank_weight=float("nan"))
     assert isinstance(make_loss(TrainConfig(stage=1, subtype_ce_weight=0.5)), Stage1Loss)
     with pytest.raises(ConfigError, match="subtype_ce_weight"):
         TrainConfig(subtype_ce_weight=-1.0)

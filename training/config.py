@@ -85,6 +85,7 @@ class TrainConfig:
     stage1_multi: str = "drop"  # stage 1, slices with 2+ subtypes: drop (the original report) | share (kept, target shared among their types)
     aux_loss_weight: float = 0.4  # Inception_v3's auxiliary classifier loss weight
     subtype_ce_weight: float = 0.0  # stage 2: softmax cross-entropy among the subtypes on bleed slices (engine.Stage2Loss)
+    subtype_rank_weight: float = 0.0  # stage 2: pairwise ranking of each subtype among bleed slices (engine.subtype_rank_loss)
     repeat_threshold: float = 0.0  # > 0: repeat-factor sampling, a category of frequency f < t drawn sqrt(t / f) x as often (training.sampling)
     repeat_boost: list | None = None  # with repeat_threshold: six multipliers >= 1 of those factors (STAGE1_CLASSES order)
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16)
@@ -125,7 +126,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
         for name in ("lr", "weight_decay", "stn_lr_scale", "warmup_epochs", "min_lr_ratio", "aux_loss_weight",
-                     "subtype_ce_weight", "repeat_threshold", "head_warmup_epochs"):
+                     "subtype_ce_weight", "subtype_rank_weight", "repeat_threshold", "head_warmup_epochs"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")
         _check(self.lr > 0, "lr", self.lr, "must be > 0")

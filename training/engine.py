@@ -96,12 +96,18 @@ class Stage2Loss(nn.Module):
     negatives are slices without blood; the softmax term makes the subtypes compete on the slices that
     bleed, as stage 1's softmax does, and leaves the binary terms (and so calibration) in charge of the
     levels. A slice with an unknown label takes no part in it.
+
+    ``subtype_rank`` > 0 adds ``subtype_rank_loss`` times it: per subtype, the batch's slices that bleed
+    with that type ranked above those that bleed without it. Unlike the softmax it is multi-label: a
+    slice with epidural and subdural blood asks both outputs to be high, not to be equal.
     """
 
-    def __init__(self, label_weights: tuple[float, ...] = LABEL_WEIGHTS, subtype_ce: float = 0.0) -> None:
+    def __init__(self, label_weights: tuple[float, ...] = LABEL_WEIGHTS, subtype_ce: float = 0.0,
+                 subtype_rank: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("label_weights", torch.tensor(label_weights, dtype=torch.float32))
         self.subtype_ce = float(subtype_ce)
+        self.subtype_rank = float(subtype_rank)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()
@@ -115,7 +121,30 @@ class Stage2Loss(nn.Module):
             share = shared_stage1_targets(target)[:, 1:]
             ce = -(share * F.log_softmax(logits[:, :-1], dim=1)).sum(dim=1)
             loss = loss + self.subtype_ce * ce.sum() / max(int(target.shape[0]), 1)
+        if self.subtype_rank > 0:
+            loss = loss + self.subtype_rank * subtype_rank_loss(logits, target)
         return loss
+
+
+def subtype_rank_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pairwise logistic (RankNet) loss of each subtype among the slices that bleed: for subtype k,
+    the mean of softplus(z_j - z_i) over pairs of a slice i with k and a slice j with blood but not k,
+    then the mean over the subtypes that have such a pair in the batch (0 when none has). A smooth
+    surrogate of 1 - AUC among bleed slices (``auc_given_any``); every subtype weighs the same however
+    rare, and a shift of all of a subtype's logits leaves it unchanged, so levels stay the BCE's.
+    Slices whose ``any`` or subtype label is unknown take no part."""
+    logits, target = logits.float(), target.float()
+    known = torch.isfinite(target)
+    bleed = known[:, -1] & (torch.where(known[:, -1], target[:, -1], torch.zeros_like(target[:, -1])) == 1)
+    terms = []
+    for k in range(target.shape[1] - 1):
+        labelled = bleed & known[:, k]
+        has = labelled & (target[:, k] == 1)
+        lacks = labelled & (target[:, k] == 0)
+        if has.any() and lacks.any():
+            z = logits[:, k]
+            terms.append(F.softplus(z[lacks][None, :] - z[has][:, None]).mean())
+    return torch.stack(terms).mean() if terms else logits.sum() * 0.0
 
 
 def class_weights_for(config: TrainConfig, stage1_classes: np.ndarray) -> torch.Tensor | None:
@@ -141,7 +170,7 @@ def make_loss(config: TrainConfig, stage1_classes: np.ndarray | None = None) -> 
         weights = class_weights_for(config, stage1_classes if stage1_classes is not None else np.zeros(0, int))
         return Stage1Loss(weights, smoothing=config.label_smoothing)
     weights = LABEL_WEIGHTS if config.label_weights is None else tuple(float(w) for w in config.label_weights)
-    return Stage2Loss(weights, subtype_ce=config.subtype_ce_weight)
+    return Stage2Loss(weights, subtype_ce=config.subtype_ce_weight, subtype_rank=config.subtype_rank_weight)
 
 
 # ------------------------------------------------------------------------------ optimizer, schedule

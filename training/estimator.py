@@ -24,8 +24,8 @@ from training.config import ConfigError, TrainConfig
 TUNABLE: tuple[str, ...] = (
     "lr", "batch_size", "epochs", "image_size", "input_size", "stn_lr_scale", "weight_decay",
     "warmup_epochs", "schedule", "augment", "dropout", "freeze_trunk", "freeze_bn", "grad_clip",
-    "class_weights", "label_smoothing", "label_weights", "stage1_multi", "subtype_ce_weight", "repeat_threshold",
-    "repeat_boost", "fine_size", "head_warmup_epochs",
+    "class_weights", "label_smoothing", "label_weights", "stage1_multi", "subtype_ce_weight", "subtype_rank_weight",
+    "repeat_threshold", "repeat_boost", "fine_size", "head_warmup_epochs",
 )
 
 
@@ -59,6 +59,7 @@ class HemorrhageEstimator(BaseEstimator):
         label_weights: list | None = None,
         stage1_multi: str | None = None,
         subtype_ce_weight: float | None = None,
+        subtype_rank_weight: float | None = None,
         repeat_threshold: float | None = None,
         repeat_boost: list | None = None,
         fine_size: int | None = None,
@@ -84,6 +85,7 @@ class HemorrhageEstimator(BaseEstimator):
         self.label_weights = label_weights
         self.stage1_multi = stage1_multi
         self.subtype_ce_weight = subtype_ce_weight
+        self.subtype_rank_weight = subtype_rank_weight
         self.repeat_threshold = repeat_threshold
         self.repeat_boost = repeat_boost
         self.fine_size = fine_size
