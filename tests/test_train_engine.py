@@ -72,7 +72,7 @@ def test_stage2_subtype_cross_entropy_scores_the_bleed_slices_against_their_type
 
 def test_subtype_rank_loss_ranks_each_subtype_among_the_bleed_slices_by_hand():
     gen = torch.Generator().manual_seed(4)
-    logits = torch.randn(6, 6, generator=gen) * 2
+    logits = torch.randn(7, 6, generator=gen) * 2
     target = torch.tensor([
         [0, 0, 0, 0, 0, 0],  # no blood: in no pair
         [1, 0, 0, 0, 1, 1],  # epidural and subdural
@@ -80,9 +80,11 @@ def test_subtype_rank_loss_ranks_each_subtype_among_the_bleed_slices_by_hand():
         [0, 1, 0, 0, 0, 1],  # intraparenchymal
         [1, 0, 0, 0, 0, 1],  # epidural
         [0, 0, 0, 1, 0, float("nan")],  # any unknown: in no pair
+        [float("nan"), 0, 1, 0, 0, 1],  # epidural unknown: in intraventricular's pairs, not in epidural's
     ])
     z = logits.double()
-    pairs = {0: ([1, 4], [2, 3]), 1: ([3], [1, 2, 4]), 4: ([1, 2], [3, 4])}  # IVH and SAH: no positive bleed slice
+    pairs = {0: ([1, 4], [2, 3]), 1: ([3], [1, 2, 4, 6]), 2: ([6], [1, 2, 3, 4]),
+             4: ([1, 2], [3, 4, 6])}  # SAH: no bleed slice with it
     hand = [np.mean([math.log1p(math.exp(float(z[j, k] - z[i, k]))) for i in has for j in lacks])
             for k, (has, lacks) in pairs.items()]
     assert float(subtype_rank_loss(logits, target)) == pytest.approx(float(np.mean(hand)), rel=1e-5)

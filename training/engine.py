@@ -134,13 +134,11 @@ def subtype_rank_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     rare, and a shift of all of a subtype's logits leaves it unchanged, so levels stay the BCE's.
     Slices whose ``any`` or subtype label is unknown take no part."""
     logits, target = logits.float(), target.float()
-    known = torch.isfinite(target)
-    bleed = known[:, -1] & (torch.where(known[:, -1], target[:, -1], torch.zeros_like(target[:, -1])) == 1)
+    bleed = target[:, -1] == 1  # an unknown (NaN) label compares unequal to 0 and to 1: in no pair
     terms = []
     for k in range(target.shape[1] - 1):
-        labelled = bleed & known[:, k]
-        has = labelled & (target[:, k] == 1)
-        lacks = labelled & (target[:, k] == 0)
+        has = bleed & (target[:, k] == 1)
+        lacks = bleed & (target[:, k] == 0)
         if has.any() and lacks.any():
             z = logits[:, k]
             terms.append(F.softplus(z[lacks][None, :] - z[has][:, None]).mean())
