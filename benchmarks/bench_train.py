@@ -314,6 +314,38 @@ def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int, chunk: 
     return result
 
 
+def _trainer_step(config: TrainConfig, case: Case, runtime: Runtime, *, force_bf16: bool = False) -> Callable[[], None]:
+    """One optimizer step of the trainer built from ``config`` on a fixed random batch, as a callable.
+    ``force_bf16`` turns bf16 autocast + channels_last on even where the trainer would keep float32."""
+    torch.manual_seed(config.seed)
+    loop = Loop(config, build_network(config), RandomSlices(config.batch_size, case.size, config.seed), runtime)
+    settings = dataclasses.replace(loop.settings, progress=False, max_steps=None)
+    if force_bf16 and not settings.amp:
+        settings = dataclasses.replace(settings, amp=True, channels_last=True)
+        loop.net.to(memory_format=torch.channels_last)
+    batch = next(iter(loop.loader))
+
+    def step() -> None:
+        train_one_epoch(loop.model, [batch], loop.optimizer, loop.scheduler, loop.loss_fn, settings,
+                        epoch=1, scaler=loop.scaler)
+
+    return step
+
+
+def _pair_rates(case: Case, runtime: Runtime, steps_by_name: dict[str, Callable[[], None]], *,
+                steps: int, warmup: int) -> dict[str, Any]:
+    """Time two step callables round-robin; images/s of each and the ratio second over first, per clock."""
+    if warmup:
+        interleaved(steps_by_name, warmup, runtime.device)
+    t = interleaved(steps_by_name, steps, runtime.device)
+    (a, b), images = steps_by_name, case.config.batch_size
+    out: dict[str, Any] = {"backbone": case.backbone, "px": case.size, "seconds": t}
+    for clock in ("wall", "cpu"):
+        rate_a, rate_b = images / t[a][clock], images / t[b][clock]
+        out[clock] = {f"{a}_img_s": rate_a, f"{b}_img_s": rate_b, "ratio": rate_b / rate_a}
+    return out
+
+
 def bench_cpu_precision(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict[str, Any]:
     """The trainer's optimizer step in float32 and with ``cpu_bf16`` (bf16 autocast + channels_last),
     timed round-robin on the same batch in this run; the ratio is bf16 over float32 images/s.
@@ -323,32 +355,22 @@ def bench_cpu_precision(case: Case, runtime: Runtime, *, steps: int, warmup: int
     """
     from hemorrhage_core.machine import cpu_has_native_bf16
 
-    native = cpu_has_native_bf16()
-    steps_by_name: dict[str, Callable[[], object]] = {}
-    for name, bf16 in (("float32", False), ("bf16", True)):
-        config = case.config.replace(cpu_bf16=bf16)
-        torch.manual_seed(config.seed)
-        loop = Loop(config, build_network(config), RandomSlices(config.batch_size, case.size, config.seed), runtime)
-        settings = dataclasses.replace(loop.settings, progress=False, max_steps=None)
-        if bf16 and not settings.amp:  # no native bf16: force it, to measure what the fallback avoids
-            settings = dataclasses.replace(settings, amp=True, channels_last=True)
-            loop.net.to(memory_format=torch.channels_last)
-        batch = next(iter(loop.loader))
+    steps_by_name = {
+        "float32": _trainer_step(case.config.replace(cpu_bf16=False), case, runtime),
+        "bf16": _trainer_step(case.config.replace(cpu_bf16=True), case, runtime, force_bf16=True),
+    }
+    return {"native_bf16": cpu_has_native_bf16(), **_pair_rates(case, runtime, steps_by_name, steps=steps, warmup=warmup)}
 
-        def step(loop=loop, settings=settings, batch=batch) -> None:
-            train_one_epoch(loop.model, [batch], loop.optimizer, loop.scheduler, loop.loss_fn, settings,
-                            epoch=1, scaler=loop.scaler)
 
-        steps_by_name[name] = step
-    if warmup:
-        interleaved(steps_by_name, warmup, runtime.device)
-    t = interleaved(steps_by_name, steps, runtime.device)
-    images = case.config.batch_size
-    out: dict[str, Any] = {"backbone": case.backbone, "px": case.size, "native_bf16": native, "seconds": t}
-    for clock in ("wall", "cpu"):
-        fp32, bf16 = images / t["float32"][clock], images / t["bf16"][clock]
-        out[clock] = {"float32_img_s": fp32, "bf16_img_s": bf16, "ratio": bf16 / fp32}
-    return out
+def bench_optimizer(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict[str, Any]:
+    """The trainer's step with torch's default AdamW (one parameter at a time on CPU, multi-tensor on CUDA)
+    and with the fused one (``fused_optimizer``, the trainer's default), timed round-robin on the same
+    batch in this run; the ratio is fused over default."""
+    steps_by_name = {
+        "default": _trainer_step(case.config.replace(fused_optimizer=False), case, runtime),
+        "fused": _trainer_step(case.config.replace(fused_optimizer=True), case, runtime),
+    }
+    return _pair_rates(case, runtime, steps_by_name, steps=steps, warmup=warmup)
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -449,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="on CPU: time each case's step in float32 and with cpu_bf16, round-robin, and print the ratio",
     )
+    parser.add_argument(
+        "--optimizer-ratio",
+        action="store_true",
+        help="time each case's step with torch's default and the fused AdamW, round-robin, and print the ratio",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 2 or args.chunk < 1:
         parser.error(
@@ -513,6 +540,17 @@ def main(argv: list[str] | None = None) -> int:
             c = r[clock]
             print(f"| {r['backbone']} | {r['px']} | {'yes' if r['native_bf16'] else 'no (emulated)'} "
                   f"| {c['float32_img_s']:.2f} | {c['bf16_img_s']:.2f} | {c['ratio']:.2f}x |", flush=True)
+    if args.optimizer_ratio:
+        print()
+        print("| backbone | px | default AdamW img/s | fused AdamW img/s | fused / default |")
+        print("| --- | ---: | ---: | ---: | ---: |", flush=True)
+        report["optimizer"] = []
+        for case in cases:
+            r = bench_optimizer(case, runtime, steps=args.steps, warmup=args.warmup)
+            report["optimizer"].append(r)
+            c = r[clock]
+            print(f"| {r['backbone']} | {r['px']} | {c['default_img_s']:.2f} | {c['fused_img_s']:.2f} "
+                  f"| {c['ratio']:.2f}x |", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -128,6 +128,25 @@ def test_a_step_is_forward_plus_backward(bench_train, tmp_path, trunk, low, high
         assert c["share"] == pytest.approx(c["train_gflop_s"] / c["matmul_gflop_s"])
 
 
+def test_ratio_tables_time_both_variants_of_the_same_step(bench_train, tmp_path, capsys):
+    """--cpu-bf16-ratio and --optimizer-ratio: each variant's rate is the batch over its own median
+    time, and the ratio is the second variant's rate over the first's."""
+    out = tmp_path / "train.json"
+    argv = ["--backbones", "resnet18", "--px", "32", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+            "--threads", "1", "--cpu-bf16-ratio", "--optimizer-ratio", "--json", str(out)]
+    assert bench_train.main(argv) == 0
+    report = json.loads(out.read_text())
+    for key, (a, b) in (("cpu_precision", ("float32", "bf16")), ("optimizer", ("default", "fused"))):
+        (r,) = report[key]
+        assert (r["backbone"], r["px"]) == ("resnet18", 32)
+        for clock in ("wall", "cpu"):
+            c, s = r[clock], r["seconds"]
+            assert c[f"{a}_img_s"] == pytest.approx(2 / s[a][clock])
+            assert c[f"{b}_img_s"] == pytest.approx(2 / s[b][clock])
+            assert c["ratio"] == pytest.approx(s[a][clock] / s[b][clock])
+    assert "fused / default" in capsys.readouterr().out
+
+
 def test_cuda_timings_wait_for_the_gpu(bench_train, monkeypatch):
     """On CUDA every timed call ends with a synchronize, so its time includes the queued GPU work."""
     bench_inference = load("bench_inference")

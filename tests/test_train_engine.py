@@ -271,6 +271,28 @@ def test_stn_localisation_net_gets_its_own_smaller_learning_rate():
     assert sorted(ids) == sorted(id(p) for p in net.parameters() if p.requires_grad)
 
 
+def test_fused_adamw_makes_torchs_default_update_to_rounding():
+    """The trainer's AdamW is torch's fused kernel on CPU; the same gradients give the same parameters
+    (group learning rates, weight decay and no-decay groups included) as torch's default one."""
+    nets = [_tiny_model(), _tiny_model()]
+    config = TrainConfig(lr=1e-2, stn_lr_scale=0.1, weight_decay=0.05)
+    fused = make_optimizer(nets[0], config)
+    plain = make_optimizer(nets[1], config.replace(fused_optimizer=False))
+    assert all(g["fused"] for g in fused.param_groups)
+    assert not any(g["fused"] for g in plain.param_groups)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in nets[0].parameters()]
+        for net, optimizer in zip(nets, (fused, plain), strict=True):
+            for p, g in zip(net.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    moved = [(a - b).abs().max().item() for a, b in zip(nets[0].parameters(), _tiny_model().parameters(), strict=True)]
+    assert max(moved) > 0.04  # five steps of lr 1e-2 moved the weights
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_scheduler_scales_every_group_from_its_own_base():
     net = _tiny_model()
     optimizer = make_optimizer(net, TrainConfig(lr=1e-3, stn_lr_scale=0.1, warmup_epochs=1.0))

@@ -69,6 +69,7 @@ class TrainConfig:
     batch_size: int = 10
     optimizer: str = "adamw"  # adamw (the original report's) | sgd (momentum; exact to compare gradients, e.g. the DDP test)
     momentum: float = 0.9  # sgd only
+    fused_optimizer: bool = True  # adamw: torch's fused kernel (the same update to rounding, ~1.8x faster step on CPU); false: torch's default
     lr: float = 1e-4
     stn_lr_scale: float = 0.1  # the STN localisation net learns at lr * stn_lr_scale
     weight_decay: float = 1e-4
