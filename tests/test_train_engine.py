@@ -291,6 +291,12 @@ def test_fused_adamw_makes_torchs_default_update_to_rounding():
     assert max(moved) > 0.04  # five steps of lr 1e-2 moved the weights
     for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # Parameters where torch has no fused kernel get its default one, not an error at the first step.
+    assert not any(g["fused"] for g in make_optimizer(_tiny_model().to("meta"), config).param_groups)
+    # A run resumed from a checkpoint of torch's default AdamW keeps it (the groups' settings load too).
+    resumed = make_optimizer(_tiny_model(), config)
+    resumed.load_state_dict(plain.state_dict())
+    assert not any(g["fused"] for g in resumed.param_groups)
 
 
 def test_scheduler_scales_every_group_from_its_own_base():

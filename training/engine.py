@@ -176,7 +176,9 @@ def make_loss(config: TrainConfig, stage1_classes: np.ndarray | None = None) -> 
 # ------------------------------------------------------------------------------ optimizer, schedule
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (or SGD with momentum) over the trainable parameters, in groups: STN localisation net at ``lr x stn_lr_scale``,
-    backbone and head at ``lr``; biases and normalisation weights (1-D) without weight decay."""
+    backbone and head at ``lr``; biases and normalisation weights (1-D) without weight decay. AdamW is
+    torch's fused kernel unless ``fused_optimizer`` is off; a checkpoint's groups bring their own setting
+    back on resume, so a run continues with the implementation it started with."""
     net = unwrap(model)
     groups: list[dict] = []
     for part, params in net.parameter_groups().items():
