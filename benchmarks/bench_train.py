@@ -425,6 +425,32 @@ def print_footer(report: dict[str, Any]) -> None:
         )
 
 
+def pair_table(
+    cases: list[Case],
+    measure: Callable[..., dict[str, Any]],
+    header: str,
+    rule: str,
+    cells: Callable[[dict[str, Any], dict[str, Any]], str],
+    *,
+    runtime: Runtime,
+    clock: str,
+    steps: int,
+    warmup: int,
+) -> list[dict[str, Any]]:
+    """Run a round-robin pair benchmark (``measure``) on every case and print it as a markdown table:
+    backbone, px, ``cells`` of the result and its ``clock`` rates, then the ratio. Returns the results."""
+    print()
+    print(header)
+    print(rule, flush=True)
+    results = []
+    for case in cases:
+        r = measure(case, runtime, steps=steps, warmup=warmup)
+        results.append(r)
+        c = r[clock]
+        print(f"| {r['backbone']} | {r['px']} | {cells(r, c)} | {c['ratio']:.2f}x |", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES), choices=list(BACKBONES))
@@ -530,27 +556,16 @@ def main(argv: list[str] | None = None) -> int:
         print(row(report["results"][-1], clock), flush=True)
     print_footer(report)
     if args.cpu_bf16_ratio and device.type == "cpu":
-        print()
-        print("| backbone | px | native bf16 | float32 img/s | bf16 + channels_last img/s | bf16 / float32 |")
-        print("| --- | ---: | --- | ---: | ---: | ---: |", flush=True)
-        report["cpu_precision"] = []
-        for case in cases:
-            r = bench_cpu_precision(case, runtime, steps=args.steps, warmup=args.warmup)
-            report["cpu_precision"].append(r)
-            c = r[clock]
-            print(f"| {r['backbone']} | {r['px']} | {'yes' if r['native_bf16'] else 'no (emulated)'} "
-                  f"| {c['float32_img_s']:.2f} | {c['bf16_img_s']:.2f} | {c['ratio']:.2f}x |", flush=True)
+        report["cpu_precision"] = pair_table(
+            cases, bench_cpu_precision, "| backbone | px | native bf16 | float32 img/s | bf16 + channels_last img/s "
+            "| bf16 / float32 |", "| --- | ---: | --- | ---: | ---: | ---: |",
+            lambda r, c: f"{'yes' if r['native_bf16'] else 'no (emulated)'} | {c['float32_img_s']:.2f} "
+            f"| {c['bf16_img_s']:.2f}", runtime=runtime, clock=clock, steps=args.steps, warmup=args.warmup)
     if args.optimizer_ratio:
-        print()
-        print("| backbone | px | default AdamW img/s | fused AdamW img/s | fused / default |")
-        print("| --- | ---: | ---: | ---: | ---: |", flush=True)
-        report["optimizer"] = []
-        for case in cases:
-            r = bench_optimizer(case, runtime, steps=args.steps, warmup=args.warmup)
-            report["optimizer"].append(r)
-            c = r[clock]
-            print(f"| {r['backbone']} | {r['px']} | {c['default_img_s']:.2f} | {c['fused_img_s']:.2f} "
-                  f"| {c['ratio']:.2f}x |", flush=True)
+        report["optimizer"] = pair_table(
+            cases, bench_optimizer, "| backbone | px | default AdamW img/s | fused AdamW img/s | fused / default |",
+            "| --- | ---: | ---: | ---: | ---: |", lambda r, c: f"{c['default_img_s']:.2f} | {c['fused_img_s']:.2f}",
+            runtime=runtime, clock=clock, steps=args.steps, warmup=args.warmup)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

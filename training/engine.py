@@ -197,10 +197,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     # One fused kernel over all parameters instead of a dozen passes: on a 2-core CPU torch's default
     # (one parameter at a time) took about twice as long (docs/benchmarks.md). torch checks the
     # parameters only at the first step, so the devices the trainer uses are checked here.
-    params = [p for group in groups for p in group["params"]]
-    if config.fused_optimizer and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
-        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    fused = config.fused_optimizer and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for group in groups for p in group["params"]
+    )
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
 @dataclass(frozen=True)
