@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hemorrhage_core.labels import STAGE1_CLASSES  # noqa: E402
+from hemorrhage_core.labels import LABELS, STAGE1_CLASSES  # noqa: E402
 from hemorrhage_core.machine import cpu_name  # noqa: E402
 from hemorrhage_core.models import BACKBONES  # noqa: E402
 from training.config import ConfigError, PipelinePreset, TrainConfig  # noqa: E402
@@ -157,18 +157,26 @@ def cuda_settings(config: TrainConfig) -> tuple[LoopSettings, torch.amp.GradScal
 
 # -------------------------------------------------------------------------------------- measuring
 class RandomSlices(torch.utils.data.Dataset):
-    """``n`` random windowed-like slices (values in [0, 1]) with stage-1 classes, as SliceDataset yields them."""
+    """``n`` random windowed-like slices (values in [0, 1]) with stage-1 classes, as SliceDataset yields
+    them, or (``stage`` 2) with the six stage-2 labels: a slice of class c > 0 has subtype c and ``any``."""
 
-    def __init__(self, n: int, size: int, seed: int = 0) -> None:
+    def __init__(self, n: int, size: int, seed: int = 0, stage: int = 1) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.images = torch.rand(n, 3, size, size, generator=generator)
+        self.stage = stage
         self.targets = np.arange(n) % len(STAGE1_CLASSES)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int):
-        return self.images[i], torch.tensor(self.targets[i]), f"ID_bench{i:05d}"
+        c = int(self.targets[i])
+        if self.stage == 1:
+            return self.images[i], torch.tensor(c), f"ID_bench{i:05d}"
+        labels = torch.zeros(len(LABELS))
+        if c:
+            labels[c - 1] = labels[-1] = 1.0
+        return self.images[i], labels, f"ID_bench{i:05d}"
 
 
 def _synchronize(device: torch.device) -> None:
@@ -318,7 +326,14 @@ def _trainer_step(config: TrainConfig, case: Case, runtime: Runtime, *, force_bf
     """One optimizer step of the trainer built from ``config`` on a fixed random batch, as a callable.
     ``force_bf16`` turns bf16 autocast + channels_last on even where the trainer would keep float32."""
     torch.manual_seed(config.seed)
-    loop = Loop(config, build_network(config), RandomSlices(config.batch_size, case.size, config.seed), runtime)
+    if config.stage == 2:  # Model2 on a fresh Model1 trunk (build_network would read a stage-1 run)
+        from hemorrhage_core.models import stage2_from_stage1
+
+        model1 = build_network(config.replace(stage=1, head_warmup_epochs=0.0))
+        net = stage2_from_stage1(model1, dropout=config.dropout, freeze=config.freeze_trunk, input_size=config.input_size)
+    else:
+        net = build_network(config)
+    loop = Loop(config, net, RandomSlices(config.batch_size, case.size, config.seed, config.stage), runtime)
     settings = dataclasses.replace(loop.settings, progress=False, max_steps=None)
     if force_bf16 and not settings.amp:
         settings = dataclasses.replace(settings, amp=True, channels_last=True)
@@ -327,7 +342,7 @@ def _trainer_step(config: TrainConfig, case: Case, runtime: Runtime, *, force_bf
 
     def step() -> None:
         train_one_epoch(loop.model, [batch], loop.optimizer, loop.scheduler, loop.loss_fn, settings,
-                        epoch=1, scaler=loop.scaler)
+                        epoch=1, scaler=loop.scaler, hold=loop.hold)
 
     return step
 
@@ -369,6 +384,18 @@ def bench_optimizer(case: Case, runtime: Runtime, *, steps: int, warmup: int) ->
     steps_by_name = {
         "default": _trainer_step(case.config.replace(fused_optimizer=False), case, runtime),
         "fused": _trainer_step(case.config.replace(fused_optimizer=True), case, runtime),
+    }
+    return _pair_rates(case, runtime, steps_by_name, steps=steps, warmup=warmup)
+
+
+def bench_head_warmup(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict[str, Any]:
+    """A stage-2 step that trains everything and one while ``head_warmup_epochs`` holds the STN and
+    backbone (``TrunkHold``: no trunk gradient, backward stops at the new layers), timed round-robin on
+    the same batch in this run; the ratio is held over trained. The hold outlasts every timed step."""
+    stage2 = case.config.replace(stage=2, epochs=10_000)
+    steps_by_name = {
+        "trained": _trainer_step(stage2, case, runtime),
+        "held": _trainer_step(stage2.replace(head_warmup_epochs=9_999), case, runtime),
     }
     return _pair_rates(case, runtime, steps_by_name, steps=steps, warmup=warmup)
 
@@ -502,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time each case's step with torch's default and the fused AdamW, round-robin, and print the ratio",
     )
+    parser.add_argument(
+        "--head-warmup-ratio",
+        action="store_true",
+        help="time each case's stage-2 step with the trunk trained and held (head_warmup_epochs), round-robin",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 2 or args.chunk < 1:
         parser.error(
@@ -565,6 +597,12 @@ def main(argv: list[str] | None = None) -> int:
         report["optimizer"] = pair_table(
             cases, bench_optimizer, "| backbone | px | default AdamW img/s | fused AdamW img/s | fused / default |",
             "| --- | ---: | ---: | ---: | ---: |", lambda r, c: f"{c['default_img_s']:.2f} | {c['fused_img_s']:.2f}",
+            runtime=runtime, clock=clock, steps=args.steps, warmup=args.warmup)
+    if args.head_warmup_ratio:
+        report["head_warmup"] = pair_table(
+            cases, bench_head_warmup, "| backbone | px | stage-2 step, trunk trained img/s | trunk held img/s "
+            "| held / trained |", "| --- | ---: | ---: | ---: | ---: |",
+            lambda r, c: f"{c['trained_img_s']:.2f} | {c['held_img_s']:.2f}",
             runtime=runtime, clock=clock, steps=args.steps, warmup=args.warmup)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

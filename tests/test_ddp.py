@@ -106,6 +106,37 @@ def test_two_processes_match_one_process_with_the_equivalent_batch(tmp_path, sam
     assert mb["val_loss"].iloc[0] == pytest.approx(ma["val_loss"].iloc[0], rel=1e-5)
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_a_held_trunk_under_two_processes_takes_the_single_process_steps(tmp_path):
+    """Stage 2 with head_warmup_epochs: while the trunk is held it computes no gradient, which DDP must
+    be told (find_unused_parameters); both epochs, held and not, match one process of the same batch."""
+    data = tmp_path / "data"
+    write_tiny_set(data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    stage1 = _last_line(subprocess.run(
+        [sys.executable, "-m", "training", *COMMON, "--data", str(data), "--batch-size", "4",
+         "--runs-dir", str(tmp_path / "s1")], cwd=REPO, capture_output=True, text=True, timeout=600, env=env))
+    # argparse keeps an option's last value: COMMON's stage 1 and one epoch become stage 2 and two.
+    stage2 = [*COMMON, "--stage", "2", "--epochs", "2", "--set", "head_warmup_epochs=1", "--set", "schedule=constant",
+              "--init-from", str(stage1), "--data", str(data)]
+    two = _last_line(subprocess.run(
+        [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "training", *stage2, "--batch-size", "2",
+         "--runs-dir", str(tmp_path / "two")], cwd=REPO, capture_output=True, text=True, timeout=600, env=env))
+    one = _last_line(subprocess.run(
+        [sys.executable, "-m", "training", *stage2, "--batch-size", "4", "--runs-dir", str(tmp_path / "one")],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env))
+    a = torch.load(one / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(two / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
+    start = torch.load(stage1 / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
+    # The trunk trained in the second epoch, after its hold, under both world sizes (untrained it would
+    # equal the stage-1 weights exactly).
+    trunk = [k for k in a if k.startswith("backbone.") and a[k].is_floating_point() and k in start]
+    assert max(float((b[k] - start[k]).abs().max()) for k in trunk) > 1e-5
+
+
 # ------------------------------------------------------------------------------ the README's commands
 def readme_commands() -> dict[str, list[str]]:
     """The torchrun commands of the README's multi-GPU section: {"one machine": argv, "two machines": argv}."""

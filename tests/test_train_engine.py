@@ -21,6 +21,7 @@ from training.engine import (
     Stage1Loss,
     Stage2Loss,
     TrainView,
+    TrunkHold,
     class_weights_for,
     group_part,
     improved,
@@ -445,14 +446,55 @@ def test_head_warmup_holds_the_trunk_still_then_trains_everything():
 
     trunk_lrs = [g["lr"] for g in optimizer.param_groups if g["name"].removesuffix("_no_decay") in ("stn", "backbone")]
     assert trunk_lrs and all(lr == 0.0 for lr in trunk_lrs)
+    hold = TrunkHold.of(net, config, steps_per_epoch=2)
+    assert hold is not None and hold.steps == 2
+    assert {id(p) for p in hold.params} == {id(p) for p in parts["stn"] + parts["backbone"]}
     before = snapshot()
-    train_one_epoch(TrainView(net), loader, optimizer, scheduler, Stage2Loss(), settings, epoch=1)
+    train_one_epoch(TrainView(net), loader, optimizer, scheduler, Stage2Loss(), settings, epoch=1, hold=hold)
     assert not moved(before, "backbone") and not moved(before, "stn")  # held still for one epoch
     assert moved(before, "head")
+    # Held, the trunk computed no gradient and AdamW keeps nothing for it.
+    assert all(p.grad is None and p not in optimizer.state for p in hold.params)
     assert all(g["lr"] == pytest.approx(g["initial_lr"] * scheduler.lr_lambdas[0](2)) for g in optimizer.param_groups)
     before = snapshot()
-    train_one_epoch(TrainView(net), loader, optimizer, scheduler, Stage2Loss(), settings, epoch=2)
+    train_one_epoch(TrainView(net), loader, optimizer, scheduler, Stage2Loss(), settings, epoch=2, hold=hold)
     assert moved(before, "backbone")  # then trained like the rest, on the head's schedule
+    assert all(p.requires_grad for p in hold.params)
+    assert all(int(optimizer.state[p]["step"]) == 2 for p in hold.params)  # its moments start with its training
+
+
+def test_a_held_trunk_gives_the_head_the_steps_of_a_trunk_frozen_by_hand():
+    """During the hold the new layers take exactly the steps they take on a trunk that is not
+    trainable at all: gradient clipping measures them alone (before, the held trunk's gradients counted
+    in the norm and shrank theirs)."""
+    config = TrainConfig(stage=2, lr=1e-2, epochs=3, warmup_epochs=0.0, head_warmup_epochs=1.0, grad_clip=0.05)
+    settings = LoopSettings(stage=2, device=torch.device("cpu"), grad_clip=config.grad_clip)
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.rand(8, 3, 32, 32, generator=gen), (torch.rand(8, 6, generator=gen) > 0.5).float(),
+                         torch.arange(8))
+    heads = []
+    for by_hand in (False, True):
+        net = _tiny_model(stage=2)
+        trunk = [p for part in ("stn", "backbone") for p in net.parameter_groups()[part]]
+        if by_hand:
+            for p in trunk:
+                p.requires_grad_(False)
+        optimizer = make_optimizer(net, config)
+        scheduler = make_scheduler(optimizer, config, steps_per_epoch=2)
+        hold = None if by_hand else TrunkHold.of(net, config, steps_per_epoch=2)
+        torch.manual_seed(0)
+        train_one_epoch(TrainView(net), DataLoader(data, batch_size=4), optimizer, scheduler, Stage2Loss(), settings,
+                        epoch=1, hold=hold)
+        heads.append([p.detach().clone() for p in net.parameter_groups()["head"]])
+    for held, frozen in zip(*heads, strict=True):
+        torch.testing.assert_close(held, frozen, rtol=0, atol=1e-7)
+    # Without a scheduler the hold cannot count steps: refused.
+    with pytest.raises(ValueError, match="scheduler"):
+        train_one_epoch(TrainView(net), DataLoader(data, batch_size=4), optimizer, None, Stage2Loss(), settings,
+                        epoch=1, hold=TrunkHold(trunk, 2))
+    # No hold configured, or nothing trainable to hold: none.
+    assert TrunkHold.of(net, TrainConfig(stage=2, epochs=3), steps_per_epoch=2) is None
+    assert TrunkHold.of(net, config, steps_per_epoch=2) is None  # the by-hand net's trunk is not trainable
 
 
 def test_logged_lr_is_the_head_rate_while_the_trunk_is_held():

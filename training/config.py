@@ -75,7 +75,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine | step | constant, after a linear warm-up
     warmup_epochs: float = 1.0
-    head_warmup_epochs: float = 0.0  # stage 2: STN and backbone held still (lr 0) this long while the new layers learn (LP-FT)
+    head_warmup_epochs: float = 0.0  # stage 2: STN and backbone held still (no gradient, lr 0) this long while the new layers learn (LP-FT)
     step_epochs: int = 3  # step schedule: multiply by step_gamma every step_epochs
     step_gamma: float = 0.1
     min_lr_ratio: float = 0.01  # cosine floor as a share of lr

@@ -266,6 +266,35 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, per_group)
 
 
+@dataclass
+class TrunkHold:
+    """The STN and backbone parameters that ``head_warmup_epochs`` holds still for the first ``steps``
+    optimizer steps. While held they compute no gradient (``requires_grad`` off), so backward stops at
+    the new layers (a held VGG16-BN step skips the trunk's backward, most of a step's work), gradient
+    clipping measures the layers that learn, and AdamW keeps no moments for the trunk until it trains.
+    The scheduler holds the same groups at learning rate 0, which the log reports."""
+
+    params: list[nn.Parameter]
+    steps: int
+
+    @classmethod
+    def of(cls, net: nn.Module, config: TrainConfig, steps_per_epoch: int) -> TrunkHold | None:
+        """The hold of ``config`` over ``net``'s trainable trunk parameters; None without one. A trunk
+        frozen by policy (``freeze_trunk``) is not trainable and stays frozen after the hold."""
+        steps = int(round(config.head_warmup_epochs * max(int(steps_per_epoch), 1)))
+        groups = unwrap(net).parameter_groups()
+        params = [p for part in TRUNK_GROUPS for p in groups[part] if p.requires_grad]
+        return cls(params, steps) if steps and params else None
+
+    def update(self, step: int) -> None:
+        """Set the trunk for optimizer step ``step`` (0-based, the scheduler's count): held before
+        ``steps``, trainable from then on (so a resumed run picks up where it was)."""
+        train = step >= self.steps
+        for p in self.params:
+            if p.requires_grad != train:
+                p.requires_grad_(train)
+
+
 # ------------------------------------------------------------------------------------ loop settings
 @dataclass
 class LoopSettings:
@@ -417,10 +446,13 @@ def _progress(iterable: Iterable, total: int, desc: str, settings: LoopSettings)
                 disable=not settings.progress or not settings.env.is_main, dynamic_ncols=True)
 
 
-def may_leave_parameters_unused(net: nn.Module, settings: LoopSettings) -> bool:
+def may_leave_parameters_unused(net: nn.Module, settings: LoopSettings, *, holds_trunk: bool = False) -> bool:
     """True when a training step can leave a trainable parameter without a gradient, which DDP must
-    then be told (``find_unused_parameters``): Inception's auxiliary head when its loss weight is 0.
-    Frozen parameters do not count (DDP skips them)."""
+    then be told (``find_unused_parameters``): Inception's auxiliary head when its loss weight is 0, and
+    the trunk while a ``TrunkHold`` holds it (``holds_trunk``). Frozen parameters do not count (DDP
+    skips them)."""
+    if holds_trunk:
+        return True
     aux = getattr(unwrap(net), "aux_head", None)
     return aux is not None and settings.aux_loss_weight <= 0 and any(p.requires_grad for p in aux.parameters())
 
@@ -455,6 +487,7 @@ def train_one_epoch(
     epoch: int,
     scaler: torch.amp.GradScaler | None = None,
     desc: str | None = None,
+    hold: TrunkHold | None = None,
 ) -> EpochResult:
     """One pass over ``loader`` with ``model`` a TrainView (or DDP around one): forward, loss (+ Inception aux loss), backward, clip, step, schedule.
 
@@ -463,7 +496,10 @@ def train_one_epoch(
     it NaN/Inf on any rank raises NonFiniteLossError before that step's optimizer step: on CPU (a read
     every step) the weights and optimizer state stay those of the last good step; on CUDA the steps
     since the previous read may have moved them, and the run keeps the last epoch's checkpoint.
+    ``hold`` (``TrunkHold``) sets the trunk trainable or not before each step, by the scheduler's count.
     """
+    if hold is not None and scheduler is None:
+        raise ValueError("a TrunkHold counts the scheduler's steps: pass the scheduler too")
     model.train()
     if settings.freeze_bn:
         set_batchnorm_eval(model)
@@ -480,6 +516,8 @@ def train_one_epoch(
             if batch is None:  # every slice of the batch failed to decode
                 continue
             inputs, target, _ids = batch
+            if hold is not None:
+                hold.update(scheduler.last_epoch)  # type: ignore[union-attr]  # checked above
             inputs = settings.to_device(inputs)
             target = target.to(settings.device, non_blocking=True)
             with settings.autocast():

@@ -36,6 +36,7 @@ from training.engine import (
     LoopSettings,
     NonFiniteLossError,
     TrainView,
+    TrunkHold,
     evaluate,
     improved,
     make_grad_scaler,
@@ -392,10 +393,11 @@ class Loop:
         self.loader = train_loader(train_set, config, runtime.env, runtime.device)
         stage1 = np.asarray(train_set.targets) if config.stage == 1 else None
         self.loss_fn = make_loss(config, stage1).to(runtime.device)
-        self.model = D.wrap_model(TrainView(self.net), runtime.env, runtime.device,
-                                  find_unused_parameters=may_leave_parameters_unused(self.net, self.settings))
-        self.optimizer = make_optimizer(self.net, config)
         self.steps_per_epoch = steps_in(self.loader, self.settings)
+        self.hold = TrunkHold.of(self.net, config, self.steps_per_epoch)
+        unused = may_leave_parameters_unused(self.net, self.settings, holds_trunk=self.hold is not None)
+        self.model = D.wrap_model(TrainView(self.net), runtime.env, runtime.device, find_unused_parameters=unused)
+        self.optimizer = make_optimizer(self.net, config)
         self.scheduler = make_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.scaler = make_grad_scaler(self.settings)
 
@@ -404,7 +406,7 @@ class Loop:
         self.loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         result = train_one_epoch(
             self.model, self.loader, self.optimizer, self.scheduler, self.loss_fn, self.settings,
-            epoch=epoch, scaler=self.scaler, desc=f"epoch {epoch}/{self.config.epochs} train",
+            epoch=epoch, scaler=self.scaler, desc=f"epoch {epoch}/{self.config.epochs} train", hold=self.hold,
         )
         if self.config.precise_bn_images:
             started = time.perf_counter()
