@@ -57,7 +57,7 @@ from hemorrhage_core.models import BACKBONES  # noqa: E402
 from training.config import ConfigError, PipelinePreset, TrainConfig  # noqa: E402
 from training.distributed import DistEnv  # noqa: E402
 from training.engine import LoopSettings, make_grad_scaler, set_batchnorm_eval, train_one_epoch  # noqa: E402
-from training.trainer import Loop, Runtime, build_network  # noqa: E402
+from training.trainer import Loop, Runtime, build_network, stage2_network  # noqa: E402
 
 DEFAULT_BACKBONES = ("vgg16", "vgg16_bn", "inception_v3")
 SIZE_SETS = ("quick", "full", "both")
@@ -327,10 +327,7 @@ def _trainer_step(config: TrainConfig, case: Case, runtime: Runtime, *, force_bf
     ``force_bf16`` turns bf16 autocast + channels_last on even where the trainer would keep float32."""
     torch.manual_seed(config.seed)
     if config.stage == 2:  # Model2 on a fresh Model1 trunk (build_network would read a stage-1 run)
-        from hemorrhage_core.models import stage2_from_stage1
-
-        model1 = build_network(config.replace(stage=1, head_warmup_epochs=0.0))
-        net = stage2_from_stage1(model1, dropout=config.dropout, freeze=config.freeze_trunk, input_size=config.input_size)
+        net = stage2_network(build_network(config.replace(stage=1, head_warmup_epochs=0.0)), config)
     else:
         net = build_network(config)
     loop = Loop(config, net, RandomSlices(config.batch_size, case.size, config.seed, config.stage), runtime)

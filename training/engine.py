@@ -241,6 +241,12 @@ def group_part(group: dict) -> str:
     return str(group.get("name", "")).removesuffix("_no_decay")
 
 
+def hold_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps that ``head_warmup_epochs`` holds the trunk: the scheduler's zero-rate span and
+    ``TrunkHold``'s no-gradient span, one number so the two always agree."""
+    return int(round(config.head_warmup_epochs * max(int(steps_per_epoch), 1)))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR for ``config.epochs`` epochs of ``steps_per_epoch`` optimizer steps.
 
@@ -258,7 +264,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
         step_gamma=config.step_gamma,
         min_ratio=config.min_lr_ratio,
     )
-    hold = int(round(config.head_warmup_epochs * steps_per_epoch))
+    hold = hold_steps(config, steps_per_epoch)
     if not hold:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     trunk = replace(schedule, hold_steps=hold)
@@ -281,7 +287,7 @@ class TrunkHold:
     def of(cls, net: nn.Module, config: TrainConfig, steps_per_epoch: int) -> TrunkHold | None:
         """The hold of ``config`` over ``net``'s trainable trunk parameters; None without one. A trunk
         frozen by policy (``freeze_trunk``) is not trainable and stays frozen after the hold."""
-        steps = int(round(config.head_warmup_epochs * max(int(steps_per_epoch), 1)))
+        steps = hold_steps(config, steps_per_epoch)
         groups = unwrap(net).parameter_groups()
         params = [p for part in TRUNK_GROUPS for p in groups[part] if p.requires_grad]
         return cls(params, steps) if steps and params else None

@@ -363,14 +363,21 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict(inherited, base=config)
 
 
+def stage2_network(model1: nn.Module, config: TrainConfig) -> nn.Module:
+    """Model2 of stage-2 ``config`` on ``model1`` as its trunk."""
+    from hemorrhage_core.models import stage2_from_stage1
+
+    return stage2_from_stage1(model1, dropout=config.dropout, freeze=config.freeze_trunk, input_size=config.input_size)
+
+
 def build_network(config: TrainConfig) -> nn.Module:
     """Model1 from scratch/ImageNet, or Model2 from the stage-1 run's best checkpoint."""
     from hemorrhage_core.checkpoint import model_from_checkpoint
-    from hemorrhage_core.models import DEFAULT_DROPOUT, ModelSpec, build_model, stage2_from_stage1
+    from hemorrhage_core.models import DEFAULT_DROPOUT, ModelSpec, build_model
 
     if config.stage == 2:
         model1, _ = model_from_checkpoint(parent_checkpoint(config.init_from))
-        return stage2_from_stage1(model1, dropout=config.dropout, freeze=config.freeze_trunk, input_size=config.input_size)
+        return stage2_network(model1, config)
     spec = ModelSpec(
         backbone=config.backbone, stage=1, input_size=config.input_size,
         stn=config.stn, context=config.context,
