@@ -70,3 +70,37 @@ def test_synth_refuses_with_exit_2(tmp_path, capsys):
     blocker.write_text("keep me")
     assert main(_args(blocker)) == 2
     assert "cannot write" in capsys.readouterr().err and blocker.read_text() == "keep me"
+
+
+def test_synth_type_weight_changes_the_population_and_is_recorded(tmp_path, capsys):
+    from hemorrhage_core.synthetic.phantom import PhantomConfig, sample_patient
+
+    weights = ["--type-weight", "epidural=0.5", "--type-weight", "subdural=0"]
+    assert main(_args(tmp_path, "--json", *weights)) == 0
+    printed = json.loads(capsys.readouterr().out)
+    record = json.loads((tmp_path / "synth.json").read_text())
+    assert dict(record["config"]["type_weights"]) == {
+        "epidural": 0.5, "intraparenchymal": 0.22, "intraventricular": 0.2, "subarachnoid": 0.24, "subdural": 0.0,
+    }
+    assert printed["counts"]["subdural"] == 0
+    # Over 60 patients: a type weighted 0 is never drawn, the raised one more often than by default.
+    default = PhantomConfig()
+    changed = default.with_type_weights({"epidural": 0.5, "subdural": 0.0})
+
+    def drawn(config, subtype):
+        return sum(les.subtype == subtype for i in range(60) for les in sample_patient(0, i, 10, config).lesions)
+
+    assert drawn(changed, "subdural") == 0 < drawn(default, "subdural")
+    assert drawn(changed, "epidural") > 2 * drawn(default, "epidural")
+    assert default.with_type_weights({}) == default
+
+def test_synth_type_weight_refusals(tmp_path, capsys):
+    for bad, said in (("edh=0.2", "unknown hemorrhage type 'edh'"), ("epidural", "TYPE=WEIGHT"),
+                      ("epidural=-1", "finite number >= 0"), ("epidural=nan", "finite number >= 0")):
+        assert main(_args(tmp_path / "x", "--type-weight", bad)) == 2
+        assert said in capsys.readouterr().err
+    zero = [a for t in ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+            for a in ("--type-weight", f"{t}=0")]
+    assert main(_args(tmp_path / "x", *zero)) == 2
+    assert "at least one hemorrhage type" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything is written

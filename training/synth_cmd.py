@@ -1,6 +1,8 @@
 """``synth --out DIR [--patients N] [--slices-per-patient K] [--size 512] [--seed S]``: write a synthetic
 head-CT data set in the RSNA 2019 layout (``DIR/stage_2_train/ID_<hex>.dcm``, ``DIR/stage_2_train.csv``,
 ``DIR/synth.json``). Deterministic per seed; ``--seed 1`` is a different population of patients.
+``--type-weight epidural=0.21`` (repeatable) changes a type's relative weight in the population
+(default weights in ``PhantomConfig.type_weights``; saved in synth.json's ``config``).
 ``--contact-sheet PNG`` also renders a contact sheet of the population (every type, healthy slices,
 bone and subdural windows). Exit 0 on success, 2 when the arguments or the folder are refused, 1 when
 writing fails (disk full).
@@ -41,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="delete stale ID_*.dcm files of another set in DIR"
     )
+    parser.add_argument(
+        "--type-weight", action="append", default=[], metavar="TYPE=W",
+        help="relative weight of a hemorrhage type among the lesions drawn (repeatable; defaults: "
+        "epidural 0.07, intraparenchymal 0.22, intraventricular 0.2, subarachnoid 0.24, subdural 0.27)",
+    )
     parser.add_argument("--contact-sheet", metavar="PNG", default=None, help="also write a contact sheet PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -64,9 +71,30 @@ def _table(summary: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def phantom_config(pairs: list[str]):
+    """The generator's population with the ``TYPE=W`` overrides of ``--type-weight`` applied."""
+    from hemorrhage_core.errors import HemorrhageError
+    from hemorrhage_core.synthetic.phantom import PhantomConfig
+
+    overrides: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            overrides[name.strip()] = float(value)
+        except ValueError:
+            raise CommandError(f"--type-weight takes TYPE=WEIGHT (e.g. epidural=0.21), got {pair!r}") from None
+    try:
+        return PhantomConfig().with_type_weights(overrides)
+    except HemorrhageError as exc:
+        raise CommandError(f"--type-weight: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from hemorrhage_core.synthetic import write_dataset
 
+    config = phantom_config(args.type_weight)
     start = time.perf_counter()
     try:
         summary = write_dataset(
@@ -76,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             size=args.size,
             seed=args.seed,
             workers=args.workers,
+            config=config,
             progress=not args.no_progress,
             overwrite=args.overwrite,
         )
@@ -90,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
                 patients=args.patients,
                 slices_per_patient=args.slices_per_patient,
                 size=args.size,
+                config=config,
             )
     except OSError as exc:  # a file where the folder should be, or the disk filled up while writing
         where = exc.filename or args.out

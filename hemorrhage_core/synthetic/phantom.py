@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage
 
+from hemorrhage_core.errors import HemorrhageError
 from hemorrhage_core.labels import LABELS, SUBTYPES
 from hemorrhage_core.synthetic.anatomy import (
     FOV_MM,
@@ -62,6 +64,24 @@ class PhantomConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_type_weights(self, overrides: Mapping[str, float]) -> PhantomConfig:
+        """This population with some subtypes' relative weights replaced (the others keep theirs).
+
+        A weight is relative to the others', so raising one type makes every other type a little rarer.
+        Refuses (HemorrhageError) a name that is not a subtype, a negative or non-finite weight, and
+        weights that leave no type at all.
+        """
+        weights = dict(self.type_weights)
+        for name, value in overrides.items():
+            if name not in weights:
+                raise HemorrhageError(f"unknown hemorrhage type {name!r}; the types are {', '.join(weights)}")
+            if not math.isfinite(value) or value < 0:
+                raise HemorrhageError(f"the weight of {name} must be a finite number >= 0, got {value}")
+            weights[name] = float(value)
+        if not any(w > 0 for w in weights.values()):
+            raise HemorrhageError("at least one hemorrhage type needs a weight above 0")
+        return replace(self, type_weights=tuple(weights.items()))
 
 
 @dataclass(frozen=True)
@@ -178,7 +198,7 @@ def _draw_types(rng: np.random.Generator, config: PhantomConfig) -> tuple[str, .
     n = 1 + int(rng.choice(len(weights), p=weights / weights.sum()))
     names = [name for name, _ in config.type_weights]
     p = np.asarray([w for _, w in config.type_weights], dtype=float)
-    n = min(n, len(names))
+    n = min(n, int(np.count_nonzero(p)))  # a type weighted 0 is never drawn
     return tuple(str(t) for t in rng.choice(names, size=n, replace=False, p=p / p.sum()))
 
 
