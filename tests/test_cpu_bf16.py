@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from hemorrhage_core.labels import LABELS
 from hemorrhage_core.machine import cpu_has_native_bf16
 from hemorrhage_core.models import ModelSpec, build_model
 from training.config import TrainConfig
@@ -128,3 +129,24 @@ def test_predictor_bf16_with_saliency_gives_the_same_probabilities(monkeypatch):
     with_cam = predictor._run(prepared, "any")[0]  # Grad-CAM itself runs in float32
     assert with_cam.heatmap is not None and with_cam.heatmap.shape == (64, 64)
     assert with_cam.probabilities == pytest.approx(plain.probabilities, abs=1e-6)
+
+
+def test_a_bf16_runs_gallery_shows_its_validation_probabilities(monkeypatch, tmp_path):
+    """The gallery runs the network as validation does (bf16 autocast, channels_last), so each gallery
+    slice's probabilities are its row of predictions.csv, not a float32 forward's."""
+    from train_fixtures import tiny_config, write_tiny_set
+
+    from hemorrhage_core.runs import read_run
+    from training.trainer import fit
+
+    monkeypatch.setenv("HEMORRHAGE_CPU_BF16", "1")
+    write_tiny_set(tmp_path / "data")
+    run = read_run(fit(tiny_config(tmp_path / "data", tmp_path / "runs", backbone="vgg16_bn", cpu_bf16=True,
+                                   gallery_size=8)))
+    assert run.info["precision"] == "bfloat16 autocast"
+    columns = [f"prob_{label}" for label in LABELS]
+    shown = run.gallery.set_index("image_id")[columns]
+    validated = run.predictions.set_index("image_id").loc[shown.index, columns]
+    assert len(shown) == 8
+    # Equal to the last digit written (a float32 forward differs by about 5e-4 here).
+    np.testing.assert_allclose(shown.to_numpy(float), validated.to_numpy(float), rtol=0, atol=1e-7)

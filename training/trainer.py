@@ -494,8 +494,13 @@ def predictions_frame(val_rows: pd.DataFrame, targets: np.ndarray, probs: np.nda
 
 
 @torch.no_grad()
-def gallery_entries(net: nn.Module, val_set, positions: list[int], stage: int, device: torch.device):
-    """GalleryEntry per position: the windowed input, the STN-aligned image, theta and probabilities."""
+def gallery_entries(net: nn.Module, val_set, positions: list[int], stage: int, settings: LoopSettings):
+    """GalleryEntry per position: the windowed input, the STN-aligned image, theta and probabilities.
+
+    The network runs as validation runs it (``settings``: bf16 autocast and channels_last where the run
+    uses them), so a gallery slice's probabilities are its row of predictions.csv, and cost what they
+    cost there.
+    """
     from hemorrhage_core.models import IN_CHANNELS, probabilities
     from hemorrhage_core.preprocess import centre_channels
     from hemorrhage_core.runs import GalleryEntry
@@ -508,7 +513,8 @@ def gallery_entries(net: nn.Module, val_set, positions: list[int], stage: int, d
         return []
     images = torch.stack([item[0] for _, item in kept])
     net.eval()
-    out = net.forward_extras(images.to(device))
+    with settings.autocast():
+        out = net.forward_extras(settings.to_device(images))
     probs = probabilities(stage, out.logits.float()).cpu().numpy()
     entries = []
     for k, (_pos, (image, target, image_id)) in enumerate(kept):
@@ -723,7 +729,7 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
                 if is_best:
                     save_checkpoint(writer.checkpoint_path(BEST), loop.net, prep=data.prep, config=config.to_dict(), metrics=row)
                     writer.write_predictions(predictions_frame(rows, gathered["targets"], gathered["probs"]))
-                    writer.write_gallery(gallery_entries(loop.net, val_set, gallery, config.stage, device))
+                    writer.write_gallery(gallery_entries(loop.net, val_set, gallery, config.stage, loop.settings))
                     writer.set_best(epoch, config.metric, value)
                 save_checkpoint(writer.checkpoint_path(LAST), loop.net, prep=data.prep, config=config.to_dict(), metrics=row,
                                 train_state=epoch_state)
