@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from hemorrhage_core.labels import LABELS
 from training.cli import main
 
@@ -104,3 +106,12 @@ def test_synth_type_weight_refusals(tmp_path, capsys):
     assert main(_args(tmp_path / "x", *zero)) == 2
     assert "at least one hemorrhage type" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+def test_synth_help_names_the_generators_default_type_weights(capsys):
+    from hemorrhage_core.synthetic.phantom import PhantomConfig
+
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{name} {weight:g}" in text for name, weight in PhantomConfig().type_weights)
