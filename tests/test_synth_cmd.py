@@ -96,6 +96,7 @@ def test_synth_type_weight_changes_the_population_and_is_recorded(tmp_path, caps
     assert drawn(changed, "epidural") > 2 * drawn(default, "epidural")
     assert default.with_type_weights({}) == default
 
+
 def test_synth_type_weight_refusals(tmp_path, capsys):
     for bad, said in (("edh=0.2", "unknown hemorrhage type 'edh'"), ("epidural", "TYPE=WEIGHT"),
                       ("epidural=-1", "finite number >= 0"), ("epidural=nan", "finite number >= 0")):
