@@ -99,6 +99,39 @@ def test_subset_keeps_whole_patients_and_the_class_mix(index):
     assert subset_patients(index, n_patients=12, seed=0).equals(small)
 
 
+
+def test_a_boosted_stratum_gets_its_multiplied_share(index):
+    strata = patient_strata(index)  # the strata of the set the subset is drawn from
+    sizes = strata.value_counts()
+
+    def mix(rows: pd.DataFrame) -> pd.Series:
+        return strata[sorted(_patients(rows))].value_counts()
+
+    plain = mix(subset_patients(index, n_patients=40, seed=0))
+    boosted_rows = subset_patients(index, n_patients=40, seed=0, boost={"epidural": 2.0})
+    boosted = mix(boosted_rows)
+    assert boosted.sum() == 40 and len(boosted_rows) == index["patient_id"].isin(_patients(boosted_rows)).sum()
+    # epidural's weight doubled: its share is 2 s / (total + s) of the 40, to the rounding
+    s, total = sizes["epidural"], sizes.sum()
+    assert abs(boosted["epidural"] - 40 * 2 * s / (total + s)) < 1.0
+    assert boosted["epidural"] > plain["epidural"]
+    # a boost beyond the stratum's size takes all of its patients; the others keep their proportions
+    everything = mix(subset_patients(index, n_patients=40, seed=0, boost={"epidural": 100.0}))
+    assert everything["epidural"] == s
+    rest = sizes.drop("epidural")
+    assert (abs(everything.drop("epidural").reindex(rest.index, fill_value=0) - rest / rest.sum() * (40 - s)) < 1.0).all()
+    # boosts of 1 change nothing; a boost of a type no patient has is allowed and changes nothing
+    assert subset_patients(index, n_patients=40, seed=0, boost=dict.fromkeys(("none", *SUBTYPES), 1.0)).equals(
+        subset_patients(index, n_patients=40, seed=0))
+    no_edh = index[~index["patient_id"].isin(index.loc[index["epidural"] > 0, "patient_id"])]
+    assert subset_patients(no_edh, n_patients=30, seed=0, boost={"epidural": 3.0}).equals(
+        subset_patients(no_edh, n_patients=30, seed=0))
+    for bad, message in (({"bleed": 2.0}, "cannot boost 'bleed'"), ({"epidural": 0.5}, ">= 1"),
+                         ({"epidural": float("nan")}, ">= 1")):
+        with pytest.raises(DatasetError, match=message):
+            subset_patients(index, n_patients=40, seed=0, boost=bad)
+
+
 def test_refusals(index):
     with pytest.raises(DatasetError):
         assign_folds(index.head(10), n_folds=50, seed=0)
@@ -126,3 +159,16 @@ def test_folds_never_share_a_patient(n_patients, seed, n_folds):
     folds = assign_folds(index, n_folds=n_folds, seed=seed)
     assert sorted(folds.unique()) == list(range(n_folds))  # every row in a fold, no fold empty
     assert (folds.groupby(index["patient_id"]).nunique() == 1).all()
+
+
+def test_the_trainer_takes_the_configs_boosted_subset(index):
+    from training import trainer
+    from training.config import TrainConfig
+
+    config = TrainConfig(subset=0.25, seed=3, subset_boost=[1, 3, 1, 1, 1, 1])
+    assert trainer.patient_subset(config, index).equals(
+        subset_patients(index, fraction=0.25, seed=3, boost=dict.fromkeys(SUBTYPES[:1], 3.0) | {"none": 1.0}))
+    assert trainer.patient_subset(TrainConfig(subset=0.25, seed=3), index).equals(
+        subset_patients(index, fraction=0.25, seed=3))
+    assert trainer.patient_subset(TrainConfig(), index) is index
+

@@ -38,6 +38,9 @@ def test_yaml_number_text_is_accepted(tmp_path):
         ({"init_from": "runs/x"}, "init_from"),  # stage 1 has no parent
         ({"grad_clip": -1}, "grad_clip"),
         ({"lr": "fast"}, "lr"),
+        ({"subset": 0.5, "subset_boost": [1, 3, 1, 1, 1]}, "subset_boost"),
+        ({"subset": 0.5, "subset_boost": [1, 0.5, 1, 1, 1, 1]}, "subset_boost"),
+        ({"subset_boost": [1, 3, 1, 1, 1, 1]}, "subset_boost"),  # no subset to boost
     ],
 )
 def test_invalid_values_are_refused_naming_the_field(values, field):

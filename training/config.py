@@ -88,6 +88,7 @@ class TrainConfig:
     subtype_ce_weight: float = 0.0  # stage 2: softmax cross-entropy among the subtypes on bleed slices (engine.Stage2Loss)
     subtype_rank_weight: float = 0.0  # stage 2: pairwise ranking of each subtype among bleed slices (engine.subtype_rank_loss)
     repeat_threshold: float = 0.0  # > 0: repeat-factor sampling, a category of frequency f < t drawn sqrt(t / f) x as often (training.sampling)
+    subset_boost: list | None = None  # with subset < 1: six multipliers >= 1 of the strata's shares of the subset (STAGE1_CLASSES order)
     repeat_boost: list | None = None  # with repeat_threshold: six multipliers >= 1 of those factors (STAGE1_CLASSES order)
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16)
     channels_last: bool = True  # memory format, used on CUDA (and on CPU with cpu_bf16)
@@ -174,6 +175,15 @@ class TrainConfig:
                 self.label_weights,
                 "must be null or six non-negative numbers (epidural ... subdural, any), not all zero",
             )
+        if self.subset_boost is not None:
+            _check(
+                _six_weights(self.subset_boost) and all(math.isfinite(b) and b >= 1 for b in self.subset_boost),
+                "subset_boost",
+                self.subset_boost,
+                "must be null or six numbers >= 1 (none, epidural ... subdural)",
+            )
+            _check(self.subset < 1.0, "subset_boost", self.subset_boost,
+                   "multiplies the strata's shares of a patient subset: set subset < 1 too")
         if self.repeat_boost is not None:
             _check(
                 _six_weights(self.repeat_boost) and all(math.isfinite(b) and b >= 1 for b in self.repeat_boost),

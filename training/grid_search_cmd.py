@@ -76,7 +76,6 @@ def grid_search(config, grid_spec: dict[str, Any], *, folds: int, scoring: str):
     import numpy as np
     from sklearn.model_selection import GridSearchCV, GroupKFold
 
-    from hemorrhage_core.data import subset_patients
     from hemorrhage_core.labels import LABELS
     from hemorrhage_core.runs import RunWriter
     from training import trainer
@@ -90,8 +89,7 @@ def grid_search(config, grid_spec: dict[str, Any], *, folds: int, scoring: str):
     cache = trainer.build_cache(config, index.table, env)  # once, for every fit and score
     # A held-out test set (test_fraction) stays out of the search too: it chooses nothing.
     table, _ = trainer.holdout_test(config, index.table)
-    if config.subset < 1.0:
-        table = subset_patients(table, fraction=config.subset, seed=config.seed)
+    table = trainer.patient_subset(config, table)
     skipped = sorted(set(index.report.missing_ids) | set(index.report.unreadable))
     if cache is not None:
         skipped = sorted(set(skipped) | (set(cache.failed) & set(table["image_id"])))

@@ -231,9 +231,20 @@ def split_roles(data: DataBundle) -> pd.DataFrame:
     return frame.sort_values(["role", "patient"], kind="stable").reset_index(drop=True)
 
 
+def patient_subset(config: TrainConfig, table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the config's patient subset (``subset``, strata shares times ``subset_boost``)."""
+    from hemorrhage_core.data import subset_patients
+    from hemorrhage_core.labels import STAGE1_CLASSES
+
+    if config.subset >= 1.0:
+        return table
+    boost = dict(zip(STAGE1_CLASSES, config.subset_boost, strict=True)) if config.subset_boost else None
+    return subset_patients(table, fraction=config.subset, seed=config.seed, boost=boost)
+
+
 def prepare_data(config: TrainConfig, env: D.DistEnv) -> DataBundle:
     """Index -> patient subset -> patient-grouped train/validation split -> cache."""
-    from hemorrhage_core.data import split_train_val, subset_patients
+    from hemorrhage_core.data import split_train_val
 
     index = load_index(config, env)
     prep = slice_prep(config)
@@ -241,8 +252,7 @@ def prepare_data(config: TrainConfig, env: D.DistEnv) -> DataBundle:
     cache = build_cache(config, index.table, env, prep)
     # The test patients go first, from the whole index, so every run of a recipe holds out the same ones.
     table, test = holdout_test(config, index.table)
-    if config.subset < 1.0:
-        table = subset_patients(table, fraction=config.subset, seed=config.seed)
+    table = patient_subset(config, table)
     skipped = set(index.report.missing_ids) | set(index.report.unreadable)
     if cache is not None:
         failed = set(cache.failed) & set(table["image_id"])

@@ -7,7 +7,9 @@ epidural spread over both sides instead of landing by chance on one.
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -155,12 +157,15 @@ def subset_patients(
     n_patients: int | None = None,
     seed: int = 0,
     min_per_stratum: int = 1,
+    boost: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Rows of a seeded random subset of patients that keeps the patient strata mix.
 
     Give ``fraction`` (0-1] or ``n_patients``. Each stratum gets its proportional share (largest
     remainder rounding), at least ``min_per_stratum`` patients while the total allows, so rare types
-    are not lost from a small subset.
+    are not lost from a small subset. ``boost`` multiplies chosen strata's shares (``{"epidural": 3}``:
+    three times its proportional share, at most all of its patients; the other strata share the rest
+    in proportion), so a small subset can hold more of a rare type's patients than its share.
     """
     strata = patient_strata(index)
     total = len(strata)
@@ -175,7 +180,15 @@ def subset_patients(
         raise DatasetError(f"n_patients must be between 1 and {total}, got {n_patients}")
 
     sizes = strata.value_counts().sort_index()
-    quota = _allocate(sizes, n_patients, min_per_stratum)
+    weights = pd.Series(1.0, index=sizes.index)
+    for name, factor in (boost or {}).items():
+        if name not in (NO_HEMORRHAGE, *SUBTYPES):
+            raise DatasetError(f"cannot boost {name!r}: the strata are {NO_HEMORRHAGE} and {', '.join(SUBTYPES)}")
+        if not (math.isfinite(factor) and factor >= 1.0):
+            raise DatasetError(f"the boost of {name} must be a finite number >= 1, got {factor}")
+        if name in weights.index:  # a type no patient has has no stratum to boost
+            weights[name] = float(factor)
+    quota = _allocate(sizes, n_patients, min_per_stratum, weights)
     rng = np.random.default_rng(seed)
     chosen: list[str] = []
     for name, k in quota.items():
@@ -184,9 +197,31 @@ def subset_patients(
     return index[index["patient_id"].isin(chosen)]
 
 
-def _allocate(sizes: pd.Series, n: int, minimum: int) -> pd.Series:
-    """Split ``n`` over strata proportionally to ``sizes`` (largest remainder), with a floor."""
-    exact = sizes / sizes.sum() * n
+def _shares(sizes: pd.Series, n: int, weights: pd.Series) -> pd.Series:
+    """Real-valued shares of ``n`` proportional to ``sizes * weights``, none above its stratum's size.
+
+    A stratum whose share would exceed its size gets all of its patients and the others share what is
+    left, again in proportion (water-filling); with equal weights this is ``sizes / sizes.sum() * n``.
+    """
+    exact = pd.Series(0.0, index=sizes.index)
+    open_, left = sizes.index, float(n)
+    while len(open_):
+        weighted = sizes[open_] * weights[open_]
+        share = weighted / weighted.sum() * left
+        full = share.index[share >= sizes[share.index]]
+        if not len(full):
+            exact[open_] = share
+            break
+        exact[full] = sizes[full]
+        left -= float(sizes[full].sum())
+        open_ = open_.difference(full)
+    return exact
+
+
+def _allocate(sizes: pd.Series, n: int, minimum: int, weights: pd.Series | None = None) -> pd.Series:
+    """Split ``n`` over strata proportionally to ``sizes`` (times ``weights``; largest remainder), with a
+    floor."""
+    exact = sizes / sizes.sum() * n if weights is None or (weights == 1.0).all() else _shares(sizes, n, weights)
     quota = np.floor(exact).astype(int)
     floor = np.minimum(sizes, minimum)
     if floor.sum() <= n:
