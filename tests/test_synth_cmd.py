@@ -116,3 +116,41 @@ def test_synth_help_names_the_generators_default_type_weights(capsys):
         main(["synth", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(f"{name} {weight:g}" in text for name, weight in PhantomConfig().type_weights)
+
+
+def test_synth_lesion_counts_change_the_population_and_are_recorded(tmp_path, capsys):
+    from hemorrhage_core.synthetic.phantom import PhantomConfig, sample_patient
+
+    assert main(_args(tmp_path, "--json", "--lesion-counts", "0,0,1")) == 0
+    record = json.loads((tmp_path / "synth.json").read_text())
+    assert record["config"]["lesion_count_weights"] == [0.0, 0.0, 1.0]
+    # Every patient who bleeds gets exactly three lesions; the default draws 1 to 4.
+    three = PhantomConfig().with_lesion_count_weights([0, 0, 1])
+    counts = {len(sample_patient(0, i, 10, three).lesions) for i in range(40)}
+    assert counts <= {0, 3} and 3 in counts
+    default = {len(sample_patient(0, i, 10, PhantomConfig()).lesions) for i in range(40)}
+    assert {1, 2} <= default
+    # A type weighted 0 is still never drawn, however many lesions a patient gets.
+    only_two = PhantomConfig().with_type_weights({"epidural": 0, "intraparenchymal": 0, "intraventricular": 0})
+    many = only_two.with_lesion_count_weights([0, 0, 0, 1])
+    assert {les.subtype for i in range(20) for les in sample_patient(0, i, 10, many).lesions} <= {
+        "subarachnoid", "subdural"}
+
+
+def test_synth_lesion_counts_refusals(tmp_path, capsys):
+    for bad, said in (("0.1;0.3", "comma-separated"), ("a,b", "comma-separated"), ("", "comma-separated"),
+                      ("0.5,-1", "finite numbers >= 0"), ("0.5,inf", "finite numbers >= 0"),
+                      ("0,0", "at least one lesion count")):
+        assert main(_args(tmp_path / "x", "--lesion-counts", bad)) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_synth_help_names_the_generators_default_lesion_counts(capsys):
+    from hemorrhage_core.synthetic.phantom import PhantomConfig
+
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ",".join(f"{w:g}" for w in PhantomConfig().lesion_count_weights) in text
+

@@ -3,6 +3,8 @@ head-CT data set in the RSNA 2019 layout (``DIR/stage_2_train/ID_<hex>.dcm``, ``
 ``DIR/synth.json``). Deterministic per seed; ``--seed 1`` is a different population of patients.
 ``--type-weight epidural=0.21`` (repeatable) changes a type's relative weight in the population
 (default weights in ``PhantomConfig.type_weights``; saved in synth.json's ``config``).
+``--lesion-counts 0.1,0.3,0.3,0.3`` sets the relative weights of 1, 2, ... lesions per patient who
+bleeds (default ``PhantomConfig.lesion_count_weights``; saved there too).
 ``--contact-sheet PNG`` also renders a contact sheet of the population (every type, healthy slices,
 bone and subdural windows). Exit 0 on success, 2 when the arguments or the folder are refused, 1 when
 writing fails (disk full).
@@ -48,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="relative weight of a hemorrhage type among the lesions drawn (repeatable; defaults: "
         "epidural 0.07, intraparenchymal 0.22, intraventricular 0.2, subarachnoid 0.24, subdural 0.27)",
     )
+    parser.add_argument(
+        "--lesion-counts", metavar="W1,W2,...", default=None,
+        help="relative weights of 1, 2, ... lesions per patient who bleeds (default: "
+        "0.2,0.35,0.25,0.2, i.e. 1 to 4 lesions)",
+    )
     parser.add_argument("--contact-sheet", metavar="PNG", default=None, help="also write a contact sheet PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -71,8 +78,9 @@ def _table(summary: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def phantom_config(pairs: list[str]):
-    """The generator's population with the ``TYPE=W`` overrides of ``--type-weight`` applied."""
+def phantom_config(pairs: list[str], lesion_counts: str | None = None):
+    """The generator's population with ``--type-weight``'s ``TYPE=W`` overrides and ``--lesion-counts``
+    applied."""
     from hemorrhage_core.errors import HemorrhageError
     from hemorrhage_core.synthetic.phantom import PhantomConfig
 
@@ -86,15 +94,26 @@ def phantom_config(pairs: list[str]):
         except ValueError:
             raise CommandError(f"--type-weight takes TYPE=WEIGHT (e.g. epidural=0.21), got {pair!r}") from None
     try:
-        return PhantomConfig().with_type_weights(overrides)
+        config = PhantomConfig().with_type_weights(overrides)
     except HemorrhageError as exc:
         raise CommandError(f"--type-weight: {exc}") from None
+    if lesion_counts is None:
+        return config
+    try:
+        counts = [float(part) for part in lesion_counts.split(",")]
+    except ValueError:
+        raise CommandError(f"--lesion-counts takes comma-separated weights (e.g. 0.1,0.3,0.3,0.3), got "
+                           f"{lesion_counts!r}") from None
+    try:
+        return config.with_lesion_count_weights(counts)
+    except HemorrhageError as exc:
+        raise CommandError(f"--lesion-counts: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from hemorrhage_core.synthetic import write_dataset
 
-    config = phantom_config(args.type_weight)
+    config = phantom_config(args.type_weight, args.lesion_counts)
     start = time.perf_counter()
     try:
         summary = write_dataset(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -82,6 +82,22 @@ class PhantomConfig:
         if not any(w > 0 for w in weights.values()):
             raise HemorrhageError("at least one hemorrhage type needs a weight above 0")
         return replace(self, type_weights=tuple(weights.items()))
+
+    def with_lesion_count_weights(self, weights: Sequence[float]) -> PhantomConfig:
+        """This population with the relative weights of 1, 2, ... lesions per patient who bleeds replaced.
+
+        More lesions per patient keep every type's share and add examples of each (``(0.1, 0.3, 0.3,
+        0.3)`` and a rare type's weight tripled leave the other types with about as many slices as
+        before). Refuses (HemorrhageError) no weights, negative or non-finite ones, and all zero.
+        """
+        counts = tuple(float(w) for w in weights)
+        if not counts:
+            raise HemorrhageError("give the weight of 1, 2, ... lesions per patient (e.g. 0.1,0.3,0.3,0.3)")
+        if not all(math.isfinite(w) and w >= 0 for w in counts):
+            raise HemorrhageError(f"lesion count weights must be finite numbers >= 0, got {list(counts)}")
+        if not any(w > 0 for w in counts):
+            raise HemorrhageError("at least one lesion count needs a weight above 0")
+        return replace(self, lesion_count_weights=counts)
 
 
 @dataclass(frozen=True)
