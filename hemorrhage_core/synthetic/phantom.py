@@ -87,8 +87,8 @@ class PhantomConfig:
         """This population with the relative weights of 1, 2, ... lesions per patient who bleeds replaced.
 
         More lesions per patient keep every type's share and add examples of each (``(0.1, 0.3, 0.3,
-        0.3)`` and a rare type's weight tripled leave the other types with about as many slices as
-        before). Refuses (HemorrhageError) no weights, negative or non-finite ones, and all zero.
+        0.3)`` with epidural's weight tripled, 0.21, leave the other types with about as many slices
+        as the default population). Refuses (HemorrhageError) no weights, negative or non-finite ones, and all zero.
         """
         counts = tuple(float(w) for w in weights)
         if not counts:
