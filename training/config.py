@@ -175,24 +175,10 @@ class TrainConfig:
                 self.label_weights,
                 "must be null or six non-negative numbers (epidural ... subdural, any), not all zero",
             )
-        if self.subset_boost is not None:
-            _check(
-                _six_weights(self.subset_boost) and all(math.isfinite(b) and b >= 1 for b in self.subset_boost),
-                "subset_boost",
-                self.subset_boost,
-                "must be null or six numbers >= 1 (none, epidural ... subdural)",
-            )
-            _check(self.subset < 1.0, "subset_boost", self.subset_boost,
-                   "multiplies the strata's shares of a patient subset: set subset < 1 too")
-        if self.repeat_boost is not None:
-            _check(
-                _six_weights(self.repeat_boost) and all(math.isfinite(b) and b >= 1 for b in self.repeat_boost),
-                "repeat_boost",
-                self.repeat_boost,
-                "must be null or six numbers >= 1 (none, epidural ... subdural)",
-            )
-            _check(self.repeat_threshold > 0, "repeat_boost", self.repeat_boost,
-                   "multiplies repeat-factor sampling's factors: set repeat_threshold > 0 too")
+        _check_boost("subset_boost", self.subset_boost, self.subset < 1.0,
+                     "multiplies the strata's shares of a patient subset: set subset < 1 too")
+        _check_boost("repeat_boost", self.repeat_boost, self.repeat_threshold > 0,
+                     "multiplies repeat-factor sampling's factors: set repeat_threshold > 0 too")
         _check(self.stage == 2 or self.init_from is None, "init_from", self.init_from, "is for stage 2 only")
         _check(self.stage == 2 or self.head_warmup_epochs == 0, "head_warmup_epochs", self.head_warmup_epochs,
                "is for stage 2 only (the trunk it holds comes from stage 1)")
@@ -293,6 +279,16 @@ def _six_weights(value: Any) -> bool:
 def _check(ok: bool, name: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"config {name}={value!r} {why}")
+
+
+def _check_boost(name: str, value: Any, applies: bool, why_not: str) -> None:
+    """A boost field: null, or six multipliers >= 1 (STAGE1_CLASSES order) where the thing it multiplies
+    is on (``applies``; else refused with ``why_not``)."""
+    if value is None:
+        return
+    _check(_six_weights(value) and all(math.isfinite(b) and b >= 1 for b in value), name, value,
+           "must be null or six numbers >= 1 (none, epidural ... subdural)")
+    _check(applies, name, value, why_not)
 
 
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("float", "float | None")}

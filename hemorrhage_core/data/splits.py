@@ -221,6 +221,7 @@ def _shares(sizes: pd.Series, n: int, weights: pd.Series) -> pd.Series:
 def _allocate(sizes: pd.Series, n: int, minimum: int, weights: pd.Series | None = None) -> pd.Series:
     """Split ``n`` over strata proportionally to ``sizes`` (times ``weights``; largest remainder), with a
     floor."""
+    # Unboosted, the plain proportion: the arithmetic of every split and subset made before boosts existed.
     exact = sizes / sizes.sum() * n if weights is None or (weights == 1.0).all() else _shares(sizes, n, weights)
     quota = np.floor(exact).astype(int)
     floor = np.minimum(sizes, minimum)
