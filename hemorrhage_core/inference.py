@@ -33,7 +33,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -46,6 +46,7 @@ from hemorrhage_core.labels import LABELS, consistent_labels
 from hemorrhage_core.machine import cpu_has_native_bf16
 from hemorrhage_core.models.net import HemorrhageNet, probabilities
 from hemorrhage_core.preprocess import (
+    InputGeometry,
     SlicePrep,
     centre_channels,
     context_positions,
@@ -135,7 +136,8 @@ class Prediction:
     probabilities: label -> p in ``LABELS`` order, calibrated when the Predictor has a calibration, with
     no subtype above ``any`` (``consistent_labels``);
     image: uint8 (C, S, S) windowed model input (of a 2.5D stack, the slice itself); aligned: uint8 (C, s, s) STN output; theta: float32
-    (2, 3); heatmap: float32 (S, S) in [0, 1] on the input image's grid, or None; meta: header fields
+    (2, 3); heatmap: float32 (H, W) in [0, 1] on the slice's own grid (the head crop undone, so it
+    overlays the slice as read), or None; meta: header fields
     (``META_FIELDS``, no patient identifiers); flags: warnings about the input ("code: explanation");
     raw_probabilities: the model's own values, before calibration and the consistency rule.
     """
@@ -156,11 +158,17 @@ class Prediction:
         return {"image_id": self.meta.get("image_id"), **self.probabilities, "flags": list(self.flags)}
 
 
+def _on_slice(heatmap: np.ndarray, geometry: InputGeometry | None) -> np.ndarray:
+    """A heatmap on the model input's grid, moved onto its slice's grid (kept as is when unknown)."""
+    return heatmap if geometry is None else geometry.to_slice(heatmap)
+
+
 @dataclass(frozen=True)
 class _Prepared:
     image: np.ndarray = field(repr=False)
     meta: dict[str, Any]
     flags: list[str]
+    geometry: InputGeometry | None = None  # where the image came from in its slice (None: unknown)
 
 
 def isolating(run: Callable[[list[T]], Sequence[R]], items: list[T]) -> list[R | Exception]:
@@ -298,7 +306,7 @@ class Predictor:
         # One ring search serves the not-a-head check and the head crop.
         ring = find_skull_ring(hu) if self.prep.head_crop or not hu_problems else None
         flags += hu_problems + head_flags(ct.meta.body_part, None if hu_problems else ring is not None)
-        return _Prepared(self.prep.apply(hu, ring), meta, flags)
+        return _Prepared(self.prep.apply(hu, ring), meta, flags, self.prep.geometry(hu.shape, ring))
 
     # -- prediction ---------------------------------------------------------------------------------
     def predict(
@@ -391,14 +399,14 @@ class Predictor:
             if series and isinstance(z, int | float) and np.isfinite(z):
                 groups.setdefault((str(p.meta.get("study_uid") or ""), str(series)), []).append(i)
             else:
-                out[i] = _Prepared(stack_context([p.image] * self.prep.slices), p.meta, [*p.flags, NO_NEIGHBOURS_FLAG])
+                out[i] = replace(p, image=stack_context([p.image] * self.prep.slices), flags=[*p.flags, NO_NEIGHBOURS_FLAG])
         for members in groups.values():
             members.sort(key=lambda i: (float(prepared[i].meta["z"]), str(prepared[i].meta.get("image_id") or "")))
             alone = len(members) == 1
             for i, row in zip(members, context_positions(len(members), self.context), strict=True):
                 p = prepared[i]
                 flags = [*p.flags, NO_NEIGHBOURS_FLAG] if alone else list(p.flags)
-                out[i] = _Prepared(stack_context([prepared[members[j]].image for j in row]), p.meta, flags)
+                out[i] = replace(p, image=stack_context([prepared[members[j]].image for j in row]), flags=flags)
         return out
 
     def _forward_in_batches(
@@ -463,7 +471,7 @@ class Predictor:
                 image=centre_channels(p.image, self.prep.channels),
                 aligned=np.ascontiguousarray(aligned_np[i]),
                 theta=theta_np[i],
-                heatmap=None if heatmaps is None else heatmaps[i],
+                heatmap=None if heatmaps is None else _on_slice(heatmaps[i], p.geometry),
                 meta=dict(p.meta),
                 flags=list(p.flags),
                 saliency_label=saliency_label,

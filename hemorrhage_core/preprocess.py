@@ -134,6 +134,37 @@ def prepare_slice(hu: np.ndarray, image_size: int, windows: WindowStack = DEFAUL
 
 
 @dataclass(frozen=True)
+class InputGeometry:
+    """Where a prepared slice came from: the slice's (H, W) and the square ``(top, left, side)`` that
+    was cropped from it (None: the whole slice, resized). Maps what lives on the model input's grid
+    (a Grad-CAM heatmap) back onto the slice, so it overlays the slice as the user sees it."""
+
+    shape: tuple[int, int]
+    square: tuple[int, int, int] | None = None
+
+    def to_slice(self, values: np.ndarray) -> np.ndarray:
+        """float32 (S, S) on the input grid -> float32 (H, W) on the slice, 0 where the input did not
+        reach (a crop is a part of the slice; a crop past the slice's edge drops what lies beyond it).
+        Bilinear, with the pixel-centre convention of the forward resize."""
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim != 2:
+            raise ValueError(f"expected a 2-D map on the input grid, got shape {values.shape}")
+        h, w = self.shape
+        size = (h, w) if self.square is None else (self.square[2], self.square[2])
+        x = torch.from_numpy(np.ascontiguousarray(values))[None, None]
+        resized = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+        if self.square is None:
+            return np.ascontiguousarray(resized)
+        top, left, side = self.square
+        out = np.zeros((h, w), dtype=np.float32)
+        y0, x0 = max(top, 0), max(left, 0)
+        y1, x1 = min(top + side, h), min(left + side, w)
+        if y1 > y0 and x1 > x0:
+            out[y0:y1, x0:x1] = resized[y0 - top : y1 - top, x0 - left : x1 - left]
+        return out
+
+
+@dataclass(frozen=True)
 class SlicePrep:
     """The preprocessing of one model: output size, windows and the head crop.
 
@@ -194,9 +225,17 @@ class SlicePrep:
     def apply(self, hu: np.ndarray, ring: HeadRing | None) -> np.ndarray:
         """The same, with the slice's ring already found (``find_skull_ring(hu)``; None: none found),
         for a caller that also uses the ring (the Predictor's not-a-head check)."""
-        if self.head_crop and ring is not None:
-            hu = crop_square(hu, *head_square(ring, hu.shape, self.crop_margin, self.crop_min_side))
+        square = self.geometry(hu.shape, ring).square
+        if square is not None:
+            hu = crop_square(hu, *square)
         return prepare_slice(hu, self.image_size, self.windows)
+
+    def geometry(self, shape: tuple[int, ...], ring: HeadRing | None) -> InputGeometry:
+        """Where this preprocessing takes a slice of ``shape`` from, given its ring (see ``apply``)."""
+        h, w = int(shape[0]), int(shape[1])
+        if self.head_crop and ring is not None:
+            return InputGeometry((h, w), head_square(ring, (h, w), self.crop_margin, self.crop_min_side))
+        return InputGeometry((h, w), None)
 
     def per_slice(self) -> SlicePrep:
         """This preprocessing without the context: what one slice's cache entry holds."""

@@ -229,7 +229,7 @@ def test_analyse_uploads_predicts_each_slice_in_z_order_and_reports_bad_files(tm
     assert list(good.probabilities) == list(LABELS)
     assert all(0.0 <= p <= 1.0 for p in good.probabilities.values())
     assert good.aligned.dtype == np.uint8 and good.aligned.shape[0] == 3
-    assert good.heatmap is not None and good.heatmap.shape == good.image.shape[1:]
+    assert good.heatmap is not None and good.heatmap.shape == good.hu.shape  # overlays the slice
     assert good.hu.shape == (96, 96) and good.z == 5.0
     bad = results[2]
     assert not bad.ok and bad.error and "Traceback" not in bad.error and str(tmp_path) not in bad.error

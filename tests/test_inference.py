@@ -82,7 +82,8 @@ def test_predict_gives_probabilities_images_theta_and_heatmap(predictor, model, 
     np.testing.assert_allclose(list(result.probabilities.values()), consistent_labels(expected), atol=1e-6)
     assert result.aligned.dtype == np.uint8 and result.aligned.shape == (3, 64, 64)
     np.testing.assert_allclose(result.theta, np.eye(2, 3), atol=1e-6)  # untrained STN: identity
-    assert result.heatmap.dtype == np.float32 and result.heatmap.shape == (IMAGE_SIZE, IMAGE_SIZE)
+    # on the slice's own grid (160 px), not the model input's (96 px): it overlays the slice as read
+    assert result.heatmap.dtype == np.float32 and result.heatmap.shape == read_slice(files["head"]).hu.shape
     assert 0.0 <= result.heatmap.min() and result.heatmap.max() <= 1.0
     assert result.meta["modality"] == "CT" and result.meta["image_id"] == "ID_00000000a" and result.meta["z"] == 12.5
     assert result.flags == []
@@ -109,11 +110,12 @@ def test_heatmap_matches_pytorch_grad_cam_on_the_plain_model_at_identity(predict
             return label_scores(2, self.net(x))
 
     reference_model = copy.deepcopy(model)
-    x = to_tensor(predictor.prepare(files["head"]).image)[None]
+    prepared = predictor.prepare(files["head"])
+    x = to_tensor(prepared.image)[None]
     nonzero = 0
     for index, label in enumerate(LABELS):
         cam = GradCAM(model=Scores(reference_model), target_layers=[reference_model.backbone])
-        expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0]
+        expected = prepared.geometry.to_slice(cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0])
         cam.activations_and_grads.release()
         got = predictor.predict(files["head"], saliency_label=label).heatmap
         np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -129,11 +131,35 @@ def test_heatmap_follows_the_stn_back_onto_the_input(model, files):
     predictor = Predictor(zoomed, {"image_size": IMAGE_SIZE, "windows": DEFAULT_STACK.to_list()})
     heat = np.stack([predictor.predict(files["head"], saliency_label=label).heatmap for label in LABELS])
     np.testing.assert_allclose(predictor.predict(files["head"]).theta, [[0.5, 0, 0], [0, 0.5, 0]], atol=1e-6)
-    quarter, margin = IMAGE_SIZE // 4, 1
-    outside = np.ones((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-    outside[quarter - margin : IMAGE_SIZE - quarter + margin, quarter - margin : IMAGE_SIZE - quarter + margin] = False
+    side = heat.shape[-1]  # the slice's grid: the input's, scaled by side / IMAGE_SIZE
+    quarter, margin = side // 4, -(-side // IMAGE_SIZE)
+    outside = np.ones((side, side), dtype=bool)
+    outside[quarter - margin : side - quarter + margin, quarter - margin : side - quarter + margin] = False
     assert float(heat[:, outside].max()) == 0.0
     assert float(heat[:, ~outside].max()) > 0.0
+
+
+def test_with_the_head_crop_the_heatmap_lands_on_the_head_in_the_slice(model, tmp_path):
+    """A head in one corner of a large slice: the model sees the crop around it, and the heatmap comes
+    back onto the slice at the crop's place (zero elsewhere), not stretched over the whole slice."""
+    from hemorrhage_core.saliency import grad_cam
+
+    slice_hu = np.full((320, 320), -1000.0, dtype=np.float32)
+    slice_hu[20:180, 140:300] = head_phantom()
+    path = write(tmp_path / "ID_00000000e.dcm", slice_hu)
+    predictor = Predictor.from_checkpoint(
+        save_checkpoint(tmp_path / "crop.pt", model, prep=SlicePrep(IMAGE_SIZE, head_crop=True))
+    )
+    result = predictor.predict(path, saliency_label="any")
+    geometry = predictor.prepare(path).geometry
+    top, left, side = geometry.square
+    assert 0 <= top and top + side <= 200 and left >= 120 and side < 200  # around the head, not the slice
+    on_input = grad_cam(model, to_tensor(result.image)[None], "any").heatmaps[0]
+    np.testing.assert_allclose(result.heatmap, geometry.to_slice(on_input), atol=1e-4)
+    assert result.heatmap.shape == (320, 320) and float(result.heatmap.max()) > 0.0
+    outside = np.ones((320, 320), dtype=bool)
+    outside[top : top + side, left : left + side] = False
+    assert float(result.heatmap[outside].max()) == 0.0
 
 
 def test_non_ct_is_refused_and_predict_many_keeps_errors_in_place(predictor, files):

@@ -14,6 +14,7 @@ from hemorrhage_core.inference import Predictor, head_flags
 from hemorrhage_core.models import ModelSpec, build_model
 from hemorrhage_core.preprocess import (
     AIR_HU,
+    InputGeometry,
     SlicePrep,
     crop_square,
     find_skull_ring,
@@ -91,6 +92,47 @@ def test_a_crop_past_the_edge_is_filled_with_air_and_small_rings_zoom_at_most_to
     top, left, side = head_square(small, (256, 256), margin=0.08, min_side=0.4)
     assert side == round(0.4 * 256)
     assert abs(top + side / 2 - 128) <= 2 and abs(left + side / 2 - 128) <= 2
+
+
+def test_what_lies_on_the_input_grid_maps_back_onto_the_slice_where_it_came_from():
+    """The bone channel of a cropped input, mapped back, is the slice's skull: a Grad-CAM heatmap on
+    the input's grid lands on the anatomy it was computed from, not stretched over the whole slice."""
+    hu = _head()  # skull radius 60 around (150, 100) of 256 px: off centre, so a stretch would miss it
+    prep = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True)
+    ring = find_skull_ring(hu)
+    geometry = prep.geometry(hu.shape, ring)
+    assert geometry.square == head_square(ring, hu.shape, prep.crop_margin, prep.crop_min_side)
+    back = geometry.to_slice(prep(hu)[2] / 255.0)
+    assert back.shape == hu.shape and back.dtype == np.float32
+    skull = (hu > 1000.0) & ~np.isin(np.arange(256), [0, 255])[None, :]
+    top, left, side = geometry.square
+    inside = np.zeros(hu.shape, dtype=bool)
+    inside[max(top, 0) : top + side, max(left, 0) : left + side] = True
+    assert float(back[~inside].max()) == 0.0  # nothing beyond the crop
+    # the bone came back on the skull (its 6 px are under 3 on the input, so resampling blurs them),
+    # where the same map stretched over the whole slice misses it
+    # (the bone window shows brain at 0.30)
+    brain = (hu < 100.0) & (hu > 0.0)
+    assert float(back[skull].mean() - back[brain].mean()) > 0.25
+    stretched = InputGeometry(hu.shape, None).to_slice(prep(hu)[2] / 255.0)
+    assert abs(float(stretched[skull].mean() - stretched[brain].mean())) < 0.05
+    # the whole slice, resized: a map of ones covers it
+    whole = SlicePrep(SIZE, DEFAULT_STACK).geometry((200, 120), ring)
+    assert whole == InputGeometry((200, 120), None)
+    np.testing.assert_allclose(whole.to_slice(np.ones((SIZE, SIZE), np.float32)), 1.0, atol=1e-6)
+
+
+def test_a_crop_past_the_slice_edge_maps_back_without_what_lay_beyond_it():
+    geometry = InputGeometry((40, 50), (-10, 30, 40))  # rows -10..30, columns 30..70 of a 40 x 50 slice
+    values = np.zeros((8, 8), np.float32)
+    values[4, 2] = 1.0  # input pixel (4, 2) of 8: slice rows -10 + 20..25, columns 30 + 10..15
+    back = geometry.to_slice(values)
+    assert back.shape == (40, 50)
+    peak = np.unravel_index(int(np.argmax(back)), back.shape)
+    assert peak in {(12, 42), (12, 43), (13, 42), (13, 43)}  # the block's centre, 22.5 and 42.5
+    assert float(back[:, :30].max()) == 0.0
+    with pytest.raises(ValueError, match="2-D map"):
+        geometry.to_slice(np.zeros((1, 8, 8), np.float32))
 
 
 def test_slice_prep_round_trips_and_names_its_crop():

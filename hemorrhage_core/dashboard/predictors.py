@@ -123,7 +123,7 @@ class UploadResult:
     image: np.ndarray | None = None  # windowed model input, uint8 (C, S, S)
     aligned: np.ndarray | None = None  # STN output, uint8 (C, s, s)
     theta: np.ndarray | None = None
-    heatmap: np.ndarray | None = None
+    heatmap: np.ndarray | None = None  # Grad-CAM, float32 on the slice's grid (like hu)
     flags: list[str] = field(default_factory=list)
 
     @property
