@@ -1,6 +1,7 @@
 """The deterministic slice preprocessing shared by the Dataset, its cache and the Predictor.
 
-HU slice -> [crop to the head] -> window stack -> uint8 -> resize to ``image_size`` -> uint8 (C, S, S).
+HU slice -> [crop to the head] -> [polar resampling] -> window stack -> uint8 -> resize to ``image_size``
+-> uint8 (C, S, S).
 With ``context`` k > 0 (2.5D input) the model's input is that of the slice and of its k neighbours on
 each side in its series, stacked along the channels in z order (``stack_context``), (C (2k + 1), S, S).
 ``SlicePrep`` holds the parameters: built once from a run's config, saved in its checkpoints, part of
@@ -11,6 +12,7 @@ evaluate, predict and the dashboard feed the model identical tensors. The model 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,8 +25,14 @@ from scipy import ndimage
 from hemorrhage_core.windowing import DEFAULT_STACK, WindowStack
 
 # Bump when the output of SlicePrep changes, so preprocessed caches built earlier are rebuilt.
-# 3: head crop (SlicePrep.head_crop).
+# 3: head crop (SlicePrep.head_crop). The polar option changes nothing without it (its key says polar).
 PREPROCESS_VERSION = 3
+
+# Polar input: angles sampled this many times finer than the output before the antialiased resize, so
+# thin blood along the skull (whose circumference is about 3x the output's width) is averaged, not
+# skipped. The seam (first and last column) is the back of the head: a lesion there is split in two.
+_POLAR_OVERSAMPLE = 4
+_POLAR_START = math.pi / 2  # image rows grow downwards: +pi/2 points to the bottom, the back of the head
 
 # 2.5D input: at most this many neighbours on each side (RSNA slices are 5 mm; 3 covers 3 cm).
 MAX_CONTEXT = 3
@@ -108,6 +116,36 @@ def crop_square(hu: np.ndarray, top: int, left: int, side: int, fill: float = AI
     return out
 
 
+def polar_grid(shape: tuple[int, int], size: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slice coordinates (rows, cols), each (size, columns), of the polar image of a slice of ``shape``:
+    row i at radius (i + 0.5) / size of the half side from the slice's centre, column j at angle
+    ``_POLAR_START`` + 2 pi (j + 0.5) / columns, clockwise on screen (rows grow downwards)."""
+    h, w = shape
+    radius = (np.arange(size, dtype=np.float64) + 0.5) / size * (min(h, w) / 2.0)
+    angle = _POLAR_START + 2.0 * math.pi * (np.arange(columns, dtype=np.float64) + 0.5) / columns
+    rows = (h - 1) / 2.0 + radius[:, None] * np.sin(angle)[None, :]
+    cols = (w - 1) / 2.0 + radius[:, None] * np.cos(angle)[None, :]
+    return rows, cols
+
+
+def polar_slice(hu: np.ndarray, size: int) -> np.ndarray:
+    """HU (H, W) -> HU (size, ``_POLAR_OVERSAMPLE`` size) in polar coordinates around the slice's centre
+    (bilinear; air beyond the slice): rows the distance from the centre out to half the shorter side,
+    columns the angle (``polar_grid``). With the head crop the centre is the skull's, so the skull runs
+    along the rows near the bottom and blood under it (epidural, subdural) is a band along the skull
+    whose length and thickness profile read the same at every angle."""
+    h, w = hu.shape
+    rows, cols = polar_grid((h, w), size, _POLAR_OVERSAMPLE * size)
+    # grid_sample (about 2x scipy's map_coordinates here) on HU above air, whose zero padding is then air.
+    grid = np.stack([cols * (2.0 / max(w - 1, 1)) - 1.0, rows * (2.0 / max(h - 1, 1)) - 1.0], axis=-1)
+    above_air = np.nan_to_num(np.asarray(hu, dtype=np.float32), nan=AIR_HU) - AIR_HU
+    out = F.grid_sample(
+        torch.from_numpy(above_air)[None, None], torch.from_numpy(grid.astype(np.float32))[None],
+        mode="bilinear", padding_mode="zeros", align_corners=True,
+    )
+    return out[0, 0].numpy() + np.float32(AIR_HU)
+
+
 def prepare_slice(hu: np.ndarray, image_size: int, windows: WindowStack = DEFAULT_STACK) -> np.ndarray:
     """HU slice (H, W) -> uint8 array (C, image_size, image_size), windowed then resized (no crop).
 
@@ -135,33 +173,54 @@ def prepare_slice(hu: np.ndarray, image_size: int, windows: WindowStack = DEFAUL
 
 @dataclass(frozen=True)
 class InputGeometry:
-    """Where a prepared slice came from: the slice's (H, W) and the square ``(top, left, side)`` that
-    was cropped from it (None: the whole slice, resized). Maps what lives on the model input's grid
-    (a Grad-CAM heatmap) back onto the slice, so it overlays the slice as the user sees it."""
+    """Where a prepared slice came from: the slice's (H, W), the square ``(top, left, side)`` that was
+    cropped from it (None: the whole slice) and whether that frame was resampled in polar coordinates
+    (else resized). Maps what lives on the model input's grid (a Grad-CAM heatmap) back onto the
+    slice, so it overlays the slice as the user sees it."""
 
     shape: tuple[int, int]
     square: tuple[int, int, int] | None = None
+    polar: bool = False
 
     def to_slice(self, values: np.ndarray) -> np.ndarray:
         """float32 (S, S) on the input grid -> float32 (H, W) on the slice, 0 where the input did not
-        reach (a crop is a part of the slice; a crop past the slice's edge drops what lies beyond it).
-        Bilinear, with the pixel-centre convention of the forward resize."""
+        reach (outside the crop; in polar, beyond the circle it sampled). Bilinear, with the pixel-centre
+        convention of the forward resampling."""
         values = np.asarray(values, dtype=np.float32)
-        if values.ndim != 2:
-            raise ValueError(f"expected a 2-D map on the input grid, got shape {values.shape}")
+        if values.ndim != 2 or values.shape[0] != values.shape[1]:
+            raise ValueError(f"expected a square 2-D map on the input grid, got shape {values.shape}")
         h, w = self.shape
-        size = (h, w) if self.square is None else (self.square[2], self.square[2])
-        x = torch.from_numpy(np.ascontiguousarray(values))[None, None]
-        resized = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+        frame = (h, w) if self.square is None else (self.square[2], self.square[2])
+        if self.polar:
+            back = _from_polar(values, frame)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(values))[None, None]
+            back = F.interpolate(x, size=frame, mode="bilinear", align_corners=False)[0, 0].numpy()
         if self.square is None:
-            return np.ascontiguousarray(resized)
+            return np.ascontiguousarray(back, dtype=np.float32)
         top, left, side = self.square
         out = np.zeros((h, w), dtype=np.float32)
         y0, x0 = max(top, 0), max(left, 0)
         y1, x1 = min(top + side, h), min(left + side, w)
         if y1 > y0 and x1 > x0:
-            out[y0:y1, x0:x1] = resized[y0 - top : y1 - top, x0 - left : x1 - left]
+            out[y0:y1, x0:x1] = back[y0 - top : y1 - top, x0 - left : x1 - left]
         return out
+
+
+def _from_polar(values: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
+    """The inverse of ``polar_slice`` followed by the resize: (S, S) polar -> ``frame`` (H, W)."""
+    size = values.shape[0]
+    h, w = frame
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    dy, dx = yy - (h - 1) / 2.0, xx - (w - 1) / 2.0
+    row = np.hypot(dy, dx) / (min(h, w) / 2.0) * size - 0.5
+    turn = np.mod(np.arctan2(dy, dx) - _POLAR_START, 2.0 * math.pi) / (2.0 * math.pi)
+    col = turn * size - 0.5
+    # The angle wraps: a copy of the last column before the first and of the first after the last.
+    wrapped = np.concatenate([values[:, -1:], values, values[:, :1]], axis=1)
+    out = ndimage.map_coordinates(wrapped, [row, col + 1.0], order=1, mode="nearest").astype(np.float32)
+    out[row > size - 0.5] = 0.0  # beyond the circle the polar image reached
+    return out
 
 
 @dataclass(frozen=True)
@@ -176,6 +235,11 @@ class SlicePrep:
     ``crop_margin`` a side, before windowing and resizing, so the brain fills the input instead of
     air (about 1.3x the pixels across the brain of a typical slice). A slice without a closed ring
     (skull base, vertex, not a head) is used whole, as without the crop. Calling the object runs it.
+
+    ``polar``: then resample the (cropped) slice around its centre in polar coordinates (``polar_slice``:
+    rows the distance from the centre, columns the angle), so blood under the skull has one shape
+    whatever its position around the head, and a network learns an epidural lens from few examples.
+    The geometry (``geometry``) maps the input grid back onto the slice either way.
     """
 
     image_size: int
@@ -184,6 +248,7 @@ class SlicePrep:
     crop_margin: float = 0.08
     crop_min_side: float = 0.4  # of the slice's longer side: limits the zoom on small vertex rings
     context: int = 0  # neighbours on each side stacked as channels (0: the slice alone)
+    polar: bool = False  # resample the (cropped) slice in polar coordinates (``polar_slice``)
 
     def __post_init__(self) -> None:
         if int(self.image_size) < 1:
@@ -197,6 +262,7 @@ class SlicePrep:
         object.__setattr__(self, "context", int(self.context))
         object.__setattr__(self, "image_size", int(self.image_size))
         object.__setattr__(self, "head_crop", bool(self.head_crop))
+        object.__setattr__(self, "polar", bool(self.polar))
         object.__setattr__(self, "crop_margin", float(self.crop_margin))
         object.__setattr__(self, "crop_min_side", float(self.crop_min_side))
 
@@ -228,14 +294,16 @@ class SlicePrep:
         square = self.geometry(hu.shape, ring).square
         if square is not None:
             hu = crop_square(hu, *square)
+        if self.polar:
+            hu = polar_slice(hu, self.image_size)
         return prepare_slice(hu, self.image_size, self.windows)
 
     def geometry(self, shape: tuple[int, ...], ring: HeadRing | None) -> InputGeometry:
         """Where this preprocessing takes a slice of ``shape`` from, given its ring (see ``apply``)."""
         h, w = int(shape[0]), int(shape[1])
         if self.head_crop and ring is not None:
-            return InputGeometry((h, w), head_square(ring, (h, w), self.crop_margin, self.crop_min_side))
-        return InputGeometry((h, w), None)
+            return InputGeometry((h, w), head_square(ring, (h, w), self.crop_margin, self.crop_min_side), self.polar)
+        return InputGeometry((h, w), None, self.polar)
 
     def per_slice(self) -> SlicePrep:
         """This preprocessing without the context: what one slice's cache entry holds."""
@@ -245,13 +313,13 @@ class SlicePrep:
         """A short stable string naming one slice's preprocessing, for cache folder names (without
         ``context``: the stack is assembled from per-slice entries, so every context shares a cache)."""
         crop = f"-crop{self.crop_margin:g}m{self.crop_min_side:g}" if self.head_crop else ""
-        return f"{self.image_size}px-{self.windows.key()}{crop}"
+        return f"{self.image_size}px-{self.windows.key()}{crop}" + ("-polar" if self.polar else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": PREPROCESS_VERSION, "image_size": self.image_size, "windows": self.windows.to_list(),
             "head_crop": self.head_crop, "crop_margin": self.crop_margin, "crop_min_side": self.crop_min_side,
-            "context": self.context,
+            "context": self.context, "polar": self.polar,
         }
 
     @classmethod
@@ -265,6 +333,7 @@ class SlicePrep:
             crop_margin=float(values.get("crop_margin", 0.08)),
             crop_min_side=float(values.get("crop_min_side", 0.4)),
             context=int(values.get("context", 0)),
+            polar=bool(values.get("polar", False)),
         )
 
 

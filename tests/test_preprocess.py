@@ -19,6 +19,7 @@ from hemorrhage_core.preprocess import (
     crop_square,
     find_skull_ring,
     head_square,
+    polar_slice,
     prepare_slice,
 )
 from hemorrhage_core.synthetic.dataset import write_dataset
@@ -135,9 +136,67 @@ def test_a_crop_past_the_slice_edge_maps_back_without_what_lay_beyond_it():
         geometry.to_slice(np.zeros((1, 8, 8), np.float32))
 
 
+def _lens(hu: np.ndarray, centre, radius: float, angle: float, hu_value: float = 75.0) -> np.ndarray:
+    """A blob of blood just inside the skull at ``angle`` (radians, screen: 0 right, +pi/2 down)."""
+    yy, xx = np.mgrid[: hu.shape[0], : hu.shape[1]].astype(np.float32)
+    cy, cx = centre[0] + (radius - 12.0) * np.sin(angle), centre[1] + (radius - 12.0) * np.cos(angle)
+    out = hu.copy()
+    out[np.hypot(yy - cy, xx - cx) < 5.0] = hu_value
+    return out
+
+
+def test_polar_input_unrolls_the_skull_into_a_band_and_places_blood_by_its_angle():
+    hu = _head(256, (128.0, 128.0), 60.0)
+    prep = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True)
+    image = prep(hu)
+    assert image.shape == (3, SIZE, SIZE) and image.dtype == np.uint8
+    bone = image[2] > 128
+    # a round skull is a band of rows, the same at every angle
+    rows = [np.flatnonzero(bone[:, c]) for c in range(SIZE)]
+    assert all(len(r) > 0 for r in rows)
+    assert max(r[0] for r in rows) - min(r[0] for r in rows) <= 1
+    # blood under the skull at angle a lies in column (a - pi/2) / 2pi of the width, below the brain
+    for angle, column in ((np.pi / 2 + 0.3, 0.3 / (2 * np.pi) * SIZE), (np.pi, SIZE / 4), (0.0, 3 * SIZE / 4)):
+        bled = prep(_lens(hu, (128.0, 128.0), 60.0, angle))
+        blood = (bled[0].astype(int) - image[0].astype(int)) > 40  # brain window: blood brighter than brain
+        cols, rws = np.flatnonzero(blood.any(axis=0)), np.flatnonzero(blood.any(axis=1))
+        assert abs(cols.mean() - (column - 0.5)) <= 1.5
+        assert rws.min() > SIZE / 2  # near the skull, far from the centre
+    # the polar frame itself: air beyond the slice, the slice's centre along the top row
+    frame = polar_slice(hu, 16)
+    assert frame.shape == (16, 64) and np.allclose(frame[0], 35.0)
+
+
+def test_polar_input_maps_back_onto_the_slice_and_mirrors_with_the_head():
+    hu = _lens(_head(256, (128.0, 128.0), 60.0), (128.0, 128.0), 60.0, np.pi)  # blood on the left
+    prep = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True)
+    geometry = prep.geometry(hu.shape, find_skull_ring(hu))
+    assert geometry.polar and geometry.square is not None
+    back = geometry.to_slice(prep(hu)[0] / 255.0)  # the brain window, through polar and back
+    blood = np.abs(hu - 75.0) < 1.0
+    brain = np.abs(hu - 35.0) < 1.0
+    # brain window: blood 0.94, brain 0.44; resampling twice blurs the 10 px blob's edge
+    assert float(back[blood].mean() - back[brain].mean()) > 0.3
+    windowed = np.clip(hu / 80.0, 0.0, 1.0)
+    inside = back > 0
+    assert float(np.corrcoef(back[inside], windowed[inside])[0, 1]) > 0.9
+    top, left, side = geometry.square
+    yy, xx = np.mgrid[:256, :256]
+    beyond = np.hypot(yy - (top + (side - 1) / 2), xx - (left + (side - 1) / 2)) > side / 2 + 1
+    assert float(back[beyond].max()) == 0.0  # nothing beyond the circle the polar input sampled
+    # a left-right flip of the input (the training augmentation) is the mirrored head (without the crop,
+    # whose box the ring search finds to its low-resolution copy's step, so a mirror may shift it a pixel)
+    whole = SlicePrep(SIZE, DEFAULT_STACK, polar=True)
+    np.testing.assert_array_equal(whole(np.fliplr(hu).copy()), whole(hu)[:, :, ::-1])
+
+
 def test_slice_prep_round_trips_and_names_its_crop():
     prep = SlicePrep(96, DEFAULT_STACK, head_crop=True, crop_margin=0.1)
     assert SlicePrep.from_dict(prep.to_dict()) == prep
+    polar = SlicePrep(96, DEFAULT_STACK, head_crop=True, crop_margin=0.1, polar=True)
+    assert SlicePrep.from_dict(polar.to_dict()) == polar and polar.key() == prep.key() + "-polar"
+    older = {k: v for k, v in polar.to_dict().items() if k != "polar"}
+    assert SlicePrep.from_dict(older) == prep  # a checkpoint from before the option was not polar
     assert prep.to_dict()["version"] >= 3
     assert prep.key() != SlicePrep(96, DEFAULT_STACK).key()
     # a mapping from before the crop (image_size and windows only) means no crop

@@ -47,6 +47,7 @@ class TrainConfig:
     windows: list = field(default_factory=lambda: ["brain", "subdural", "bone"])
     head_crop: bool = True  # crop each slice to the skull's box before resizing (preprocess.SlicePrep)
     context: int = 0  # 2.5D input: neighbours on each side in the series stacked as channels (0: 2D)
+    polar: bool = False  # resample each (cropped) slice in polar coordinates around its centre (SlicePrep)
     cache: bool = True  # preprocessed uint8 cache, built once and reused
     num_workers: int = 0
     augment: bool = True  # random flips / small affine jitter on training slices only
@@ -121,6 +122,7 @@ class TrainConfig:
 
         _check(isinstance(self.context, int) and not isinstance(self.context, bool) and 0 <= self.context <= MAX_CONTEXT,
                "context", self.context, f"must be a whole number of slices from 0 to {MAX_CONTEXT}")
+        _check(isinstance(self.polar, bool), "polar", self.polar, "must be true or false")
         _check(self.input_size is None or self.input_size >= 32, "input_size", self.input_size, "must be >= 32 px")
         _check(self.fine_size is None or self.fine_size >= 32, "fine_size", self.fine_size, "must be >= 32 px")
         _check(self.stage == 2 or self.fine_size is None, "fine_size", self.fine_size, "is for stage 2 only")

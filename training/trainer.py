@@ -142,7 +142,7 @@ def slice_prep(config: TrainConfig):
         windows = WindowStack.from_list(config.windows)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
-    return SlicePrep(config.image_size, windows, head_crop=config.head_crop, context=config.context)
+    return SlicePrep(config.image_size, windows, head_crop=config.head_crop, context=config.context, polar=config.polar)
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
@@ -358,6 +358,7 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "windows": ckpt.windows.to_list(),
         "head_crop": ckpt.prep.head_crop,
         "context": ckpt.prep.context,
+        "polar": ckpt.prep.polar,
         "input_size": ckpt.spec.input_size,
         "stn": ckpt.spec.stn,
     }

@@ -177,3 +177,15 @@ def chosen_run_table(
         return load_run_table(ctx, chosen()[0], what)
 
     return loaded
+
+
+# What a polar model's input looks like, for a reader who expects a head.
+POLAR_CAPTION = (
+    "polar input: rows run from the centre of the head (top) out past the skull (bottom), columns once "
+    "around the head from the back; blood under the skull is a band along it"
+)
+
+
+def run_is_polar(summary: RunSummary | None) -> bool:
+    """Whether a run reads its slices in polar coordinates (its config's ``polar``)."""
+    return summary is not None and (summary.config or {}).get("polar") is True

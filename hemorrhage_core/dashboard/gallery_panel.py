@@ -20,10 +20,12 @@ from hemorrhage_core import evaluations as ev
 from hemorrhage_core import plots
 from hemorrhage_core.dashboard import tables
 from hemorrhage_core.dashboard.common import (
+    POLAR_CAPTION,
     AppContext,
     chosen_run_table,
     help_text,
     message,
+    run_is_polar,
 )
 from hemorrhage_core.dashboard.evaluation_data import CACHE
 from hemorrhage_core.dashboard.safety import user_message
@@ -224,6 +226,7 @@ def gallery_server(input, output, session, ctx: AppContext) -> None:
                 kind="warning",
             ),
             ui.p(f"{len(frame)} of {len(item.frame)} gallery slices match.", class_="text-muted"),
+            *([ui.p(POLAR_CAPTION, class_="small")] if run_is_polar(ctx.snapshot().by_id(item.run_id)) else []),
         )
 
     @render.ui

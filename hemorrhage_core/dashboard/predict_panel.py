@@ -26,7 +26,7 @@ from htmltools import Tag
 from shiny import module, reactive, render, ui
 
 from hemorrhage_core import plots
-from hemorrhage_core.dashboard.common import AppContext, help_text, message, sync_run_select
+from hemorrhage_core.dashboard.common import POLAR_CAPTION, AppContext, help_text, message, sync_run_select
 from hemorrhage_core.dashboard.figures import figure_output, render_figure
 from hemorrhage_core.dashboard.pacs_predict import (
     PACS,
@@ -92,6 +92,7 @@ class PredictBatch:
     run_id: str | None = None  # the run's own id
     origin: PacsOrigin | None = None  # set when the slices came from the PACS
     context: int = 0  # the model's neighbours on each side (2.5D); 0 for a 2D model
+    polar: bool = False  # the model reads each slice in polar coordinates (SlicePrep.polar)
 
     @property
     def usable(self) -> list[UploadResult]:
@@ -603,9 +604,11 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
         r = current()
         if r is None or r.aligned is None:
             return ui.div("no slice yet", class_="image-placeholder")
+        b = batch()
         return ui.div(
             _img(plots.chw_to_rgb(r.aligned), "STN-aligned slice"),
             ui.p("channels: brain, subdural and bone windows as red, green and blue", class_="caption"),
+            *([ui.p(POLAR_CAPTION, class_="caption")] if b is not None and b.polar else []),
         )
 
     @render.text
@@ -677,4 +680,5 @@ def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
         run_id=request.record_id or request.run_id,
         origin=request.origin,
         context=int(getattr(predictor, "context", 0) or 0),
+        polar=bool(getattr(getattr(predictor, "prep", None), "polar", False)),
     )

@@ -1,0 +1,55 @@
+"""Polar input (``polar: true``): the config, a run and its stage 2, the Predictor and the dashboard's note."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from train_fixtures import tiny_config, write_tiny_set
+
+from hemorrhage_core.checkpoint import load_checkpoint
+from hemorrhage_core.dashboard.common import run_is_polar
+from hemorrhage_core.dicom import read_slice
+from hemorrhage_core.inference import Predictor
+from hemorrhage_core.preprocess import find_skull_ring
+from hemorrhage_core.runs import RunSummary
+from training.config import ConfigError, TrainConfig
+
+
+def test_config_refuses_a_polar_that_is_not_a_boolean():
+    with pytest.raises(ConfigError, match="polar"):
+        TrainConfig(polar="yes")
+    with pytest.raises(ConfigError, match="polar"):
+        TrainConfig(polar=1)
+    assert TrainConfig().polar is False  # the recipes read Cartesian slices unless told
+
+
+def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_path):
+    from training.trainer import fit
+
+    data = tmp_path / "data"
+    write_tiny_set(data, n_patients=6, slices_per_patient=4)
+    stage1 = fit(tiny_config(data, tmp_path / "runs", polar=True, image_size=48))
+    stage2 = fit(tiny_config(data, tmp_path / "runs", stage=2, init_from=str(stage1), input_size=None))
+    path = next(stage2.glob("checkpoints/best*.pt"))
+    ckpt = load_checkpoint(path)
+    assert ckpt.prep.polar and ckpt.config["polar"] is True  # stage 2 inherits it from stage 1
+    assert ckpt.prep.key().endswith("-polar")
+    predictor = Predictor.from_checkpoint(path)
+    file = next((data / "stage_2_train").glob("*.dcm"))
+    hu = read_slice(file).hu
+    prepared = predictor.prepare(file)
+    np.testing.assert_array_equal(prepared.image, ckpt.prep(hu))
+    assert prepared.geometry == ckpt.prep.geometry(hu.shape, find_skull_ring(hu)) and prepared.geometry.polar
+    result = predictor.predict(file, saliency_label="any")
+    assert result.heatmap is not None and result.heatmap.shape == hu.shape  # back on the slice
+
+
+def test_the_dashboard_knows_a_polar_run_from_its_config():
+    def summary(config):
+        return RunSummary(id="r", path=Path("r"), status="finished", kind="train", config=config)
+
+    assert run_is_polar(summary({"polar": True}))
+    assert not run_is_polar(summary({"polar": False})) and not run_is_polar(summary({}))
+    assert not run_is_polar(summary(None)) and not run_is_polar(None)
