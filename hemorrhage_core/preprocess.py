@@ -25,7 +25,8 @@ from scipy import ndimage
 from hemorrhage_core.windowing import DEFAULT_STACK, WindowStack
 
 # Bump when the output of SlicePrep changes, so preprocessed caches built earlier are rebuilt.
-# 3: head crop (SlicePrep.head_crop). The polar option changes nothing without it (its key says polar).
+# 3: head crop (SlicePrep.head_crop). Polar input (SlicePrep.polar) extends the key instead: a preprocessing
+# without it gives the same output as before.
 PREPROCESS_VERSION = 3
 
 # Polar input: angles sampled this many times finer than the output before the antialiased resize, so
