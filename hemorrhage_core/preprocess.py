@@ -106,14 +106,24 @@ def head_square(ring: HeadRing, shape: tuple[int, int], margin: float, min_side:
     return top, left, side
 
 
+def _overlap(top: int, left: int, side: int, shape: tuple[int, ...]) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """Where the square ``(top, left, side)`` and a slice of ``shape`` overlap: the overlap's index on the
+    slice and on the square, or None when they do not."""
+    h, w = int(shape[0]), int(shape[1])
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + side, h), min(left + side, w)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    return (slice(y0, y1), slice(x0, x1)), (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
+
+
 def crop_square(hu: np.ndarray, top: int, left: int, side: int, fill: float = AIR_HU) -> np.ndarray:
     """``hu[top:top+side, left:left+side]``, filled with ``fill`` where the square leaves the slice."""
     out = np.full((side, side), fill, dtype=np.float32)
-    h, w = hu.shape
-    y0, x0 = max(top, 0), max(left, 0)
-    y1, x1 = min(top + side, h), min(left + side, w)
-    if y1 > y0 and x1 > x0:
-        out[y0 - top : y1 - top, x0 - left : x1 - left] = hu[y0:y1, x0:x1]
+    overlap = _overlap(top, left, side, hu.shape)
+    if overlap is not None:
+        on_slice, on_square = overlap
+        out[on_square] = hu[on_slice]
     return out
 
 
@@ -199,12 +209,11 @@ class InputGeometry:
             back = F.interpolate(x, size=frame, mode="bilinear", align_corners=False)[0, 0].numpy()
         if self.square is None:
             return np.ascontiguousarray(back, dtype=np.float32)
-        top, left, side = self.square
         out = np.zeros((h, w), dtype=np.float32)
-        y0, x0 = max(top, 0), max(left, 0)
-        y1, x1 = min(top + side, h), min(left + side, w)
-        if y1 > y0 and x1 > x0:
-            out[y0:y1, x0:x1] = back[y0 - top : y1 - top, x0 - left : x1 - left]
+        overlap = _overlap(*self.square, self.shape)  # crop_square's overlap, pasted the other way
+        if overlap is not None:
+            on_slice, on_square = overlap
+            out[on_slice] = back[on_square]
         return out
 
 
