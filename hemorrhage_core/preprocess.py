@@ -31,9 +31,11 @@ PREPROCESS_VERSION = 3
 
 # Polar input: angles sampled this many times finer than the output before the antialiased resize, so
 # thin blood along the skull (whose circumference is about 3x the output's width) is averaged, not
-# skipped. The seam (first and last column) is the back of the head: a lesion there is split in two.
+# skipped. The seam (first and last column) is the back of the head: a lesion there is split in two,
+# unless the image repeats ``polar_overlap`` of a turn past each side of it (SlicePrep.polar_overlap).
 _POLAR_OVERSAMPLE = 4
 _POLAR_START = math.pi / 2  # image rows grow downwards: +pi/2 points to the bottom, the back of the head
+MAX_POLAR_OVERLAP = 0.25  # of a turn on each side: the image then spans 1.5 turns
 
 # 2.5D input: at most this many neighbours on each side (RSNA slices are 5 mm; 3 covers 3 cm).
 MAX_CONTEXT = 3
@@ -127,26 +129,29 @@ def crop_square(hu: np.ndarray, top: int, left: int, side: int, fill: float = AI
     return out
 
 
-def polar_grid(shape: tuple[int, int], size: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
+def polar_grid(shape: tuple[int, int], size: int, columns: int, overlap: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Slice coordinates (rows, cols), each (size, columns), of the polar image of a slice of ``shape``:
     row i at radius (i + 0.5) / size of the half side from the slice's centre, column j at angle
-    ``_POLAR_START`` + 2 pi (j + 0.5) / columns, clockwise on screen (rows grow downwards)."""
+    ``_POLAR_START`` + 2 pi ((1 + 2 overlap)(j + 0.5) / columns - overlap), clockwise on screen (rows
+    grow downwards): one turn from the back of the head, plus ``overlap`` of a turn repeated before and
+    after it, so what lies across the seam is also seen whole."""
     h, w = shape
     radius = (np.arange(size, dtype=np.float64) + 0.5) / size * (min(h, w) / 2.0)
-    angle = _POLAR_START + 2.0 * math.pi * (np.arange(columns, dtype=np.float64) + 0.5) / columns
+    turns = (1.0 + 2.0 * overlap) * (np.arange(columns, dtype=np.float64) + 0.5) / columns - overlap
+    angle = _POLAR_START + 2.0 * math.pi * turns
     rows = (h - 1) / 2.0 + radius[:, None] * np.sin(angle)[None, :]
     cols = (w - 1) / 2.0 + radius[:, None] * np.cos(angle)[None, :]
     return rows, cols
 
 
-def polar_slice(hu: np.ndarray, size: int) -> np.ndarray:
+def polar_slice(hu: np.ndarray, size: int, overlap: float = 0.0) -> np.ndarray:
     """HU (H, W) -> HU (size, ``_POLAR_OVERSAMPLE`` size) in polar coordinates around the slice's centre
     (bilinear; air beyond the slice): rows the distance from the centre out to half the shorter side,
     columns the angle (``polar_grid``). With the head crop the centre is the skull's, so the skull runs
     along the rows near the bottom and blood under it (epidural, subdural) is a band along the skull
-    whose length and thickness profile read the same at every angle."""
+    whose length and thickness profile read the same at every angle. ``overlap``: see ``polar_grid``."""
     h, w = hu.shape
-    rows, cols = polar_grid((h, w), size, _POLAR_OVERSAMPLE * size)
+    rows, cols = polar_grid((h, w), size, _POLAR_OVERSAMPLE * size, overlap)
     # grid_sample (about 2x scipy's map_coordinates here) on HU above air, whose zero padding is then air.
     grid = np.stack([cols * (2.0 / max(w - 1, 1)) - 1.0, rows * (2.0 / max(h - 1, 1)) - 1.0], axis=-1)
     above_air = np.nan_to_num(np.asarray(hu, dtype=np.float32), nan=AIR_HU) - AIR_HU
@@ -186,12 +191,13 @@ def prepare_slice(hu: np.ndarray, image_size: int, windows: WindowStack = DEFAUL
 class InputGeometry:
     """Where a prepared slice came from: the slice's (H, W), the square ``(top, left, side)`` that was
     cropped from it (None: the whole slice) and whether that frame was resampled in polar coordinates
-    (else resized). Maps what lives on the model input's grid (a Grad-CAM heatmap) back onto the
+    (else resized), with how much of a turn repeated past the seam (``polar_overlap``). Maps what lives on the model input's grid (a Grad-CAM heatmap) back onto the
     slice, so it overlays the slice as the user sees it."""
 
     shape: tuple[int, int]
     square: tuple[int, int, int] | None = None
     polar: bool = False
+    polar_overlap: float = 0.0
 
     def to_slice(self, values: np.ndarray) -> np.ndarray:
         """float32 (S, S) on the input grid -> float32 (H, W) on the slice, 0 where the input did not
@@ -203,7 +209,7 @@ class InputGeometry:
         h, w = self.shape
         frame = (h, w) if self.square is None else (self.square[2], self.square[2])
         if self.polar:
-            back = _from_polar(values, frame)
+            back = _from_polar(values, frame, self.polar_overlap)
         else:
             x = torch.from_numpy(np.ascontiguousarray(values))[None, None]
             back = F.interpolate(x, size=frame, mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -217,16 +223,18 @@ class InputGeometry:
         return out
 
 
-def _from_polar(values: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
-    """The inverse of ``polar_slice`` followed by the resize: (S, S) polar -> ``frame`` (H, W)."""
+def _from_polar(values: np.ndarray, frame: tuple[int, int], overlap: float = 0.0) -> np.ndarray:
+    """The inverse of ``polar_slice`` followed by the resize: (S, S) polar -> ``frame`` (H, W). With an
+    overlap each slice pixel is read from the middle turn (the columns past the seam are its copies)."""
     size = values.shape[0]
     h, w = frame
     yy, xx = np.mgrid[:h, :w].astype(np.float64)
     dy, dx = yy - (h - 1) / 2.0, xx - (w - 1) / 2.0
     row = np.hypot(dy, dx) / (min(h, w) / 2.0) * size - 0.5
     turn = np.mod(np.arctan2(dy, dx) - _POLAR_START, 2.0 * math.pi) / (2.0 * math.pi)
-    col = turn * size - 0.5
-    # The angle wraps: a copy of the last column before the first and of the first after the last.
+    col = (turn + overlap) / (1.0 + 2.0 * overlap) * size - 0.5
+    # Without overlap the angle wraps: a copy of the last column before the first and of the first after
+    # the last (with it, the middle turn lies inside the columns and the copies are never read).
     wrapped = np.concatenate([values[:, -1:], values, values[:, :1]], axis=1)
     out = ndimage.map_coordinates(wrapped, [row, col + 1.0], order=1, mode="nearest").astype(np.float32)
     out[row > size - 0.5] = 0.0  # beyond the circle the polar image reached
@@ -249,6 +257,8 @@ class SlicePrep:
     ``polar``: then resample the (cropped) slice around its centre in polar coordinates (``polar_slice``:
     rows the distance from the centre, columns the angle), so blood under the skull has one shape
     whatever its position around the head, and a network learns an epidural lens from few examples.
+    ``polar_overlap``: the share of a turn repeated past each side of the seam (the back of the head),
+    so the posterior horns of the ventricles, where blood layers, are not cut in two.
     The geometry (``geometry``) maps the input grid back onto the slice either way.
     """
 
@@ -259,6 +269,7 @@ class SlicePrep:
     crop_min_side: float = 0.4  # of the slice's longer side: limits the zoom on small vertex rings
     context: int = 0  # neighbours on each side stacked as channels (0: the slice alone)
     polar: bool = False  # resample the (cropped) slice in polar coordinates (``polar_slice``)
+    polar_overlap: float = 0.0  # with polar: share of a turn repeated past each side of the seam
 
     def __post_init__(self) -> None:
         if int(self.image_size) < 1:
@@ -273,6 +284,10 @@ class SlicePrep:
         object.__setattr__(self, "image_size", int(self.image_size))
         object.__setattr__(self, "head_crop", bool(self.head_crop))
         object.__setattr__(self, "polar", bool(self.polar))
+        if not 0.0 <= float(self.polar_overlap) <= MAX_POLAR_OVERLAP:
+            raise ValueError(f"polar_overlap must be in [0, {MAX_POLAR_OVERLAP}], got {self.polar_overlap}")
+        # Without polar the overlap means nothing: keep it 0 so equal preprocessings compare equal.
+        object.__setattr__(self, "polar_overlap", float(self.polar_overlap) if self.polar else 0.0)
         object.__setattr__(self, "crop_margin", float(self.crop_margin))
         object.__setattr__(self, "crop_min_side", float(self.crop_min_side))
 
@@ -305,15 +320,16 @@ class SlicePrep:
         if square is not None:
             hu = crop_square(hu, *square)
         if self.polar:
-            hu = polar_slice(hu, self.image_size)
+            hu = polar_slice(hu, self.image_size, self.polar_overlap)
         return prepare_slice(hu, self.image_size, self.windows)
 
     def geometry(self, shape: tuple[int, ...], ring: HeadRing | None) -> InputGeometry:
         """Where this preprocessing takes a slice of ``shape`` from, given its ring (see ``apply``)."""
         h, w = int(shape[0]), int(shape[1])
         if self.head_crop and ring is not None:
-            return InputGeometry((h, w), head_square(ring, (h, w), self.crop_margin, self.crop_min_side), self.polar)
-        return InputGeometry((h, w), None, self.polar)
+            return InputGeometry((h, w), head_square(ring, (h, w), self.crop_margin, self.crop_min_side),
+                                 self.polar, self.polar_overlap)
+        return InputGeometry((h, w), None, self.polar, self.polar_overlap)
 
     def per_slice(self) -> SlicePrep:
         """This preprocessing without the context: what one slice's cache entry holds."""
@@ -323,13 +339,14 @@ class SlicePrep:
         """A short stable string naming one slice's preprocessing, for cache folder names (without
         ``context``: the stack is assembled from per-slice entries, so every context shares a cache)."""
         crop = f"-crop{self.crop_margin:g}m{self.crop_min_side:g}" if self.head_crop else ""
-        return f"{self.image_size}px-{self.windows.key()}{crop}" + ("-polar" if self.polar else "")
+        polar = (f"-polar{self.polar_overlap:g}" if self.polar_overlap else "-polar") if self.polar else ""
+        return f"{self.image_size}px-{self.windows.key()}{crop}{polar}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": PREPROCESS_VERSION, "image_size": self.image_size, "windows": self.windows.to_list(),
             "head_crop": self.head_crop, "crop_margin": self.crop_margin, "crop_min_side": self.crop_min_side,
-            "context": self.context, "polar": self.polar,
+            "context": self.context, "polar": self.polar, "polar_overlap": self.polar_overlap,
         }
 
     @classmethod
@@ -344,6 +361,7 @@ class SlicePrep:
             crop_min_side=float(values.get("crop_min_side", 0.4)),
             context=int(values.get("context", 0)),
             polar=bool(values.get("polar", False)),
+            polar_overlap=float(values.get("polar_overlap", 0.0)),
         )
 
 

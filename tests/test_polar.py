@@ -1,4 +1,4 @@
-"""Polar input (``polar: true``): the config, a run and its stage 2, the Predictor and the dashboard's note."""
+"""Polar input (``polar: true``, ``polar_overlap``): the config, a run and its stage 2, the Predictor and the dashboard's note."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from train_fixtures import tiny_config, write_tiny_set
 
 from hemorrhage_core.checkpoint import load_checkpoint
-from hemorrhage_core.dashboard.common import run_is_polar
+from hemorrhage_core.dashboard.common import POLAR_CAPTION, polar_caption, run_is_polar, run_polar_overlap
 from hemorrhage_core.dicom import read_slice
 from hemorrhage_core.inference import Predictor
 from hemorrhage_core.preprocess import find_skull_ring
@@ -23,6 +23,9 @@ def test_config_refuses_a_polar_that_is_not_a_boolean():
     with pytest.raises(ConfigError, match="polar"):
         TrainConfig(polar=1)
     assert TrainConfig().polar is False  # the recipes read Cartesian slices unless told
+    for bad in (-0.1, 0.3, True, "0.1"):
+        with pytest.raises(ConfigError, match="polar_overlap"):
+            TrainConfig(polar=True, polar_overlap=bad)
 
 
 def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_path):
@@ -30,12 +33,13 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
 
     data = tmp_path / "data"
     write_tiny_set(data, n_patients=6, slices_per_patient=4)
-    stage1 = fit(tiny_config(data, tmp_path / "runs", polar=True, image_size=48))
+    stage1 = fit(tiny_config(data, tmp_path / "runs", polar=True, polar_overlap=0.125, image_size=48))
     stage2 = fit(tiny_config(data, tmp_path / "runs", stage=2, init_from=str(stage1), input_size=None))
     path = next(stage2.glob("checkpoints/best*.pt"))
     ckpt = load_checkpoint(path)
     assert ckpt.prep.polar and ckpt.config["polar"] is True  # stage 2 inherits it from stage 1
-    assert ckpt.prep.key().endswith("-polar")
+    assert ckpt.prep.polar_overlap == ckpt.config["polar_overlap"] == 0.125  # and the overlap
+    assert ckpt.prep.key().endswith("-polar0.125")
     predictor = Predictor.from_checkpoint(path)
     file = next((data / "stage_2_train").glob("*.dcm"))
     hu = read_slice(file).hu
@@ -46,10 +50,14 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
     assert result.heatmap is not None and result.heatmap.shape == hu.shape  # back on the slice
 
 
-def test_the_dashboard_knows_a_polar_run_from_its_config():
+def test_the_dashboard_knows_a_polar_run_and_its_overlap_from_its_config():
     def summary(config):
         return RunSummary(id="r", path=Path("r"), status="finished", kind="train", config=config)
 
     assert run_is_polar(summary({"polar": True}))
     assert not run_is_polar(summary({"polar": False})) and not run_is_polar(summary({}))
     assert not run_is_polar(summary(None)) and not run_is_polar(None)
+    # the caption says so when the back of the head is repeated at the edges
+    assert run_polar_overlap(summary({"polar": True, "polar_overlap": 0.125})) == 0.125
+    assert run_polar_overlap(summary({"polar": True})) == 0.0 and run_polar_overlap(None) == 0.0
+    assert polar_caption(0.0) == POLAR_CAPTION and "repeated at both edges" in polar_caption(0.125)

@@ -190,6 +190,47 @@ def test_polar_input_maps_back_onto_the_slice_and_mirrors_with_the_head():
     np.testing.assert_array_equal(whole(np.fliplr(hu).copy()), whole(hu)[:, :, ::-1])
 
 
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) of each run of True in a 1-D array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flags.astype(np.int8), [0]])))
+    return [(int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def test_polar_overlap_shows_blood_across_the_seam_whole_and_maps_back():
+    hu = _head(256, (128.0, 128.0), 60.0)
+    back_lens = _lens(hu, (128.0, 128.0), 60.0, np.pi / 2)  # blood at the back of the head, on the seam
+    plain = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True)
+    overlap = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_overlap=0.125)
+
+    def blood_columns(prep: SlicePrep) -> np.ndarray:
+        return ((prep(back_lens)[0].astype(int) - prep(hu)[0].astype(int)) > 40).any(axis=0)
+
+    # without the overlap the seam cuts the blob in two: one piece at each edge of the image
+    assert [(a == 0, b == SIZE - 1) for a, b in _runs(blood_columns(plain))] == [(True, False), (False, True)]
+    # with it the blob is whole twice, at turns 0 and 1 of the 1.25 the image spans: columns 1/10, 9/10
+    runs = _runs(blood_columns(overlap))
+    assert len(runs) == 2 and runs[0][0] > 0 and runs[1][1] < SIZE - 1
+    for (a, b), turn in zip(runs, (0.0, 1.0), strict=True):
+        assert abs((a + b) / 2 - ((turn + 0.125) / 1.25 * SIZE - 0.5)) <= 1.5
+    # the round trip reads the middle turn and lands on the blood; the flip is still the mirrored head
+    geometry = overlap.geometry(back_lens.shape, find_skull_ring(back_lens))
+    assert geometry.polar_overlap == 0.125
+    back = geometry.to_slice(overlap(back_lens)[0] / 255.0)
+    assert float(back[np.abs(back_lens - 75.0) < 1.0].mean() - back[np.abs(back_lens - 35.0) < 1.0].mean()) > 0.3
+    whole = SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_overlap=0.125)
+    # (to one grey level: the mirrored columns' angles, pi/2 + 2 pi t and pi/2 + 2 pi (1 - t), round apart)
+    flipped, mirrored = whole(np.fliplr(back_lens).copy()).astype(int), whole(back_lens)[:, :, ::-1].astype(int)
+    assert int(np.abs(flipped - mirrored).max()) <= 1
+    # the frame spans 1.25 turns, 64 of its 80 columns a turn: columns 0-7 and 64-71 share their angles
+    frame = polar_slice(back_lens, 20, overlap=0.125)
+    assert frame.shape == (20, 80)
+    np.testing.assert_allclose(frame[:, :8], frame[:, 64:72], atol=1e-2)
+    assert float(np.abs(frame[:, :8] - frame[:, 8:16]).max()) > 1.0  # (where the next columns differ)
+    with pytest.raises(ValueError, match="polar_overlap"):
+        SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_overlap=0.3)
+    assert SlicePrep(SIZE, DEFAULT_STACK, polar_overlap=0.125).polar_overlap == 0.0  # nothing without polar
+
+
 def test_slice_prep_round_trips_and_names_its_crop():
     prep = SlicePrep(96, DEFAULT_STACK, head_crop=True, crop_margin=0.1)
     assert SlicePrep.from_dict(prep.to_dict()) == prep
@@ -197,6 +238,10 @@ def test_slice_prep_round_trips_and_names_its_crop():
     assert SlicePrep.from_dict(polar.to_dict()) == polar and polar.key() == prep.key() + "-polar"
     older = {k: v for k, v in polar.to_dict().items() if k != "polar"}
     assert SlicePrep.from_dict(older) == prep  # a checkpoint from before the option was not polar
+    seamless = SlicePrep(96, DEFAULT_STACK, head_crop=True, crop_margin=0.1, polar=True, polar_overlap=0.125)
+    assert SlicePrep.from_dict(seamless.to_dict()) == seamless and seamless.key() == prep.key() + "-polar0.125"
+    older = {k: v for k, v in seamless.to_dict().items() if k != "polar_overlap"}
+    assert SlicePrep.from_dict(older) == polar  # a polar checkpoint from before the overlap had none
     assert prep.to_dict()["version"] >= 3
     assert prep.key() != SlicePrep(96, DEFAULT_STACK).key()
     # a mapping from before the crop (image_size and windows only) means no crop

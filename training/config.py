@@ -48,6 +48,7 @@ class TrainConfig:
     head_crop: bool = True  # crop each slice to the skull's box before resizing (preprocess.SlicePrep)
     context: int = 0  # 2.5D input: neighbours on each side in the series stacked as channels (0: 2D)
     polar: bool = False  # resample each (cropped) slice in polar coordinates around its centre (SlicePrep)
+    polar_overlap: float = 0.0  # with polar: share of a turn repeated past each side of the seam (SlicePrep)
     cache: bool = True  # preprocessed uint8 cache, built once and reused
     num_workers: int = 0
     augment: bool = True  # random flips / small affine jitter on training slices only
@@ -123,6 +124,11 @@ class TrainConfig:
         _check(isinstance(self.context, int) and not isinstance(self.context, bool) and 0 <= self.context <= MAX_CONTEXT,
                "context", self.context, f"must be a whole number of slices from 0 to {MAX_CONTEXT}")
         _check(isinstance(self.polar, bool), "polar", self.polar, "must be true or false")
+        from hemorrhage_core.preprocess import MAX_POLAR_OVERLAP
+
+        _check(isinstance(self.polar_overlap, (int, float)) and not isinstance(self.polar_overlap, bool)
+               and 0.0 <= self.polar_overlap <= MAX_POLAR_OVERLAP,
+               "polar_overlap", self.polar_overlap, f"must be a number from 0 to {MAX_POLAR_OVERLAP} (of a turn)")
         _check(self.input_size is None or self.input_size >= 32, "input_size", self.input_size, "must be >= 32 px")
         _check(self.fine_size is None or self.fine_size >= 32, "fine_size", self.fine_size, "must be >= 32 px")
         _check(self.stage == 2 or self.fine_size is None, "fine_size", self.fine_size, "is for stage 2 only")

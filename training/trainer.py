@@ -142,7 +142,8 @@ def slice_prep(config: TrainConfig):
         windows = WindowStack.from_list(config.windows)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
-    return SlicePrep(config.image_size, windows, head_crop=config.head_crop, context=config.context, polar=config.polar)
+    return SlicePrep(config.image_size, windows, head_crop=config.head_crop, context=config.context,
+                     polar=config.polar, polar_overlap=config.polar_overlap)
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
@@ -359,6 +360,7 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "head_crop": ckpt.prep.head_crop,
         "context": ckpt.prep.context,
         "polar": ckpt.prep.polar,
+        "polar_overlap": ckpt.prep.polar_overlap,
         "input_size": ckpt.spec.input_size,
         "stn": ckpt.spec.stn,
     }

@@ -184,8 +184,24 @@ POLAR_CAPTION = (
     "polar input: rows run from the centre of the head (top) out past the skull (bottom), columns once "
     "around the head from the back; blood under the skull is a band along it"
 )
+POLAR_OVERLAP_CAPTION = (
+    "polar input: rows run from the centre of the head (top) out past the skull (bottom), columns once "
+    "around the head from the back, with the back of the head repeated at both edges; blood under the "
+    "skull is a band along it"
+)
+
+
+def polar_caption(overlap: float) -> str:
+    """The caption of a polar model's input, with or without the back repeated at the edges."""
+    return POLAR_OVERLAP_CAPTION if overlap > 0 else POLAR_CAPTION
 
 
 def run_is_polar(summary: RunSummary | None) -> bool:
     """Whether a run reads its slices in polar coordinates (its config's ``polar``)."""
     return summary is not None and (summary.config or {}).get("polar") is True
+
+
+def run_polar_overlap(summary: RunSummary | None) -> float:
+    """The share of a turn a polar run repeats past the seam (its config's ``polar_overlap``; 0 before it)."""
+    value = (summary.config or {}).get("polar_overlap", 0.0) if summary is not None else 0.0
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0

@@ -20,12 +20,13 @@ from hemorrhage_core import evaluations as ev
 from hemorrhage_core import plots
 from hemorrhage_core.dashboard import tables
 from hemorrhage_core.dashboard.common import (
-    POLAR_CAPTION,
     AppContext,
     chosen_run_table,
     help_text,
     message,
+    polar_caption,
     run_is_polar,
+    run_polar_overlap,
 )
 from hemorrhage_core.dashboard.evaluation_data import CACHE
 from hemorrhage_core.dashboard.safety import user_message
@@ -219,6 +220,7 @@ def gallery_server(input, output, session, ctx: AppContext) -> None:
         if item.problem:
             return message(f"{item.name}: {item.problem}", kind="warning")
         frame = shown()
+        run = ctx.snapshot().by_id(item.run_id)
         return ui.div(
             message(
                 f"Data: {len(item.frame)} gallery slices sampled from the validation set of {item.name}, "
@@ -226,7 +228,7 @@ def gallery_server(input, output, session, ctx: AppContext) -> None:
                 kind="warning",
             ),
             ui.p(f"{len(frame)} of {len(item.frame)} gallery slices match.", class_="text-muted"),
-            *([ui.p(POLAR_CAPTION, class_="small")] if run_is_polar(ctx.snapshot().by_id(item.run_id)) else []),
+            *([ui.p(polar_caption(run_polar_overlap(run)), class_="small")] if run_is_polar(run) else []),
         )
 
     @render.ui

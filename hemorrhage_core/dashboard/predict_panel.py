@@ -26,7 +26,7 @@ from htmltools import Tag
 from shiny import module, reactive, render, ui
 
 from hemorrhage_core import plots
-from hemorrhage_core.dashboard.common import POLAR_CAPTION, AppContext, help_text, message, sync_run_select
+from hemorrhage_core.dashboard.common import AppContext, help_text, message, polar_caption, sync_run_select
 from hemorrhage_core.dashboard.figures import figure_output, render_figure
 from hemorrhage_core.dashboard.pacs_predict import (
     PACS,
@@ -93,6 +93,7 @@ class PredictBatch:
     origin: PacsOrigin | None = None  # set when the slices came from the PACS
     context: int = 0  # the model's neighbours on each side (2.5D); 0 for a 2D model
     polar: bool = False  # the model reads each slice in polar coordinates (SlicePrep.polar)
+    polar_overlap: float = 0.0  # with polar: share of a turn repeated past the seam (SlicePrep.polar_overlap)
 
     @property
     def usable(self) -> list[UploadResult]:
@@ -608,7 +609,7 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
         return ui.div(
             _img(plots.chw_to_rgb(r.aligned), "STN-aligned slice"),
             ui.p("channels: brain, subdural and bone windows as red, green and blue", class_="caption"),
-            *([ui.p(POLAR_CAPTION, class_="caption")] if b is not None and b.polar else []),
+            *([ui.p(polar_caption(b.polar_overlap), class_="caption")] if b is not None and b.polar else []),
         )
 
     @render.text
@@ -681,4 +682,5 @@ def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
         origin=request.origin,
         context=int(getattr(predictor, "context", 0) or 0),
         polar=bool(getattr(getattr(predictor, "prep", None), "polar", False)),
+        polar_overlap=float(getattr(getattr(predictor, "prep", None), "polar_overlap", 0.0)),
     )
