@@ -191,8 +191,8 @@ def prepare_slice(hu: np.ndarray, image_size: int, windows: WindowStack = DEFAUL
 class InputGeometry:
     """Where a prepared slice came from: the slice's (H, W), the square ``(top, left, side)`` that was
     cropped from it (None: the whole slice) and whether that frame was resampled in polar coordinates
-    (else resized), with how much of a turn repeated past the seam (``polar_overlap``). Maps what lives on the model input's grid (a Grad-CAM heatmap) back onto the
-    slice, so it overlays the slice as the user sees it."""
+    (else resized), repeating ``polar_overlap`` of a turn past the seam. Maps what lives on the model
+    input's grid (a Grad-CAM heatmap) back onto the slice, so it overlays the slice as the user sees it."""
 
     shape: tuple[int, int]
     square: tuple[int, int, int] | None = None

@@ -180,20 +180,13 @@ def chosen_run_table(
 
 
 # What a polar model's input looks like, for a reader who expects a head.
-POLAR_CAPTION = (
-    "polar input: rows run from the centre of the head (top) out past the skull (bottom), columns once "
-    "around the head from the back; blood under the skull is a band along it"
-)
-POLAR_OVERLAP_CAPTION = (
-    "polar input: rows run from the centre of the head (top) out past the skull (bottom), columns once "
-    "around the head from the back, with the back of the head repeated at both edges; blood under the "
-    "skull is a band along it"
-)
-
-
-def polar_caption(overlap: float) -> str:
-    """The caption of a polar model's input, with or without the back repeated at the edges."""
-    return POLAR_OVERLAP_CAPTION if overlap > 0 else POLAR_CAPTION
+def polar_caption(overlap: float = 0.0) -> str:
+    """The caption of a polar model's input, saying so when the back of the head is repeated at the edges."""
+    repeated = ", with the back of the head repeated at both edges" if overlap > 0 else ""
+    return (
+        "polar input: rows run from the centre of the head (top) out past the skull (bottom), columns once "
+        f"around the head from the back{repeated}; blood under the skull is a band along it"
+    )
 
 
 def run_is_polar(summary: RunSummary | None) -> bool:
