@@ -119,13 +119,11 @@ class TrainConfig:
         _check(0.0 < self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "must be in (0, 0.5]")
         _check(0.0 <= self.test_fraction < 0.5, "test_fraction", self.test_fraction, "must be in [0, 0.5)")
         _check(self.image_size >= 32, "image_size", self.image_size, "must be >= 32 px")
-        from hemorrhage_core.preprocess import MAX_CONTEXT
+        from hemorrhage_core.preprocess import MAX_CONTEXT, MAX_POLAR_OVERLAP
 
         _check(isinstance(self.context, int) and not isinstance(self.context, bool) and 0 <= self.context <= MAX_CONTEXT,
                "context", self.context, f"must be a whole number of slices from 0 to {MAX_CONTEXT}")
         _check(isinstance(self.polar, bool), "polar", self.polar, "must be true or false")
-        from hemorrhage_core.preprocess import MAX_POLAR_OVERLAP
-
         _check(isinstance(self.polar_overlap, (int, float)) and not isinstance(self.polar_overlap, bool)
                and 0.0 <= self.polar_overlap <= MAX_POLAR_OVERLAP,
                "polar_overlap", self.polar_overlap, f"must be a number from 0 to {MAX_POLAR_OVERLAP} (of a turn)")

@@ -92,8 +92,7 @@ class PredictBatch:
     run_id: str | None = None  # the run's own id
     origin: PacsOrigin | None = None  # set when the slices came from the PACS
     context: int = 0  # the model's neighbours on each side (2.5D); 0 for a 2D model
-    polar: bool = False  # the model reads each slice in polar coordinates (SlicePrep.polar)
-    polar_overlap: float = 0.0  # with polar: share of a turn repeated past the seam (SlicePrep.polar_overlap)
+    polar_note: str | None = None  # the caption of a polar model's input (SlicePrep.polar); None: Cartesian
 
     @property
     def usable(self) -> list[UploadResult]:
@@ -609,7 +608,7 @@ def predict_server(input, output, session, ctx: AppContext) -> None:
         return ui.div(
             _img(plots.chw_to_rgb(r.aligned), "STN-aligned slice"),
             ui.p("channels: brain, subdural and bone windows as red, green and blue", class_="caption"),
-            *([ui.p(polar_caption(b.polar_overlap), class_="caption")] if b is not None and b.polar else []),
+            *([ui.p(b.polar_note, class_="caption")] if b is not None and b.polar_note else []),
         )
 
     @render.text
@@ -673,6 +672,7 @@ def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
             log.info("no thresholds for run %s: %s", request.run_id, user_message(exc, context="thresholds"))
     progress = request.progress.update if request.progress is not None else None
     results = analyse_uploads(predictor, request.uploads, request.saliency_label, progress=progress)
+    prep = getattr(predictor, "prep", None)
     return PredictBatch(
         request.run_name,
         results,
@@ -681,6 +681,5 @@ def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
         run_id=request.record_id or request.run_id,
         origin=request.origin,
         context=int(getattr(predictor, "context", 0) or 0),
-        polar=bool(getattr(getattr(predictor, "prep", None), "polar", False)),
-        polar_overlap=float(getattr(getattr(predictor, "prep", None), "polar_overlap", 0.0)),
+        polar_note=polar_caption(prep.polar_overlap) if getattr(prep, "polar", False) else None,
     )
