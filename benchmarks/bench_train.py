@@ -42,6 +42,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +337,7 @@ def _trainer_step(config: TrainConfig, case: Case, runtime: Runtime, *, force_bf
         settings = dataclasses.replace(settings, amp=True, channels_last=True)
         loop.net.to(memory_format=torch.channels_last)
     batch = next(iter(loop.loader))
+    loop.net.stn.output_size = loop.input_size_at(1)  # an early epoch's size where early_input_size is set
 
     def step() -> None:
         train_one_epoch(loop.model, [batch], loop.optimizer, loop.scheduler, loop.loss_fn, settings,
@@ -345,15 +347,17 @@ def _trainer_step(config: TrainConfig, case: Case, runtime: Runtime, *, force_bf
 
 
 def _pair_rates(case: Case, runtime: Runtime, steps_by_name: dict[str, Callable[[], None]], *,
-                steps: int, warmup: int) -> dict[str, Any]:
-    """Time two step callables round-robin; images/s of each and the ratio second over first, per clock."""
+                steps: int, warmup: int, images: dict[str, int] | None = None) -> dict[str, Any]:
+    """Time two step callables round-robin; images/s of each and the ratio second over first, per clock.
+    ``images`` gives each callable's batch where they differ (default: the case's batch size)."""
     if warmup:
         interleaved(steps_by_name, warmup, runtime.device)
     t = interleaved(steps_by_name, steps, runtime.device)
-    (a, b), images = steps_by_name, case.config.batch_size
+    a, b = steps_by_name
+    count = images or dict.fromkeys(steps_by_name, case.config.batch_size)
     out: dict[str, Any] = {"backbone": case.backbone, "px": case.size, "seconds": t}
     for clock in ("wall", "cpu"):
-        rate_a, rate_b = images / t[a][clock], images / t[b][clock]
+        rate_a, rate_b = count[a] / t[a][clock], count[b] / t[b][clock]
         out[clock] = {f"{a}_img_s": rate_a, f"{b}_img_s": rate_b, "ratio": rate_b / rate_a}
     return out
 
@@ -395,6 +399,30 @@ def bench_head_warmup(case: Case, runtime: Runtime, *, steps: int, warmup: int) 
         "held": _trainer_step(stage2.replace(head_warmup_epochs=9_999), case, runtime),
     }
     return _pair_rates(case, runtime, steps_by_name, steps=steps, warmup=warmup)
+
+
+def bench_early_size(case: Case, runtime: Runtime, *, px: int, steps: int, warmup: int) -> dict[str, Any]:
+    """The trainer's step at the case's size and in an early epoch at ``px`` (``early_input_size``: the
+    STN resamples to fewer pixels), timed round-robin on the same batch in this run; the ratio is early
+    over full images/s, what an early epoch saves."""
+    config = case.config.replace(epochs=max(case.config.epochs, 2))
+    steps_by_name = {
+        "full": _trainer_step(config, case, runtime),
+        "early": _trainer_step(config.replace(early_input_size=px, early_epochs=1), case, runtime),
+    }
+    return {"early_px": px, **_pair_rates(case, runtime, steps_by_name, steps=steps, warmup=warmup)}
+
+
+def bench_batch(case: Case, runtime: Runtime, *, batch: int, steps: int, warmup: int) -> dict[str, Any]:
+    """The trainer's step at the case's batch and at ``batch`` images, timed round-robin in this run; the
+    ratio is images/s at ``batch`` over images/s at the case's batch."""
+    steps_by_name = {
+        "base": _trainer_step(case.config, case, runtime),
+        "other": _trainer_step(case.config.replace(batch_size=batch), case, runtime),
+    }
+    images = {"base": case.config.batch_size, "other": batch}
+    return {"other_batch": batch,
+            **_pair_rates(case, runtime, steps_by_name, steps=steps, warmup=warmup, images=images)}
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -531,6 +559,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time each case's stage-2 step with the trunk trained and held (head_warmup_epochs), round-robin",
     )
+    parser.add_argument(
+        "--early-size-ratio",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="time each case's step at its size and at PX (an early_input_size epoch), round-robin",
+    )
+    parser.add_argument(
+        "--batch-ratio",
+        type=int,
+        default=None,
+        metavar="N",
+        help="time each case's step at --batch-size and at N images, round-robin, and print images/s of both",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 2 or args.chunk < 1:
         parser.error(
@@ -600,6 +642,18 @@ def main(argv: list[str] | None = None) -> int:
             cases, bench_head_warmup, "| backbone | px | stage-2 step, trunk trained img/s | trunk held img/s "
             "| held / trained |", "| --- | ---: | ---: | ---: | ---: |",
             lambda r, c: f"{c['trained_img_s']:.2f} | {c['held_img_s']:.2f}",
+            runtime=runtime, clock=clock, steps=args.steps, warmup=args.warmup)
+    if args.early_size_ratio:
+        report["early_size"] = pair_table(
+            cases, partial(bench_early_size, px=args.early_size_ratio), "| backbone | px | early px "
+            "| full size img/s | early epoch img/s | early / full |", "| --- | ---: | ---: | ---: | ---: | ---: |",
+            lambda r, c: f"{r['early_px']} | {c['full_img_s']:.2f} | {c['early_img_s']:.2f}",
+            runtime=runtime, clock=clock, steps=args.steps, warmup=args.warmup)
+    if args.batch_ratio:
+        report["batch"] = pair_table(
+            cases, partial(bench_batch, batch=args.batch_ratio), f"| backbone | px | batch {args.batch_size} img/s "
+            f"| batch {args.batch_ratio} img/s | ratio |", "| --- | ---: | ---: | ---: | ---: |",
+            lambda r, c: f"{c['base_img_s']:.2f} | {c['other_img_s']:.2f}",
             runtime=runtime, clock=clock, steps=args.steps, warmup=args.warmup)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

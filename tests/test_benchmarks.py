@@ -149,6 +149,55 @@ def test_ratio_tables_time_both_variants_of_the_same_step(bench_train, tmp_path,
     assert "fused / default" in printed and "held / trained" in printed
 
 
+def test_early_size_and_batch_tables_time_each_variant_at_its_own_pixels_and_images(bench_train, tmp_path, capsys):
+    """--early-size-ratio: the same step with the STN resampling to fewer pixels (an early_input_size
+    epoch); --batch-ratio: a step of another batch, each rate that batch's images over its own time."""
+    out = tmp_path / "train.json"
+    argv = ["--backbones", "resnet18", "--px", "40", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+            "--threads", "1", "--early-size-ratio", "32", "--batch-ratio", "4", "--json", str(out)]
+    assert bench_train.main(argv) == 0
+    report = json.loads(out.read_text())
+    (early,) = report["early_size"]
+    (batch,) = report["batch"]
+    assert (early["px"], early["early_px"], batch["other_batch"]) == (40, 32, 4)
+    for clock in ("wall", "cpu"):
+        c, s = early[clock], early["seconds"]
+        assert c["full_img_s"] == pytest.approx(2 / s["full"][clock])
+        assert c["early_img_s"] == pytest.approx(2 / s["early"][clock])
+        c, s = batch[clock], batch["seconds"]
+        assert c["base_img_s"] == pytest.approx(2 / s["base"][clock])
+        assert c["other_img_s"] == pytest.approx(4 / s["other"][clock])
+        assert c["ratio"] == pytest.approx(c["other_img_s"] / c["base_img_s"])
+    printed = capsys.readouterr().out
+    assert "early / full" in printed and "batch 4 img/s" in printed
+
+
+def test_early_size_step_resamples_to_the_early_pixels(bench_train):
+    import torch
+
+    from hemorrhage_core.models.backbones import Trunk
+    from training.distributed import DistEnv
+    from training.trainer import Runtime
+
+    (case,) = bench_train.plan(["resnet18"], "quick", batch_size=2, threads=1, px=[40])
+    runtime = Runtime(DistEnv(), torch.device("cpu"))
+    steps = [bench_train._trainer_step(case.config.replace(epochs=2, **early), case, runtime)
+             for early in ({}, {"early_input_size": 32, "early_epochs": 1})]
+    seen: list[int] = []
+
+    def trunk_input(module, args):
+        if isinstance(module, Trunk):
+            seen.append(args[0].shape[-1])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(trunk_input)
+    try:
+        for step in steps:
+            step()
+    finally:
+        handle.remove()
+    assert seen == [40, 32]
+
+
 def test_cuda_timings_wait_for_the_gpu(bench_train, monkeypatch):
     """On CUDA every timed call ends with a synchronize, so its time includes the queued GPU work."""
     bench_inference = load("bench_inference")

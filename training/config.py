@@ -60,6 +60,8 @@ class TrainConfig:
     weights: str = "none"  # imagenet | none | PATH to a state dict
     input_size: int | None = None  # backbone input size (STN output); None = the backbone's default
     fine_size: int | None = None  # stage 2 only: fine-tune at this input size instead of the stage-1 model's (progressive resizing)
+    early_input_size: int | None = None  # the first early_epochs train at this smaller input (STN output) size; validation at the full size
+    early_epochs: int = 0  # epochs at early_input_size (fewer than epochs: the model always ends at its own size)
     freeze_trunk: bool | None = None  # None = the models' policy (frozen with ImageNet weights)
     freeze_bn: bool = False  # batch-norm layers keep their running statistics while training
     precise_bn_images: int = 0  # > 0: before each evaluation, recompute BN statistics over this many training images
@@ -131,6 +133,16 @@ class TrainConfig:
         _check(self.fine_size is None or self.fine_size >= 32, "fine_size", self.fine_size, "must be >= 32 px")
         _check(self.stage == 2 or self.fine_size is None, "fine_size", self.fine_size, "is for stage 2 only")
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        _check(self.early_input_size is None or (isinstance(self.early_input_size, int) and self.early_input_size >= 32),
+               "early_input_size", self.early_input_size, "must be null or a whole number of px >= 32")
+        _check(isinstance(self.early_epochs, int) and not isinstance(self.early_epochs, bool) and self.early_epochs >= 0,
+               "early_epochs", self.early_epochs, "must be a whole number >= 0")
+        _check(self.early_epochs < self.epochs, "early_epochs", self.early_epochs,
+               f"must leave at least one of the run's {self.epochs} epochs at the full input size")
+        _check(self.early_input_size is None or self.input_size is None or self.early_input_size < self.input_size,
+               "early_input_size", self.early_input_size, f"must be smaller than input_size ({self.input_size})")
+        _check(self.early_input_size is not None or self.early_epochs == 0, "early_epochs", self.early_epochs,
+               "needs early_input_size too")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
         for name in ("lr", "weight_decay", "stn_lr_scale", "warmup_epochs", "min_lr_ratio", "aux_loss_weight",

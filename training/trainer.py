@@ -420,14 +420,35 @@ class Loop:
         self.optimizer = make_optimizer(self.net, config)
         self.scheduler = make_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.scaler = make_grad_scaler(self.settings)
+        self.full_size = int(self.net.stn.output_size)
+        if config.early_input_size is not None:
+            from hemorrhage_core.models import get_backbone
+
+            smallest = get_backbone(config.backbone).min_size
+            if not smallest <= config.early_input_size < self.full_size:
+                raise ConfigError(f"early_input_size {config.early_input_size} px: {config.backbone} here needs "
+                                  f"{smallest} to {self.full_size - 1} px (below its input size {self.full_size})")
+
+    def input_size_at(self, epoch: int) -> int:
+        """The STN's output size while training ``epoch`` (1-based): early epochs may train smaller."""
+        early = self.config.early_input_size
+        return early if early is not None and epoch <= self.config.early_epochs else self.full_size
 
     def train_epoch(self, epoch: int):
-        """One epoch of training, then (precise_bn_images > 0) batch-norm statistics recomputed."""
+        """One epoch of training, then (precise_bn_images > 0) batch-norm statistics recomputed.
+
+        Early epochs (``early_input_size``) resample to fewer pixels, which costs about their square
+        less; every part after the STN is size-agnostic (global pooling). The full size is back before
+        anything evaluates or saves the model."""
         self.loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
-        result = train_one_epoch(
-            self.model, self.loader, self.optimizer, self.scheduler, self.loss_fn, self.settings,
-            epoch=epoch, scaler=self.scaler, desc=f"epoch {epoch}/{self.config.epochs} train", hold=self.hold,
-        )
+        self.net.stn.output_size = self.input_size_at(epoch)
+        try:
+            result = train_one_epoch(
+                self.model, self.loader, self.optimizer, self.scheduler, self.loss_fn, self.settings,
+                epoch=epoch, scaler=self.scaler, desc=f"epoch {epoch}/{self.config.epochs} train", hold=self.hold,
+            )
+        finally:
+            self.net.stn.output_size = self.full_size
         if self.config.precise_bn_images:
             started = time.perf_counter()
             recompute_batchnorm(self.model, self.loader, self.settings, self.config.precise_bn_images)
@@ -692,6 +713,9 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
                 f"({loop.settings.precision}), "
                 f"world size {env.world_size}"
             )
+            if config.early_epochs:
+                writer.log(f"epochs 1-{config.early_epochs} train at {config.early_input_size} px, the rest and "
+                           f"every validation at {loop.full_size} px")
             if config.repeat_threshold > 0:
                 from training.sampling import category_factors
 
