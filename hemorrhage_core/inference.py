@@ -306,7 +306,8 @@ class Predictor:
         # One ring search serves the not-a-head check and the head crop.
         ring = find_skull_ring(hu) if self.prep.head_crop or not hu_problems else None
         flags += hu_problems + head_flags(ct.meta.body_part, None if hu_problems else ring is not None)
-        return _Prepared(self.prep.apply(hu, ring), meta, flags, self.prep.geometry(hu.shape, ring))
+        geometry = self.prep.geometry(hu.shape, ring)
+        return _Prepared(self.prep.apply_at(hu, geometry), meta, flags, geometry)
 
     # -- prediction ---------------------------------------------------------------------------------
     def predict(

@@ -316,7 +316,12 @@ class SlicePrep:
     def apply(self, hu: np.ndarray, ring: HeadRing | None) -> np.ndarray:
         """The same, with the slice's ring already found (``find_skull_ring(hu)``; None: none found),
         for a caller that also uses the ring (the Predictor's not-a-head check)."""
-        square = self.geometry(hu.shape, ring).square
+        return self.apply_at(hu, self.geometry(hu.shape, ring))
+
+    def apply_at(self, hu: np.ndarray, geometry: InputGeometry) -> np.ndarray:
+        """The same, with the slice's geometry already found (``geometry(hu.shape, ring)``), for a caller
+        that keeps it too (the Predictor maps Grad-CAM back through it)."""
+        square = geometry.square
         if square is not None:
             hu = crop_square(hu, *square)
         if self.polar:
