@@ -311,16 +311,12 @@ class SlicePrep:
         hu = np.asarray(hu)
         if hu.ndim != 2:
             raise ValueError(f"expected a 2-D HU slice, got shape {hu.shape}")
-        return self.apply(hu, find_skull_ring(hu) if self.head_crop else None)
-
-    def apply(self, hu: np.ndarray, ring: HeadRing | None) -> np.ndarray:
-        """The same, with the slice's ring already found (``find_skull_ring(hu)``; None: none found),
-        for a caller that also uses the ring (the Predictor's not-a-head check)."""
+        ring = find_skull_ring(hu) if self.head_crop else None
         return self.apply_at(hu, self.geometry(hu.shape, ring))
 
     def apply_at(self, hu: np.ndarray, geometry: InputGeometry) -> np.ndarray:
         """The same, with the slice's geometry already found (``geometry(hu.shape, ring)``), for a caller
-        that keeps it too (the Predictor maps Grad-CAM back through it)."""
+        that keeps the ring and the geometry too (the Predictor: its not-a-head check, Grad-CAM's way back)."""
         square = geometry.square
         if square is not None:
             hu = crop_square(hu, *square)
