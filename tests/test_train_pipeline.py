@@ -12,7 +12,8 @@ from train_fixtures import write_tiny_set
 
 from hemorrhage_core.labels import LABELS
 from training import trainer
-from training.pipeline_cmd import PIPELINE_JSON, run_pipeline
+from training.config import PipelinePreset
+from training.pipeline_cmd import PIPELINE_JSON, recipe_configs, run_pipeline
 
 TINY_PRESET = """
 defaults: {image_size: 32, input_size: 32, epochs: 1, batch_size: 4, threads: 1, max_steps_per_epoch: 2,
@@ -109,3 +110,22 @@ def test_pipeline_holds_out_test_patients_and_evaluates_all_four_runs_on_them(tm
             assert saved["brier"][label] == pytest.approx(float(((prob - truth) ** 2).mean()))
         thresholds = json.loads((run_dir / "thresholds.json").read_text())
         assert saved["threshold"] == thresholds["slice"]
+
+
+def _seeds(preset_text: str, tmp_path: Path, **fixed) -> set[tuple[int, int]]:
+    """(seed, test_seed) of the four runs the pipeline would start."""
+    path = tmp_path / "preset.yaml"
+    path.write_text(preset_text)
+    configs = recipe_configs(PipelinePreset.load(str(path)), {"data": str(tmp_path), **fixed})
+    return {(c.seed, c.test_seed) for stages in configs.values() for c in stages.values()}
+
+
+def test_all_four_runs_hold_out_the_test_patients_of_the_seed_the_preset_or_command_line_names(tmp_path):
+    # No test_seed anywhere: phase 1's first run's training seed draws the test patients (as before).
+    assert _seeds(TINY_PRESET.replace("subset: 0.6", "subset: 0.6\n  seed: 3"), tmp_path) == {(3, 3), (0, 3)}
+    # A preset that names its test seed keeps it, whatever the phases' training seeds (it was once
+    # replaced by phase 1's seed, so a preset training at seed 2 drew other test patients than seed 0).
+    named = TINY_PRESET.replace("defaults: {", "defaults: {test_seed: 0, ").replace("subset: 0.6", "subset: 0.6\n  seed: 2")
+    assert _seeds(named, tmp_path) == {(2, 0), (0, 0)}
+    # The command line wins over both.
+    assert _seeds(named, tmp_path, test_seed=7, seed=4) == {(4, 7)}

@@ -367,6 +367,10 @@ class PipelinePreset:
                 preset.config(phase, stage)
         return preset
 
+    def sets(self, phase: str, stage: str, key: str) -> bool:
+        """Whether this preset itself gives ``key`` to that run (in defaults, the phase or the stage)."""
+        return any(key in layer for layer in (self.defaults, self.phases[phase]["shared"], self.phases[phase][stage]))
+
     def config(self, phase: str, stage: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
         """The TrainConfig of one run of the recipe (``init_from`` is set by the pipeline)."""
         values: dict[str, Any] = {}

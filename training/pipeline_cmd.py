@@ -1,14 +1,14 @@
 """``pipeline``: the original report's two-phase recipe, four runs in a row, then a held-out test.
 
 First a patient-disjoint test set is held out of DATA (``--test-fraction``, default 0.2, stratified on
-``any`` at patient level, drawn with the seed), or ``--test-data DIR`` is taken instead; neither phase
-trains, validates or selects on it. Phase 1 trains VGG16 on a patient subset (stage 1, then stage 2 from
-it); phase 2 trains Inception_v3 on all the rest (stage 1, then stage 2). Then all four runs are
-evaluated on exactly the same test images and each saves that as its evaluation ``test``, so the final
-models compare slice by slice (``python -m training compare``). ``RUNS_DIR/pipeline.json`` names the
-four runs (``{"phase1": {"stage1": RUN, "stage2": RUN}, "phase2": {...}, "test": {"source", "n_patients",
-"n_images"}}``, run ids, null until started) and is rewritten atomically as each run starts, so a
-dashboard can follow. Presets are YAML files in ``training/configs/`` (``quick`` for a 2-core CPU,
+``any`` at patient level, drawn with ``test_seed``: the command line's, the preset's, else phase 1's
+training seed), or ``--test-data DIR`` is taken instead; neither phase trains, validates or selects on
+it. Phase 1 trains VGG16 on a patient subset (stage 1, then stage 2 from it); phase 2 trains
+Inception_v3 on all the rest (stage 1, then stage 2). Then all four runs are evaluated on exactly the
+same test images and each saves that as its evaluation ``test``, so the final models compare slice by
+slice (``python -m training compare``). ``RUNS_DIR/pipeline.json`` names the four runs (``{"phase1":
+{"stage1": RUN, "stage2": RUN}, "phase2": {...}, "test": {"source", "n_patients", "n_images"}}``, run
+ids, null until started) and is rewritten atomically as each run starts, so a dashboard can follow. Presets are YAML files in ``training/configs/`` (``quick`` for a 2-core CPU,
 ``full`` for GPUs at the original report's batch of 10, ``full-h100`` the same recipe at batch 128).
 Under torchrun every rank runs the four trainings together (DDP) and rank 0 alone writes the records
 and evaluates the test set; the README's multi-GPU section has the commands, which tests/test_ddp.py
@@ -22,9 +22,12 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.exits import EXIT_FAILED, EXIT_OK, CommandError, run_exit_code
+
+if TYPE_CHECKING:
+    from training.config import PipelinePreset, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,21 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     atomic_write_text(path, dumps_json(record))
 
 
+def recipe_configs(preset: PipelinePreset, fixed: dict[str, Any]) -> dict[str, dict[str, TrainConfig]]:
+    """``{phase: {stage: TrainConfig}}`` of the four runs, ``fixed`` (the command line's) over the preset.
+
+    Every run holds out the same test patients: one ``test_seed`` for all four, the command line's,
+    else the one the preset gives phase 1's first run, else that run's training seed.
+    """
+    from training.config import PHASES, STAGES
+
+    fixed = dict(fixed)
+    if "test_seed" not in fixed:
+        first = preset.config("phase1", "stage1", fixed)
+        fixed["test_seed"] = first.test_seed if preset.sets("phase1", "stage1", "test_seed") else first.seed
+    return {phase: {stage: preset.config(phase, stage, fixed) for stage in STAGES} for phase in PHASES}
+
+
 def run_pipeline(
     data: str,
     preset_name: str,
@@ -80,15 +98,12 @@ def run_pipeline(
         raise ConfigError(f"--test-data {test_data}: no such folder")
     if test_data is not None and Path(test_data).resolve() == Path(data).resolve():
         raise ConfigError("--test-data must be another data set than --data (its patients would be trained on)")
-    preset = PipelinePreset.load(preset_name)
     fixed = dict(overrides or {})
     fixed["data"] = data
     if runs_dir is not None:
         fixed["runs_dir"] = runs_dir
-    # Every run holds out the same test patients: one fraction and one seed for all four.
     fixed["test_fraction"] = 0.0 if test_data is not None else test_fraction
-    fixed.setdefault("test_seed", preset.config("phase1", "stage1", fixed).seed)
-    configs = {phase: {stage: preset.config(phase, stage, fixed) for stage in ("stage1", "stage2")} for phase in PHASES}
+    configs = recipe_configs(PipelinePreset.load(preset_name), fixed)
     root = Path(configs["phase1"]["stage1"].runs_dir)
     main = detect().is_main
     record_path = root / PIPELINE_JSON
