@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate_cmd", "evaluate a run's model on a data set"),
     "predict": ("training.predict_cmd", "predict hemorrhage probabilities for DICOM files"),
     "compare": ("training.compare_cmd", "paired comparison of two runs on the images both were evaluated on"),
+    "seeds": ("training.seeds_cmd", "one recipe's AUCs over training seeds, and two recipes compared beyond them"),
     "report": ("training.report_cmd", "write a self-contained HTML report of a runs folder"),
     "grid-search": ("training.grid_search_cmd", "patient-grouped cross-validated hyper-parameter search"),
     "pacs": ("training.pacs_cmd", "find, predict and watch studies on a DICOMweb server (PACS); store results as DICOM SR"),

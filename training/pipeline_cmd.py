@@ -8,12 +8,13 @@ Inception_v3 on all the rest (stage 1, then stage 2). Then all four runs are eva
 same test images and each saves that as its evaluation ``test``, so the final models compare slice by
 slice (``python -m training compare``). ``RUNS_DIR/pipeline.json`` names the four runs (``{"phase1":
 {"stage1": RUN, "stage2": RUN}, "phase2": {...}, "test": {"source", "n_patients", "n_images"}}``, run
-ids, null until started) and is rewritten atomically as each run starts, so a dashboard can follow. Presets are YAML files in ``training/configs/`` (``quick`` for a 2-core CPU,
-``full`` for GPUs at the original report's batch of 10, ``full-h100`` the same recipe at batch 128).
-Under torchrun every rank runs the four trainings together (DDP) and rank 0 alone writes the records
-and evaluates the test set; the README's multi-GPU section has the commands, which tests/test_ddp.py
-runs. The last line of stdout is the path of pipeline.json. Exit 0 when all four runs finished, 1 when
-one failed, 2 on unusable input, 130 when interrupted (``training.exits``).
+ids, null until started) and is rewritten atomically as each run starts, so a dashboard can follow.
+Presets are YAML files in ``training/configs/`` (``quick`` for a 2-core CPU, ``full`` for GPUs at the
+original report's batch of 10, ``full-h100`` the same recipe at batch 128). Under torchrun every rank
+runs the four trainings together (DDP) and rank 0 alone writes the records and evaluates the test set;
+the README's multi-GPU section has the commands, which tests/test_ddp.py runs. The last line of stdout
+is the path of pipeline.json. Exit 0 when all four runs finished, 1 when one failed, 2 on unusable
+input, 130 when interrupted (``training.exits``).
 """
 
 from __future__ import annotations
