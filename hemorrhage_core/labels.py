@@ -12,6 +12,10 @@ SUBTYPES: tuple[str, ...] = (
 )
 LABELS: tuple[str, ...] = SUBTYPES + ("any",)
 
+# The abbreviations radiologists write (epidural -> EDH), for table headers and tiles.
+SHORT_NAMES: dict[str, str] = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
+                               "subarachnoid": "SAH", "subdural": "SDH", "any": "any"}
+
 # Stage 1 is multi-class: no hemorrhage, or exactly one subtype.
 STAGE1_CLASSES: tuple[str, ...] = ("none",) + SUBTYPES
 

@@ -35,8 +35,6 @@ from training.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_O
 
 log = logging.getLogger(__name__)
 
-_SHORT = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH", "subarachnoid": "SAH",
-          "subdural": "SDH", "any": "any"}
 
 
 def _positive(text: str) -> float:
@@ -141,10 +139,10 @@ def _find(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- predict
 def _print_prediction(result, pushed, stream) -> None:
-    from hemorrhage_core.labels import LABELS
+    from hemorrhage_core.labels import LABELS, SHORT_NAMES
 
     print(f"study {result.study_uid}, series {result.series_uid}", file=stream)
-    print("sop_instance_uid\tz\t" + "\t".join(_SHORT[label] for label in LABELS) + "\twarnings", file=stream)
+    print("sop_instance_uid\tz\t" + "\t".join(SHORT_NAMES[label] for label in LABELS) + "\twarnings", file=stream)
     for s in result.slices:
         z = "" if s.z is None else f"{s.z:g}"
         if s.probabilities is None:

@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 # Failed inputs named on stderr before "and N more": the full list is in the side file or the output.
 FAILURES_SHOWN = 20
-_SHORT = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH", "subarachnoid": "SAH",
-          "subdural": "SDH", "any": "any"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,10 +63,10 @@ class _Table:
     """The tab-separated table, a row at a time."""
 
     def __init__(self, stream: TextIO) -> None:
-        from hemorrhage_core.labels import LABELS
+        from hemorrhage_core.labels import LABELS, SHORT_NAMES
 
         self.stream, self.labels = stream, LABELS
-        print("file\t" + "\t".join(_SHORT[label] for label in LABELS) + "\twarnings", file=stream)
+        print("file\t" + "\t".join(SHORT_NAMES[label] for label in LABELS) + "\twarnings", file=stream)
 
     def add(self, row) -> None:
         if row.probabilities is None:

@@ -84,18 +84,18 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _print_group(name: str, group: dict[str, Any], stream) -> None:
-    from hemorrhage_core.labels import LABELS
+    from hemorrhage_core.labels import LABELS, SHORT_NAMES
 
     runs, summary = group["runs"], group["spread"]
     seeds = ", ".join("?" if r["seed"] is None else str(r["seed"]) for r in runs)
-    print(f"\n{name}: {len(runs)} runs of {runs[0]['backbone']} stage {runs[0]['stage']} (training seeds {seeds})",
+    print(f"\n{name}: {len(runs)} run{'' if len(runs) == 1 else 's'} of {runs[0]['backbone']} stage {runs[0]['stage']} (training seeds {seeds})",
           file=stream)
     print(f"{'label':<18}{'mean':>7}{'sd':>7}{'min':>7}{'max':>7}{'bar':>7}{'below':>7}", file=stream)
     for label, row in summary["labels"].items():
         below = "-" if row["below"] is None else str(row["below"])
         print(f"{label:<18}{_fmt(row['mean']):>7}{_fmt(row['sd']):>7}{_fmt(row['min']):>7}{_fmt(row['max']):>7}"
               f"{_fmt(row['bar'], 2):>7}{below:>7}", file=stream)
-    print(f"{'seed':>6}  " + " ".join(f"{label[:7]:>7}" for label in LABELS) + "  run", file=stream)
+    print(f"{'seed':>6}  " + " ".join(f"{SHORT_NAMES[label]:>7}" for label in LABELS) + "  run", file=stream)
     for run, row in zip(runs, summary["runs"], strict=True):
         seed = "?" if run["seed"] is None else str(run["seed"])
         values = " ".join(f"{_fmt(row['auc'][label]):>7}" for label in LABELS)

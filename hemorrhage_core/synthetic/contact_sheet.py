@@ -9,18 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hemorrhage_core.labels import SUBTYPES
+from hemorrhage_core.labels import SHORT_NAMES, SUBTYPES
 from hemorrhage_core.synthetic.dataset import plan_series
 from hemorrhage_core.synthetic.phantom import PhantomConfig, render_slice, sample_patient
 from hemorrhage_core.windowing import PRESETS, Window
 
-ABBREVIATIONS = {
-    "epidural": "EDH",
-    "intraparenchymal": "IPH",
-    "intraventricular": "IVH",
-    "subarachnoid": "SAH",
-    "subdural": "SDH",
-}
 # Contour colours of the blood-mask overlay tiles.
 _COLOURS = {
     "epidural": "#ff3b30",
@@ -142,7 +135,7 @@ def write_contact_sheet(
                     ax.contour(
                         mask[crop].astype(np.float32), levels=[0.5], colors=_COLOURS[name], linewidths=0.9
                     )
-        kinds = [ABBREVIATIONS[k] for k in SUBTYPES if r.labels[k]]
+        kinds = [SHORT_NAMES[k] for k in SUBTYPES if r.labels[k]]
         label = "+".join(kinds) if kinds else "no hemorrhage"
         iid = plans[tile.patient].image_ids[tile.slice_index]
         ax.set_title(f"{label}\n{iid}: {tile.note}, {tile.window.name}", color="white", fontsize=9)
