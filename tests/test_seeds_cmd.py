@@ -81,6 +81,14 @@ def test_groups_at_the_same_seeds_are_paired_by_seed_else_compared_by_welch(grou
         assert row["diff"] == pytest.approx(a[:, j].mean() - b[:, j].mean())
         assert row["p_value"] == pytest.approx(reference.pvalue)
         assert row["ci"] == pytest.approx(list(reference.confidence_interval(0.95)))
+    # Each group is held to its own bars where --against-bar gives them.
+    code, out, _ = call(capsys, "seeds", "--runs", *map(str, runs_a), "--bar", "subtypes=0.5", "--against",
+                        *map(str, runs_b), "--against-bar", "subtypes=0.999", "--json")
+    result = json.loads(out)
+    assert (result["a"]["spread"]["meet_bars"], result["b"]["spread"]["meet_bars"]) == (3, 0)
+    assert result["b"]["spread"]["labels"]["epidural"]["bar"] == 0.999
+    code, _, err = call(capsys, "seeds", "--runs", *map(str, runs_a), "--against-bar", "any=0.9")
+    assert code == 2 and "--against-bar needs --against" in err
     # Other seeds on one side: Welch's test over the runs.
     welch = seed_difference(a, [0, 1, 2], b, [5, 6, 7])
     assert welch["test"] == "Welch"

@@ -3,8 +3,8 @@
 One recipe trained at several training seeds, each run scored by the same saved evaluation (default
 ``test``): per label the mean, SD, min and max AUC over the runs, each run's AUCs with its training
 seed, and with ``--bar`` (``any=0.95``, ``subtypes=0.90``) how many runs meet every bar. ``--against``
-names a second group (another recipe or backbone, at its own seeds): per label the difference of the
-two groups' mean AUCs with a 95% t interval over the runs, paired by training seed when both groups ran
+names a second group (another recipe or backbone, at its own seeds; its bars ``--against-bar``, else
+``--bar``): per label the difference of the two groups' mean AUCs with a 95% t interval over the runs, paired by training seed when both groups ran
 the same seeds (hemorrhage_core.seed_spread). ``--json`` prints ``{"evaluation", "n_images", "a":
 {"runs", "spread"}, "b": ..., "difference": ...}``. Exit 0, or 2 when a run or evaluation is missing,
 a group mixes backbones or stages, or the runs were scored on different images.
@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="saved evaluation every run has (default test)")
     parser.add_argument("--bar", action="append", default=[], metavar="LABEL=AUC",
                         help="a minimum AUC (repeatable; 'subtypes=0.90' sets all five)")
+    parser.add_argument("--against-bar", action="append", default=[], metavar="LABEL=AUC",
+                        help="the --against group's bars, where they differ from --bar (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -54,14 +56,17 @@ def _group(run_dirs: list[str], evaluation: str) -> tuple[list[dict[str, Any]], 
 
 
 def seeds(runs: list[str], *, against: list[str] | None = None, evaluation: str = "test",
-          bars: list[str] | None = None) -> dict[str, Any]:
+          bars: list[str] | None = None, against_bars: list[str] | None = None) -> dict[str, Any]:
     """The spread of ``runs`` over training seeds, and with ``against`` the difference of the groups."""
     from hemorrhage_core.seed_spread import parse_bars, run_aucs, seed_difference, spread
 
     everything = [*runs, *(against or [])]
     if len({str(p) for p in everything}) < len(everything):
         raise CommandError("a run is named twice")
-    chosen = parse_bars(bars or [])
+    chosen = {"a": parse_bars(bars or [])}
+    chosen["b"] = parse_bars(against_bars) if against_bars else chosen["a"]
+    if against_bars and not against:
+        raise CommandError("--against-bar needs --against")
     names_a, frames_a = _group(runs, evaluation)
     groups = [(names_a, frames_a)] + ([_group(against, evaluation)] if against else [])
     # One call over every frame checks that both groups were scored on the same images.
@@ -70,7 +75,7 @@ def seeds(runs: list[str], *, against: list[str] | None = None, evaluation: str 
     start = 0
     for key, (names, frames) in zip("ab", groups, strict=False):
         block = aucs[start:start + len(frames)]
-        result[key] = {"runs": names, "spread": spread(block, [n["seed"] for n in names], chosen)}
+        result[key] = {"runs": names, "spread": spread(block, [n["seed"] for n in names], chosen[key])}
         start += len(frames)
     if against:
         n_a = len(runs)
@@ -122,7 +127,8 @@ def _print_tables(result: dict[str, Any], stream) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = seeds(args.runs, against=args.against, evaluation=args.evaluation, bars=args.bar)
+    result = seeds(args.runs, against=args.against, evaluation=args.evaluation, bars=args.bar,
+                   against_bars=args.against_bar)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=False))
     else:
