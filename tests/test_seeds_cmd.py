@@ -112,7 +112,7 @@ def test_refuses_runs_it_cannot_summarise_together(groups, tmp_path, capsys):
     assert code == 2 and "labels the same images differently" in err
     code, _, err = call(capsys, "seeds", "--runs", str(runs_a[0]), str(runs_b[0]))
     assert code == 2 and "one backbone and stage" in err
-    code, _, err = call(capsys, "seeds", "--runs", str(runs_a[0]), str(runs_a[0]))
+    code, _, err = call(capsys, "seeds", "--runs", str(runs_a[0]), f"{runs_a[0]}/")
     assert code == 2 and "named twice" in err
     code, _, err = call(capsys, "seeds", "--runs", *map(str, runs_a), "--evaluation", "seed9")
     assert code == 2 and "seed9" in err

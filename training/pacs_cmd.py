@@ -36,7 +36,6 @@ from training.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_O
 log = logging.getLogger(__name__)
 
 
-
 def _positive(text: str) -> float:
     try:
         value = float(text)

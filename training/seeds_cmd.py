@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from training.exits import EXIT_OK, CommandError
@@ -61,7 +62,7 @@ def seeds(runs: list[str], *, against: list[str] | None = None, evaluation: str 
     from hemorrhage_core.seed_spread import parse_bars, run_aucs, seed_difference, spread
 
     everything = [*runs, *(against or [])]
-    if len({str(p) for p in everything}) < len(everything):
+    if len({Path(p).resolve() for p in everything}) < len(everything):
         raise CommandError("a run is named twice")
     chosen = {"a": parse_bars(bars or [])}
     chosen["b"] = parse_bars(against_bars) if against_bars else chosen["a"]
