@@ -97,6 +97,25 @@ def find_skull_ring(hu: np.ndarray) -> HeadRing | None:
     )
 
 
+def head_box(
+    ring: HeadRing, shape: tuple[int, int], margin: float, min_side: float, stretch: bool = False,
+) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the crop around ``ring``: the square of ``head_square``, or with
+    ``stretch`` the ring's own box, each side widened by ``margin`` at each end and at least ``min_side``
+    of the slice, centred on the ring. Resampled to the square input, the stretched box makes the
+    skull's ellipse a circle: in polar coordinates the skull is then one straight row at every angle,
+    instead of a wave as deep as a large epidural lens is thick (rows 120 to 156 of 192 on the phantoms)."""
+    if not stretch:
+        top, left, side = head_square(ring, shape, margin, min_side)
+        return top, left, side, side
+    floor = min_side * max(shape)
+    height = int(round(max((ring.bottom - ring.top) * (1.0 + 2.0 * margin), floor)))
+    width = int(round(max((ring.right - ring.left) * (1.0 + 2.0 * margin), floor)))
+    top = int(round((ring.top + ring.bottom) / 2.0 - height / 2.0))
+    left = int(round((ring.left + ring.right) / 2.0 - width / 2.0))
+    return top, left, height, width
+
+
 def head_square(ring: HeadRing, shape: tuple[int, int], margin: float, min_side: float) -> tuple[int, int, int]:
     """``(top, left, side)`` of the square crop around ``ring``: its longer side plus ``margin`` on each
     side (the scalp lies outside the skull), at least ``min_side`` of the slice, centred on the ring."""
@@ -108,50 +127,57 @@ def head_square(ring: HeadRing, shape: tuple[int, int], margin: float, min_side:
     return top, left, side
 
 
-def _overlap(top: int, left: int, side: int, shape: tuple[int, ...]) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
-    """Where the square ``(top, left, side)`` and a slice of ``shape`` overlap: the overlap's index on the
-    slice and on the square, or None when they do not."""
+def _overlap(
+    top: int, left: int, height: int, width: int, shape: tuple[int, ...],
+) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """Where the box ``(top, left, height, width)`` and a slice of ``shape`` overlap: the overlap's index
+    on the slice and on the box, or None when they do not."""
     h, w = int(shape[0]), int(shape[1])
     y0, x0 = max(top, 0), max(left, 0)
-    y1, x1 = min(top + side, h), min(left + side, w)
+    y1, x1 = min(top + height, h), min(left + width, w)
     if y1 <= y0 or x1 <= x0:
         return None
     return (slice(y0, y1), slice(x0, x1)), (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
 
 
-def crop_square(hu: np.ndarray, top: int, left: int, side: int, fill: float = AIR_HU) -> np.ndarray:
-    """``hu[top:top+side, left:left+side]``, filled with ``fill`` where the square leaves the slice."""
-    out = np.full((side, side), fill, dtype=np.float32)
-    overlap = _overlap(top, left, side, hu.shape)
+def crop_box(hu: np.ndarray, top: int, left: int, height: int, width: int, fill: float = AIR_HU) -> np.ndarray:
+    """``hu[top:top+height, left:left+width]``, filled with ``fill`` where the box leaves the slice."""
+    out = np.full((height, width), fill, dtype=np.float32)
+    overlap = _overlap(top, left, height, width, hu.shape)
     if overlap is not None:
         on_slice, on_square = overlap
         out[on_square] = hu[on_slice]
     return out
 
 
-def polar_grid(shape: tuple[int, int], size: int, columns: int, overlap: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def polar_grid(
+    shape: tuple[int, int], size: int, columns: int, overlap: float = 0.0, ellipse: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Slice coordinates (rows, cols), each (size, columns), of the polar image of a slice of ``shape``:
     row i at radius (i + 0.5) / size of the half side from the slice's centre, column j at angle
     ``_POLAR_START`` + 2 pi ((1 + 2 overlap)(j + 0.5) / columns - overlap), clockwise on screen (rows
     grow downwards): one turn from the back of the head, plus ``overlap`` of a turn repeated before and
-    after it, so what lies across the seam is also seen whole."""
+    after it, so what lies across the seam is also seen whole. ``ellipse``: the radius is that share
+    of each half side along its own axis (the ellipse inscribed in the slice), else of the shorter one."""
     h, w = shape
-    radius = (np.arange(size, dtype=np.float64) + 0.5) / size * (min(h, w) / 2.0)
+    unit = (np.arange(size, dtype=np.float64) + 0.5) / size
+    half_h, half_w = (h / 2.0, w / 2.0) if ellipse else (min(h, w) / 2.0,) * 2
     turns = (1.0 + 2.0 * overlap) * (np.arange(columns, dtype=np.float64) + 0.5) / columns - overlap
     angle = _POLAR_START + 2.0 * math.pi * turns
-    rows = (h - 1) / 2.0 + radius[:, None] * np.sin(angle)[None, :]
-    cols = (w - 1) / 2.0 + radius[:, None] * np.cos(angle)[None, :]
+    rows = (h - 1) / 2.0 + half_h * unit[:, None] * np.sin(angle)[None, :]
+    cols = (w - 1) / 2.0 + half_w * unit[:, None] * np.cos(angle)[None, :]
     return rows, cols
 
 
-def polar_slice(hu: np.ndarray, size: int, overlap: float = 0.0) -> np.ndarray:
+def polar_slice(hu: np.ndarray, size: int, overlap: float = 0.0, ellipse: bool = False) -> np.ndarray:
     """HU (H, W) -> HU (size, ``_POLAR_OVERSAMPLE`` size) in polar coordinates around the slice's centre
     (bilinear; air beyond the slice): rows the distance from the centre out to half the shorter side,
     columns the angle (``polar_grid``). With the head crop the centre is the skull's, so the skull runs
     along the rows near the bottom and blood under it (epidural, subdural) is a band along the skull
-    whose length and thickness profile read the same at every angle. ``overlap``: see ``polar_grid``."""
+    whose length and thickness profile read the same at every angle. ``overlap``, ``ellipse``: see
+    ``polar_grid`` (an ellipse on a stretched crop, ``head_box``)."""
     h, w = hu.shape
-    rows, cols = polar_grid((h, w), size, _POLAR_OVERSAMPLE * size, overlap)
+    rows, cols = polar_grid((h, w), size, _POLAR_OVERSAMPLE * size, overlap, ellipse)
     # grid_sample (about 2x scipy's map_coordinates here) on HU above air, whose zero padding is then air.
     grid = np.stack([cols * (2.0 / max(w - 1, 1)) - 1.0, rows * (2.0 / max(h - 1, 1)) - 1.0], axis=-1)
     above_air = np.nan_to_num(np.asarray(hu, dtype=np.float32), nan=AIR_HU) - AIR_HU
@@ -189,15 +215,17 @@ def prepare_slice(hu: np.ndarray, image_size: int, windows: WindowStack = DEFAUL
 
 @dataclass(frozen=True)
 class InputGeometry:
-    """Where a prepared slice came from: the slice's (H, W), the square ``(top, left, side)`` that was
-    cropped from it (None: the whole slice) and whether that frame was resampled in polar coordinates
-    (else resized), repeating ``polar_overlap`` of a turn past the seam. Maps what lives on the model
+    """Where a prepared slice came from: the slice's (H, W), the box ``(top, left, height, width)`` that
+    was cropped from it (None: the whole slice) and whether that frame was resampled in polar coordinates
+    (else resized), repeating ``polar_overlap`` of a turn past the seam, around the ellipse inscribed in
+    the box (``ellipse``, a stretched crop) or its inscribed circle. Maps what lives on the model
     input's grid (a Grad-CAM heatmap) back onto the slice, so it overlays the slice as the user sees it."""
 
     shape: tuple[int, int]
-    square: tuple[int, int, int] | None = None
+    box: tuple[int, int, int, int] | None = None
     polar: bool = False
     polar_overlap: float = 0.0
+    ellipse: bool = False
 
     def to_slice(self, values: np.ndarray) -> np.ndarray:
         """float32 (S, S) on the input grid -> float32 (H, W) on the slice, 0 where the input did not
@@ -207,30 +235,31 @@ class InputGeometry:
         if values.ndim != 2 or values.shape[0] != values.shape[1]:
             raise ValueError(f"expected a square 2-D map on the input grid, got shape {values.shape}")
         h, w = self.shape
-        frame = (h, w) if self.square is None else (self.square[2], self.square[2])
+        frame = (h, w) if self.box is None else (self.box[2], self.box[3])
         if self.polar:
-            back = _from_polar(values, frame, self.polar_overlap)
+            back = _from_polar(values, frame, self.polar_overlap, self.ellipse)
         else:
             x = torch.from_numpy(np.ascontiguousarray(values))[None, None]
             back = F.interpolate(x, size=frame, mode="bilinear", align_corners=False)[0, 0].numpy()
-        if self.square is None:
+        if self.box is None:
             return np.ascontiguousarray(back, dtype=np.float32)
         out = np.zeros((h, w), dtype=np.float32)
-        overlap = _overlap(*self.square, self.shape)  # crop_square's overlap, pasted the other way
+        overlap = _overlap(*self.box, self.shape)  # crop_box's overlap, pasted the other way
         if overlap is not None:
-            on_slice, on_square = overlap
-            out[on_slice] = back[on_square]
+            on_slice, on_box = overlap
+            out[on_slice] = back[on_box]
         return out
 
 
-def _from_polar(values: np.ndarray, frame: tuple[int, int], overlap: float = 0.0) -> np.ndarray:
+def _from_polar(values: np.ndarray, frame: tuple[int, int], overlap: float = 0.0, ellipse: bool = False) -> np.ndarray:
     """The inverse of ``polar_slice`` followed by the resize: (S, S) polar -> ``frame`` (H, W). With an
     overlap each slice pixel is read from the middle turn (the columns past the seam are its copies)."""
     size = values.shape[0]
     h, w = frame
+    half_h, half_w = (h / 2.0, w / 2.0) if ellipse else (min(h, w) / 2.0,) * 2
     yy, xx = np.mgrid[:h, :w].astype(np.float64)
-    dy, dx = yy - (h - 1) / 2.0, xx - (w - 1) / 2.0
-    row = np.hypot(dy, dx) / (min(h, w) / 2.0) * size - 0.5
+    dy, dx = (yy - (h - 1) / 2.0) / half_h, (xx - (w - 1) / 2.0) / half_w  # on the unit circle's scale
+    row = np.hypot(dy, dx) * size - 0.5
     turn = np.mod(np.arctan2(dy, dx) - _POLAR_START, 2.0 * math.pi) / (2.0 * math.pi)
     col = (turn + overlap) / (1.0 + 2.0 * overlap) * size - 0.5
     # Without overlap the angle wraps: a copy of the last column before the first and of the first after
@@ -259,6 +288,10 @@ class SlicePrep:
     whatever its position around the head, and a network learns an epidural lens from few examples.
     ``polar_overlap``: the share of a turn repeated past each side of the seam (the back of the head),
     so the posterior horns of the ventricles, where blood layers, are not cut in two.
+    ``crop_stretch``: crop the skull's own box (``head_box``) instead of its square, so the resampling
+    to the square input (or, with polar, around the box's ellipse) makes the skull a circle: in polar
+    coordinates the inner table is then one row at every angle, and a lens under it is measured from a
+    straight line instead of a wave.
     The geometry (``geometry``) maps the input grid back onto the slice either way.
     """
 
@@ -270,6 +303,7 @@ class SlicePrep:
     context: int = 0  # neighbours on each side stacked as channels (0: the slice alone)
     polar: bool = False  # resample the (cropped) slice in polar coordinates (``polar_slice``)
     polar_overlap: float = 0.0  # with polar: share of a turn repeated past each side of the seam
+    crop_stretch: bool = False  # with head_crop: crop the skull's box, not its square (``head_box``)
 
     def __post_init__(self) -> None:
         if int(self.image_size) < 1:
@@ -289,6 +323,8 @@ class SlicePrep:
         # Without polar the overlap means nothing: keep it 0 so equal preprocessings compare equal.
         object.__setattr__(self, "polar_overlap", float(self.polar_overlap) if self.polar else 0.0)
         object.__setattr__(self, "crop_margin", float(self.crop_margin))
+        # Without the crop there is no box to stretch: keep it False so equal preprocessings compare equal.
+        object.__setattr__(self, "crop_stretch", bool(self.crop_stretch) and self.head_crop)
         object.__setattr__(self, "crop_min_side", float(self.crop_min_side))
 
     @property
@@ -317,19 +353,18 @@ class SlicePrep:
     def apply_at(self, hu: np.ndarray, geometry: InputGeometry) -> np.ndarray:
         """The same, with the slice's geometry already found (``geometry(hu.shape, ring)``), for a caller
         that keeps the ring and the geometry too (the Predictor: its not-a-head check, Grad-CAM's way back)."""
-        square = geometry.square
-        if square is not None:
-            hu = crop_square(hu, *square)
+        if geometry.box is not None:
+            hu = crop_box(hu, *geometry.box)
         if self.polar:
-            hu = polar_slice(hu, self.image_size, self.polar_overlap)
+            hu = polar_slice(hu, self.image_size, self.polar_overlap, geometry.ellipse)
         return prepare_slice(hu, self.image_size, self.windows)
 
     def geometry(self, shape: tuple[int, ...], ring: HeadRing | None) -> InputGeometry:
         """Where this preprocessing takes a slice of ``shape`` from, given its ring (see ``apply``)."""
         h, w = int(shape[0]), int(shape[1])
         if self.head_crop and ring is not None:
-            return InputGeometry((h, w), head_square(ring, (h, w), self.crop_margin, self.crop_min_side),
-                                 self.polar, self.polar_overlap)
+            box = head_box(ring, (h, w), self.crop_margin, self.crop_min_side, self.crop_stretch)
+            return InputGeometry((h, w), box, self.polar, self.polar_overlap, ellipse=self.crop_stretch)
         return InputGeometry((h, w), None, self.polar, self.polar_overlap)
 
     def per_slice(self) -> SlicePrep:
@@ -339,7 +374,7 @@ class SlicePrep:
     def key(self) -> str:
         """A short stable string naming one slice's preprocessing, for cache folder names (without
         ``context``: the stack is assembled from per-slice entries, so every context shares a cache)."""
-        crop = f"-crop{self.crop_margin:g}m{self.crop_min_side:g}" if self.head_crop else ""
+        crop = f"-crop{self.crop_margin:g}m{self.crop_min_side:g}{'s' if self.crop_stretch else ''}" if self.head_crop else ""
         polar = (f"-polar{self.polar_overlap:g}" if self.polar_overlap else "-polar") if self.polar else ""
         return f"{self.image_size}px-{self.windows.key()}{crop}{polar}"
 
@@ -348,6 +383,7 @@ class SlicePrep:
             "version": PREPROCESS_VERSION, "image_size": self.image_size, "windows": self.windows.to_list(),
             "head_crop": self.head_crop, "crop_margin": self.crop_margin, "crop_min_side": self.crop_min_side,
             "context": self.context, "polar": self.polar, "polar_overlap": self.polar_overlap,
+            "crop_stretch": self.crop_stretch,
         }
 
     @classmethod
@@ -363,6 +399,7 @@ class SlicePrep:
             context=int(values.get("context", 0)),
             polar=bool(values.get("polar", False)),
             polar_overlap=float(values.get("polar_overlap", 0.0)),
+            crop_stretch=bool(values.get("crop_stretch", False)),
         )
 
 

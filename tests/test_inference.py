@@ -152,7 +152,8 @@ def test_with_the_head_crop_the_heatmap_lands_on_the_head_in_the_slice(model, tm
     )
     result = predictor.predict(path, saliency_label="any")
     geometry = predictor.prepare(path).geometry
-    top, left, side = geometry.square
+    top, left, side, width = geometry.box
+    assert width == side
     assert 0 <= top and top + side <= 200 and left >= 120 and side < 200  # around the head, not the slice
     on_input = grad_cam(model, to_tensor(result.image)[None], "any").heatmaps[0]
     np.testing.assert_allclose(result.heatmap, geometry.to_slice(on_input), atol=1e-4)

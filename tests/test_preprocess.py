@@ -16,7 +16,7 @@ from hemorrhage_core.preprocess import (
     AIR_HU,
     InputGeometry,
     SlicePrep,
-    crop_square,
+    crop_box,
     find_skull_ring,
     head_square,
     polar_slice,
@@ -91,7 +91,7 @@ def test_a_slice_without_a_ring_is_used_whole_and_no_crop_is_the_old_preprocessi
 
 def test_a_crop_past_the_edge_is_filled_with_air_and_small_rings_zoom_at_most_to_min_side():
     hu = np.arange(16, dtype=np.float32).reshape(4, 4)
-    out = crop_square(hu, -1, 2, 3)
+    out = crop_box(hu, -1, 2, 3, 3)
     assert out[0].tolist() == [AIR_HU] * 3
     assert out[1:, :2].tolist() == [[2.0, 3.0], [6.0, 7.0]] and (out[:, 2] == AIR_HU).all()
     small = find_skull_ring(_head(256, (128.0, 128.0), 40.0))  # 80 px across: 93 px with the margins
@@ -108,11 +108,12 @@ def test_what_lies_on_the_input_grid_maps_back_onto_the_slice_where_it_came_from
     prep = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True)
     ring = find_skull_ring(hu)
     geometry = prep.geometry(hu.shape, ring)
-    assert geometry.square == head_square(ring, hu.shape, prep.crop_margin, prep.crop_min_side)
+    top, left, side = head_square(ring, hu.shape, prep.crop_margin, prep.crop_min_side)
+    assert geometry.box == (top, left, side, side)
     back = geometry.to_slice(prep(hu)[2] / 255.0)
     assert back.shape == hu.shape and back.dtype == np.float32
     skull = (hu > 1000.0) & ~np.isin(np.arange(256), [0, 255])[None, :]
-    top, left, side = geometry.square
+    top, left, side, _ = geometry.box
     inside = np.zeros(hu.shape, dtype=bool)
     inside[max(top, 0) : top + side, max(left, 0) : left + side] = True
     assert float(back[~inside].max()) == 0.0  # nothing beyond the crop
@@ -130,7 +131,7 @@ def test_what_lies_on_the_input_grid_maps_back_onto_the_slice_where_it_came_from
 
 
 def test_a_crop_past_the_slice_edge_maps_back_without_what_lay_beyond_it():
-    geometry = InputGeometry((40, 50), (-10, 30, 40))  # rows -10..30, columns 30..70 of a 40 x 50 slice
+    geometry = InputGeometry((40, 50), (-10, 30, 40, 40))  # rows -10..30, columns 30..70 of a 40 x 50 slice
     values = np.zeros((8, 8), np.float32)
     values[4, 2] = 1.0  # input pixel (4, 2) of 8: slice rows -10 + 20..25, columns 30 + 10..15
     back = geometry.to_slice(values)
@@ -177,7 +178,7 @@ def test_polar_input_maps_back_onto_the_slice_and_mirrors_with_the_head():
     hu = _lens(_head(256, (128.0, 128.0), 60.0), (128.0, 128.0), 60.0, np.pi)  # blood on the left
     prep = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True)
     geometry = prep.geometry(hu.shape, find_skull_ring(hu))
-    assert geometry.polar and geometry.square is not None
+    assert geometry.polar and geometry.box is not None
     back = geometry.to_slice(prep(hu)[0] / 255.0)  # the brain window, through polar and back
     blood = np.abs(hu - 75.0) < 1.0
     brain = np.abs(hu - 35.0) < 1.0
@@ -186,7 +187,7 @@ def test_polar_input_maps_back_onto_the_slice_and_mirrors_with_the_head():
     windowed = np.clip(hu / 80.0, 0.0, 1.0)
     inside = back > 0
     assert float(np.corrcoef(back[inside], windowed[inside])[0, 1]) > 0.9
-    top, left, side = geometry.square
+    top, left, side, _ = geometry.box
     yy, xx = np.mgrid[:256, :256]
     beyond = np.hypot(yy - (top + (side - 1) / 2), xx - (left + (side - 1) / 2)) > side / 2 + 1
     assert float(back[beyond].max()) == 0.0  # nothing beyond the circle the polar input sampled
@@ -237,6 +238,49 @@ def test_polar_overlap_shows_blood_across_the_seam_whole_and_maps_back():
     assert SlicePrep(SIZE, DEFAULT_STACK, polar_overlap=0.125).polar_overlap == 0.0  # nothing without polar
 
 
+def _oval_head(size: int = 256, centre=(128.0, 128.0), radii=(84.0, 60.0)) -> np.ndarray:
+    """A head longer than it is wide (as heads are: about 1.2 front to back on the phantoms): air, a
+    6 px skull, brain at 35 HU."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    r = np.hypot((yy - centre[0]) / radii[0], (xx - centre[1]) / radii[1])
+    hu = np.full((size, size), -1000.0, np.float32)
+    hu[r < 1.0] = 1200.0
+    hu[r < 1.0 - 6.0 / max(radii)] = 35.0
+    return hu
+
+
+def test_a_stretched_crop_makes_an_oval_skull_one_row_in_polar_and_maps_back():
+    hu = _oval_head()
+    ring = find_skull_ring(hu)
+    square = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True)
+    stretched = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, crop_stretch=True)
+
+    def skull_rows(prep: SlicePrep) -> np.ndarray:
+        bone = prep(hu)[2] > 128
+        return np.array([np.flatnonzero(bone[:, c])[0] for c in range(SIZE)])
+
+    # the square crop's circle cuts the oval at 60 and 84 px: the inner table waves over a fifth of the
+    # rows; the ring's own box, widened by the margin on each axis, makes it one row at every angle
+    assert int(np.ptp(skull_rows(square))) >= SIZE // 5
+    assert int(np.ptp(skull_rows(stretched))) <= 1
+    top, left, height, width = stretched.geometry(hu.shape, ring).box
+    assert (height, width) == (round((ring.bottom - ring.top) * 1.16), round((ring.right - ring.left) * 1.16))
+    assert abs(top + height / 2 - 128) <= 2 and abs(left + width / 2 - 128) <= 2
+    # blood at the long axis' end comes back where it was, and nothing beyond the ellipse sampled
+    bled = _lens(hu, (128.0, 128.0), 84.0, np.pi / 2)
+    geometry = stretched.geometry(bled.shape, find_skull_ring(bled))
+    assert geometry.ellipse and geometry.box == (top, left, height, width)
+    back = geometry.to_slice(stretched(bled)[0] / 255.0)
+    assert float(back[np.abs(bled - 75.0) < 1.0].mean() - back[np.abs(bled - 35.0) < 1.0].mean()) > 0.3
+    yy, xx = np.mgrid[:256, :256]
+    beyond = np.hypot((yy - (top + (height - 1) / 2)) / (height / 2), (xx - (left + (width - 1) / 2)) / (width / 2)) > 1.02
+    assert float(back[beyond].max()) == 0.0
+    # without polar it is the box resized to the square; without the crop it means nothing
+    flat = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, crop_stretch=True)
+    np.testing.assert_array_equal(flat(hu), prepare_slice(crop_box(hu, top, left, height, width), SIZE))
+    assert SlicePrep(SIZE, DEFAULT_STACK, crop_stretch=True) == SlicePrep(SIZE, DEFAULT_STACK)
+
+
 def test_slice_prep_round_trips_and_names_its_crop():
     prep = SlicePrep(96, DEFAULT_STACK, head_crop=True, crop_margin=0.1)
     assert SlicePrep.from_dict(prep.to_dict()) == prep
@@ -248,6 +292,10 @@ def test_slice_prep_round_trips_and_names_its_crop():
     assert SlicePrep.from_dict(seamless.to_dict()) == seamless and seamless.key() == prep.key() + "-polar0.125"
     older = {k: v for k, v in seamless.to_dict().items() if k != "polar_overlap"}
     assert SlicePrep.from_dict(older) == polar  # a polar checkpoint from before the overlap had none
+    oval = SlicePrep(96, DEFAULT_STACK, head_crop=True, crop_margin=0.1, polar=True, crop_stretch=True)
+    assert SlicePrep.from_dict(oval.to_dict()) == oval and oval.key() == prep.key() + "s-polar"
+    older = {k: v for k, v in oval.to_dict().items() if k != "crop_stretch"}
+    assert SlicePrep.from_dict(older) == polar  # a checkpoint from before the stretch cropped squares
     assert prep.to_dict()["version"] >= 3
     assert prep.key() != SlicePrep(96, DEFAULT_STACK).key()
     # a mapping from before the crop (image_size and windows only) means no crop

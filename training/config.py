@@ -46,6 +46,7 @@ class TrainConfig:
     image_size: int = 224  # preprocessed (cached) slice size in px; the STN resamples to input_size
     windows: list = field(default_factory=lambda: ["brain", "subdural", "bone"])
     head_crop: bool = True  # crop each slice to the skull's box before resizing (preprocess.SlicePrep)
+    crop_stretch: bool = False  # with head_crop: the skull's own box stretched to the square, not its square
     context: int = 0  # 2.5D input: neighbours on each side in the series stacked as channels (0: 2D)
     polar: bool = False  # resample each (cropped) slice in polar coordinates around its centre (SlicePrep)
     polar_overlap: float = 0.0  # with polar: share of a turn repeated past each side of the seam (SlicePrep)
@@ -126,6 +127,7 @@ class TrainConfig:
         _check(isinstance(self.context, int) and not isinstance(self.context, bool) and 0 <= self.context <= MAX_CONTEXT,
                "context", self.context, f"must be a whole number of slices from 0 to {MAX_CONTEXT}")
         _check(isinstance(self.polar, bool), "polar", self.polar, "must be true or false")
+        _check(isinstance(self.crop_stretch, bool), "crop_stretch", self.crop_stretch, "must be true or false")
         _check(isinstance(self.polar_overlap, (int, float)) and not isinstance(self.polar_overlap, bool)
                and 0.0 <= self.polar_overlap <= MAX_POLAR_OVERLAP,
                "polar_overlap", self.polar_overlap, f"must be a number from 0 to {MAX_POLAR_OVERLAP} (of a turn)")

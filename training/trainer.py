@@ -143,7 +143,7 @@ def slice_prep(config: TrainConfig):
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
     return SlicePrep(config.image_size, windows, head_crop=config.head_crop, context=config.context,
-                     polar=config.polar, polar_overlap=config.polar_overlap)
+                     polar=config.polar, polar_overlap=config.polar_overlap, crop_stretch=config.crop_stretch)
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
@@ -361,6 +361,7 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "context": ckpt.prep.context,
         "polar": ckpt.prep.polar,
         "polar_overlap": ckpt.prep.polar_overlap,
+        "crop_stretch": ckpt.prep.crop_stretch,
         "input_size": ckpt.spec.input_size,
         "stn": ckpt.spec.stn,
     }
