@@ -103,8 +103,9 @@ def head_box(
     """``(top, left, height, width)`` of the crop around ``ring``: the square of ``head_square``, or with
     ``stretch`` the ring's own box, each side widened by ``margin`` at each end and at least ``min_side``
     of the slice, centred on the ring. Resampled to the square input, the stretched box makes the
-    skull's ellipse a circle: in polar coordinates the skull is then one straight row at every angle,
-    instead of a wave as deep as a large epidural lens is thick (rows 120 to 156 of 192 on the phantoms)."""
+    skull's ellipse a circle: in polar coordinates the skull then runs nearly straight, instead of a
+    wave as deep as a large epidural lens is thick (its inner table spans a median 34 of 192 rows on the
+    phantoms, 16 with the stretch: their egg shape and in-plane rotation remain)."""
     if not stretch:
         top, left, side = head_square(ring, shape, margin, min_side)
         return top, left, side, side
@@ -289,9 +290,9 @@ class SlicePrep:
     ``polar_overlap``: the share of a turn repeated past each side of the seam (the back of the head),
     so the posterior horns of the ventricles, where blood layers, are not cut in two.
     ``crop_stretch``: crop the skull's own box (``head_box``) instead of its square, so the resampling
-    to the square input (or, with polar, around the box's ellipse) makes the skull a circle: in polar
-    coordinates the inner table is then one row at every angle, and a lens under it is measured from a
-    straight line instead of a wave.
+    to the square input (or, with polar, around the box's ellipse) makes an oval skull a circle: in
+    polar coordinates the inner table then runs nearly straight, and a lens under it is measured from a
+    line instead of a wave.
     The geometry (``geometry``) maps the input grid back onto the slice either way.
     """
 
