@@ -146,8 +146,8 @@ def crop_box(hu: np.ndarray, top: int, left: int, height: int, width: int, fill:
     out = np.full((height, width), fill, dtype=np.float32)
     overlap = _overlap(top, left, height, width, hu.shape)
     if overlap is not None:
-        on_slice, on_square = overlap
-        out[on_square] = hu[on_slice]
+        on_slice, on_box = overlap
+        out[on_box] = hu[on_slice]
     return out
 
 
@@ -172,8 +172,8 @@ def polar_grid(
 
 def polar_slice(hu: np.ndarray, size: int, overlap: float = 0.0, ellipse: bool = False) -> np.ndarray:
     """HU (H, W) -> HU (size, ``_POLAR_OVERSAMPLE`` size) in polar coordinates around the slice's centre
-    (bilinear; air beyond the slice): rows the distance from the centre out to half the shorter side,
-    columns the angle (``polar_grid``). With the head crop the centre is the skull's, so the skull runs
+    (bilinear; air beyond the slice): rows the distance from the centre out to half the shorter side
+    (with ``ellipse``, out to the inscribed ellipse: half of each side along its axis), columns the angle (``polar_grid``). With the head crop the centre is the skull's, so the skull runs
     along the rows near the bottom and blood under it (epidural, subdural) is a band along the skull
     whose length and thickness profile read the same at every angle. ``overlap``, ``ellipse``: see
     ``polar_grid`` (an ellipse on a stretched crop, ``head_box``)."""
