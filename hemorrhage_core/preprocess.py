@@ -100,31 +100,27 @@ def find_skull_ring(hu: np.ndarray) -> HeadRing | None:
 def head_box(
     ring: HeadRing, shape: tuple[int, int], margin: float, min_side: float, stretch: bool = False,
 ) -> tuple[int, int, int, int]:
-    """``(top, left, height, width)`` of the crop around ``ring``: the square of ``head_square``, or with
-    ``stretch`` the ring's own box, each side widened by ``margin`` at each end and at least ``min_side``
-    of the slice, centred on the ring. Resampled to the square input, the stretched box makes the
-    skull's ellipse a circle: in polar coordinates the skull then runs nearly straight, instead of a
-    wave as deep as a large epidural lens is thick (its inner table spans a median 34 of 192 rows on the
-    phantoms, 16 with the stretch: their egg shape and in-plane rotation remain)."""
+    """``(top, left, height, width)`` of the crop around ``ring``: its longer side squared, or with
+    ``stretch`` the ring's own box, each side widened by ``margin`` at each end (the scalp lies outside
+    the skull) and at least ``min_side`` of the slice, centred on the ring. Resampled to the square
+    input, the stretched box makes the skull's ellipse a circle: in polar coordinates the skull then
+    runs nearly straight, instead of a wave as deep as a large epidural lens is thick (its inner table
+    spans a median 34 of 192 rows on the phantoms, 16 with the stretch: their egg shape and in-plane
+    rotation remain)."""
+    height, width = ring.bottom - ring.top, ring.right - ring.left
     if not stretch:
-        top, left, side = head_square(ring, shape, margin, min_side)
-        return top, left, side, side
+        height = width = max(height, width)
     floor = min_side * max(shape)
-    height = int(round(max((ring.bottom - ring.top) * (1.0 + 2.0 * margin), floor)))
-    width = int(round(max((ring.right - ring.left) * (1.0 + 2.0 * margin), floor)))
+    height = int(round(max(height * (1.0 + 2.0 * margin), floor)))
+    width = int(round(max(width * (1.0 + 2.0 * margin), floor)))
     top = int(round((ring.top + ring.bottom) / 2.0 - height / 2.0))
     left = int(round((ring.left + ring.right) / 2.0 - width / 2.0))
     return top, left, height, width
 
 
 def head_square(ring: HeadRing, shape: tuple[int, int], margin: float, min_side: float) -> tuple[int, int, int]:
-    """``(top, left, side)`` of the square crop around ``ring``: its longer side plus ``margin`` on each
-    side (the scalp lies outside the skull), at least ``min_side`` of the slice, centred on the ring."""
-    height, width = ring.bottom - ring.top, ring.right - ring.left
-    side = max(height, width) * (1.0 + 2.0 * margin)
-    side = int(round(max(side, min_side * max(shape))))
-    top = int(round((ring.top + ring.bottom) / 2.0 - side / 2.0))
-    left = int(round((ring.left + ring.right) / 2.0 - side / 2.0))
+    """``(top, left, side)`` of the square crop around ``ring`` (``head_box`` without the stretch)."""
+    top, left, side, _ = head_box(ring, shape, margin, min_side)
     return top, left, side
 
 
@@ -151,6 +147,12 @@ def crop_box(hu: np.ndarray, top: int, left: int, height: int, width: int, fill:
     return out
 
 
+def _polar_radii(h: int, w: int, ellipse: bool) -> tuple[float, float]:
+    """The polar frame's outermost radius along the rows and along the columns of an (h, w) frame: the
+    inscribed ellipse's half sides, else the inscribed circle's (the forward and inverse maps share it)."""
+    return (h / 2.0, w / 2.0) if ellipse else (min(h, w) / 2.0, min(h, w) / 2.0)
+
+
 def polar_grid(
     shape: tuple[int, int], size: int, columns: int, overlap: float = 0.0, ellipse: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +164,7 @@ def polar_grid(
     of each half side along its own axis (the ellipse inscribed in the slice), else of the shorter one."""
     h, w = shape
     unit = (np.arange(size, dtype=np.float64) + 0.5) / size
-    half_h, half_w = (h / 2.0, w / 2.0) if ellipse else (min(h, w) / 2.0,) * 2
+    half_h, half_w = _polar_radii(h, w, ellipse)
     turns = (1.0 + 2.0 * overlap) * (np.arange(columns, dtype=np.float64) + 0.5) / columns - overlap
     angle = _POLAR_START + 2.0 * math.pi * turns
     rows = (h - 1) / 2.0 + half_h * unit[:, None] * np.sin(angle)[None, :]
@@ -257,7 +259,7 @@ def _from_polar(values: np.ndarray, frame: tuple[int, int], overlap: float = 0.0
     overlap each slice pixel is read from the middle turn (the columns past the seam are its copies)."""
     size = values.shape[0]
     h, w = frame
-    half_h, half_w = (h / 2.0, w / 2.0) if ellipse else (min(h, w) / 2.0,) * 2
+    half_h, half_w = _polar_radii(h, w, ellipse)
     yy, xx = np.mgrid[:h, :w].astype(np.float64)
     dy, dx = (yy - (h - 1) / 2.0) / half_h, (xx - (w - 1) / 2.0) / half_w  # on the unit circle's scale
     row = np.hypot(dy, dx) * size - 0.5

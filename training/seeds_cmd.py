@@ -4,8 +4,8 @@ One recipe trained at several training seeds, each run scored by the same saved 
 ``test``): per label the mean, SD, min and max AUC over the runs, each run's AUCs with its training
 seed, and with ``--bar`` (``any=0.95``, ``subtypes=0.90``) how many runs meet every bar. ``--against``
 names a second group (another recipe or backbone, at its own seeds; its bars ``--against-bar``, else
-``--bar``): per label the difference of the two groups' mean AUCs with a 95% t interval over the runs, paired by training seed when both groups ran
-the same seeds (hemorrhage_core.seed_spread). ``--json`` prints ``{"evaluation", "n_images", "a":
+``--bar``): per label the difference of the two groups' mean AUCs with a 95% t interval over the runs,
+paired by training seed when both groups ran the same seeds (hemorrhage_core.seed_spread). ``--json`` prints ``{"evaluation", "n_images", "a":
 {"runs", "spread"}, "b": ..., "difference": ...}``. Exit 0, or 2 when a run or evaluation is missing,
 a group mixes backbones or stages, or the runs were scored on different images.
 """
