@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,16 @@ _POLAR_OVERSAMPLE = 4
 _POLAR_START = math.pi / 2  # image rows grow downwards: +pi/2 points to the bottom, the back of the head
 MAX_POLAR_OVERLAP = 0.25  # of a turn on each side: the image then spans 1.5 turns
 
+# Skull-traced polar frame (SlicePrep.polar_trace): the inner table's radius over angle, cast along this
+# many rays from the crop's centre, kept as a Fourier series this many harmonics long: two are an
+# ellipse, three an egg; six follow a skull's frontal and occipital bulges, while a lens inside the
+# table or a suture a few degrees wide cannot bend it. Fewer rays than the share below finding the
+# table (a cavity open to the centre's side) means no trace; the scale stays within the limits.
+_TRACE_RAYS = 180
+_TRACE_HARMONICS = 6
+_TRACE_MIN_FOUND = 0.75
+_TRACE_LIMITS = (0.7, 1.3)
+
 # 2.5D input: at most this many neighbours on each side (RSNA slices are 5 mm; 3 covers 3 cm).
 MAX_CONTEXT = 3
 
@@ -58,6 +68,9 @@ class HeadRing:
     right: int  # exclusive
     enclosed_fraction: float  # share of the slice inside the ring
     enclosed_hu: float  # mean HU inside the ring (brain: about 20-45)
+    # The cranial cavity on the search copy (every ``step``-th pixel), for ``inner_table``.
+    cavity: np.ndarray | None = field(default=None, compare=False, repr=False)
+    step: int = field(default=1, compare=False)
 
 
 def find_skull_ring(hu: np.ndarray) -> HeadRing | None:
@@ -93,7 +106,7 @@ def find_skull_ring(hu: np.ndarray) -> HeadRing | None:
     return HeadRing(
         top=int(rows[0]) * step, left=int(cols[0]) * step,
         bottom=min(h, (int(rows[-1]) + 1) * step), right=min(w, (int(cols[-1]) + 1) * step),
-        enclosed_fraction=fraction, enclosed_hu=float(low[cavity].mean()),
+        enclosed_fraction=fraction, enclosed_hu=float(low[cavity].mean()), cavity=cavity, step=step,
     )
 
 
@@ -147,6 +160,66 @@ def crop_box(hu: np.ndarray, top: int, left: int, height: int, width: int, fill:
     return out
 
 
+def _harmonics(turn: np.ndarray) -> np.ndarray:
+    """(n, 1 + 2 ``_TRACE_HARMONICS``) Fourier basis at ``turn`` (angle from ``_POLAR_START``, radians):
+    1, cos t, sin t, cos 2t, sin 2t, ..."""
+    m = np.arange(1, _TRACE_HARMONICS + 1, dtype=np.float64)
+    t = np.asarray(turn, dtype=np.float64).reshape(-1, 1) * m
+    return np.concatenate([np.ones((t.shape[0], 1)), np.stack([np.cos(t), np.sin(t)], axis=-1).reshape(t.shape[0], -1)], axis=1)
+
+
+def inner_table(ring: HeadRing, box: tuple[int, int, int, int], ellipse: bool = False) -> tuple[float, ...] | None:
+    """The skull's inner table around the centre of ``box`` (the crop, ``head_box``): its radius over the
+    angle, in the units of the crop's polar frame (``_polar_radii``) and divided by its mean, as Fourier
+    coefficients ``(1, a1, b1, ..., aM, bM)`` of the angle from ``_POLAR_START``; None when the ring
+    keeps no cavity or too few rays find its edge. Read from the ring's cavity (the hole the skull
+    encloses, which holds any blood under the table) along ``_TRACE_RAYS`` rays, each to where the
+    cavity first ends, then fitted with ``_TRACE_HARMONICS`` harmonics by least squares, so a ray
+    through a gap or a bulge moves the trace little."""
+    if ring.cavity is None:
+        return None
+    top, left, height, width = box
+    half_h, half_w = _polar_radii(height, width, ellipse)
+    turn = 2.0 * math.pi * np.arange(_TRACE_RAYS, dtype=np.float64) / _TRACE_RAYS
+    samples = max(64, int(math.ceil(2.5 * max(half_h, half_w) / ring.step)))  # about half a search pixel
+    unit = np.linspace(0.0, 1.25, samples)
+    angle = _POLAR_START + turn
+    rows = (top + (height - 1) / 2.0 + half_h * unit[None, :] * np.sin(angle)[:, None]) / ring.step
+    cols = (left + (width - 1) / 2.0 + half_w * unit[None, :] * np.cos(angle)[:, None]) / ring.step
+    # Holes filled: calcified choroid plexus or pineal (bone density inside the brain) would stop a ray.
+    cavity = ndimage.binary_fill_holes(ring.cavity).astype(np.float32)
+    level = ndimage.map_coordinates(cavity, [rows, cols], order=1, mode="constant")
+    out = level < 0.5
+    found = ~out[:, 0] & out.any(axis=1)  # from inside the cavity at the centre to its edge
+    if found.mean() < _TRACE_MIN_FOUND:
+        return None
+    ray = np.arange(_TRACE_RAYS)
+    last_in = np.maximum(np.argmax(out, axis=1) - 1, 0)
+    before, after = level[ray, last_in], level[ray, np.minimum(last_in + 1, samples - 1)]
+    # the edge where the interpolated cavity crosses one half, between the last sample in and the first out
+    radius = unit[last_in] + np.clip((before - 0.5) / np.maximum(before - after, 1e-6), 0.0, 1.0) * (unit[1] - unit[0])
+    basis = _harmonics(turn)
+    coeffs, *_ = np.linalg.lstsq(basis[found], radius[found], rcond=None)
+    # Once more without the rays far from the first fit (a ray out through a gap the closing left open).
+    residual = np.abs(basis @ coeffs - radius)
+    kept = found & (residual <= 3.0 * max(float(np.median(residual[found])), 0.005))
+    if kept.mean() >= _TRACE_MIN_FOUND:
+        coeffs, *_ = np.linalg.lstsq(basis[kept], radius[kept], rcond=None)
+    if not coeffs[0] > 0.0:
+        return None
+    return tuple(float(c) for c in coeffs / coeffs[0])
+
+
+def _trace_scale(trace: tuple[float, ...] | None, angle: np.ndarray) -> np.ndarray:
+    """The polar frame's radius at ``angle`` relative to its mean: the inner table's (``inner_table``),
+    so the table lands on one row; 1 everywhere without a trace."""
+    angle = np.asarray(angle, dtype=np.float64)
+    if trace is None:
+        return np.ones_like(angle)
+    scale = _harmonics(angle.ravel() - _POLAR_START) @ np.asarray(trace, dtype=np.float64)
+    return np.clip(scale, *_TRACE_LIMITS).reshape(angle.shape)
+
+
 def _polar_radii(h: int, w: int, ellipse: bool) -> tuple[float, float]:
     """The polar frame's outermost radius along the rows and along the columns of an (h, w) frame: the
     inscribed ellipse's half sides, else the inscribed circle's (the forward and inverse maps share it)."""
@@ -155,32 +228,39 @@ def _polar_radii(h: int, w: int, ellipse: bool) -> tuple[float, float]:
 
 def polar_grid(
     shape: tuple[int, int], size: int, columns: int, overlap: float = 0.0, ellipse: bool = False,
+    trace: tuple[float, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Slice coordinates (rows, cols), each (size, columns), of the polar image of a slice of ``shape``:
     row i at radius (i + 0.5) / size of the half side from the slice's centre, column j at angle
     ``_POLAR_START`` + 2 pi ((1 + 2 overlap)(j + 0.5) / columns - overlap), clockwise on screen (rows
     grow downwards): one turn from the back of the head, plus ``overlap`` of a turn repeated before and
     after it, so what lies across the seam is also seen whole. ``ellipse``: the radius is that share
-    of each half side along its own axis (the ellipse inscribed in the slice), else of the shorter one."""
+    of each half side along its own axis (the ellipse inscribed in the slice), else of the shorter one.
+    ``trace``: each column's radii are scaled by the inner table's radius at its angle over the mean
+    (``inner_table``), so the table runs along one row."""
     h, w = shape
     unit = (np.arange(size, dtype=np.float64) + 0.5) / size
     half_h, half_w = _polar_radii(h, w, ellipse)
     turns = (1.0 + 2.0 * overlap) * (np.arange(columns, dtype=np.float64) + 0.5) / columns - overlap
     angle = _POLAR_START + 2.0 * math.pi * turns
-    rows = (h - 1) / 2.0 + half_h * unit[:, None] * np.sin(angle)[None, :]
-    cols = (w - 1) / 2.0 + half_w * unit[:, None] * np.cos(angle)[None, :]
+    radius = unit[:, None] * _trace_scale(trace, angle)[None, :]
+    rows = (h - 1) / 2.0 + half_h * radius * np.sin(angle)[None, :]
+    cols = (w - 1) / 2.0 + half_w * radius * np.cos(angle)[None, :]
     return rows, cols
 
 
-def polar_slice(hu: np.ndarray, size: int, overlap: float = 0.0, ellipse: bool = False) -> np.ndarray:
+def polar_slice(
+    hu: np.ndarray, size: int, overlap: float = 0.0, ellipse: bool = False, trace: tuple[float, ...] | None = None,
+) -> np.ndarray:
     """HU (H, W) -> HU (size, ``_POLAR_OVERSAMPLE`` size) in polar coordinates around the slice's centre
     (bilinear; air beyond the slice): rows the distance from the centre out to half the shorter side
-    (with ``ellipse``, out to the inscribed ellipse: half of each side along its axis), columns the angle (``polar_grid``). With the head crop the centre is the skull's, so the skull runs
-    along the rows near the bottom and blood under it (epidural, subdural) is a band along the skull
-    whose length and thickness profile read the same at every angle. ``overlap``, ``ellipse``: see
-    ``polar_grid`` (an ellipse on a stretched crop, ``head_box``)."""
+    (with ``ellipse``, out to the inscribed ellipse: half of each side along its axis), columns the
+    angle (``polar_grid``). With the head crop the centre is the skull's, so the skull runs along the
+    rows near the bottom and blood under it (epidural, subdural) is a band along the skull whose length
+    and thickness profile read the same at every angle. ``overlap``, ``ellipse``, ``trace``: see
+    ``polar_grid`` (an ellipse on a stretched crop, ``head_box``; a trace from ``inner_table``)."""
     h, w = hu.shape
-    rows, cols = polar_grid((h, w), size, _POLAR_OVERSAMPLE * size, overlap, ellipse)
+    rows, cols = polar_grid((h, w), size, _POLAR_OVERSAMPLE * size, overlap, ellipse, trace)
     # grid_sample (about 2x scipy's map_coordinates here) on HU above air, whose zero padding is then air.
     grid = np.stack([cols * (2.0 / max(w - 1, 1)) - 1.0, rows * (2.0 / max(h - 1, 1)) - 1.0], axis=-1)
     above_air = np.nan_to_num(np.asarray(hu, dtype=np.float32), nan=AIR_HU) - AIR_HU
@@ -229,6 +309,7 @@ class InputGeometry:
     polar: bool = False
     polar_overlap: float = 0.0
     ellipse: bool = False
+    trace: tuple[float, ...] | None = None  # the polar frame follows the inner table (``inner_table``)
 
     def to_slice(self, values: np.ndarray) -> np.ndarray:
         """float32 (S, S) on the input grid -> float32 (H, W) on the slice, 0 where the input did not
@@ -240,7 +321,7 @@ class InputGeometry:
         h, w = self.shape
         frame = (h, w) if self.box is None else (self.box[2], self.box[3])
         if self.polar:
-            back = _from_polar(values, frame, self.polar_overlap, self.ellipse)
+            back = _from_polar(values, frame, self.polar_overlap, self.ellipse, self.trace)
         else:
             x = torch.from_numpy(np.ascontiguousarray(values))[None, None]
             back = F.interpolate(x, size=frame, mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -254,7 +335,10 @@ class InputGeometry:
         return out
 
 
-def _from_polar(values: np.ndarray, frame: tuple[int, int], overlap: float = 0.0, ellipse: bool = False) -> np.ndarray:
+def _from_polar(
+    values: np.ndarray, frame: tuple[int, int], overlap: float = 0.0, ellipse: bool = False,
+    trace: tuple[float, ...] | None = None,
+) -> np.ndarray:
     """The inverse of ``polar_slice`` followed by the resize: (S, S) polar -> ``frame`` (H, W). With an
     overlap each slice pixel is read from the middle turn (the columns past the seam are its copies)."""
     size = values.shape[0]
@@ -262,8 +346,9 @@ def _from_polar(values: np.ndarray, frame: tuple[int, int], overlap: float = 0.0
     half_h, half_w = _polar_radii(h, w, ellipse)
     yy, xx = np.mgrid[:h, :w].astype(np.float64)
     dy, dx = (yy - (h - 1) / 2.0) / half_h, (xx - (w - 1) / 2.0) / half_w  # on the unit circle's scale
-    row = np.hypot(dy, dx) * size - 0.5
-    turn = np.mod(np.arctan2(dy, dx) - _POLAR_START, 2.0 * math.pi) / (2.0 * math.pi)
+    angle = np.arctan2(dy, dx)
+    row = np.hypot(dy, dx) / _trace_scale(trace, angle) * size - 0.5
+    turn = np.mod(angle - _POLAR_START, 2.0 * math.pi) / (2.0 * math.pi)
     col = (turn + overlap) / (1.0 + 2.0 * overlap) * size - 0.5
     # Without overlap the angle wraps: a copy of the last column before the first and of the first after
     # the last (with it, the middle turn lies inside the columns and the copies are never read).
@@ -295,6 +380,9 @@ class SlicePrep:
     to the square input (or, with polar, around the box's ellipse) makes an oval skull a circle: in
     polar coordinates the inner table then runs nearly straight, and a lens under it is measured from a
     line instead of a wave.
+    ``polar_trace``: with polar and the crop, scale each angle's radii by the inner table's radius there
+    over its mean (``inner_table``), so the table runs along one row whatever the skull's shape and
+    turn in the slice, which no box can straighten (an egg, a rotated oval).
     The geometry (``geometry``) maps the input grid back onto the slice either way.
     """
 
@@ -307,6 +395,7 @@ class SlicePrep:
     polar: bool = False  # resample the (cropped) slice in polar coordinates (``polar_slice``)
     polar_overlap: float = 0.0  # with polar: share of a turn repeated past each side of the seam
     crop_stretch: bool = False  # with head_crop: crop the skull's box, not its square (``head_box``)
+    polar_trace: bool = False  # with polar and head_crop: the frame follows the inner table (``inner_table``)
 
     def __post_init__(self) -> None:
         if int(self.image_size) < 1:
@@ -329,6 +418,8 @@ class SlicePrep:
         # Without the crop there is no box to stretch: keep it False so equal preprocessings compare equal.
         object.__setattr__(self, "crop_stretch", bool(self.crop_stretch) and self.head_crop)
         object.__setattr__(self, "crop_min_side", float(self.crop_min_side))
+        # The trace needs the ring (the crop) and a polar frame to bend.
+        object.__setattr__(self, "polar_trace", bool(self.polar_trace) and self.polar and self.head_crop)
 
     @property
     def channels(self) -> int:
@@ -359,7 +450,7 @@ class SlicePrep:
         if geometry.box is not None:
             hu = crop_box(hu, *geometry.box)
         if self.polar:
-            hu = polar_slice(hu, self.image_size, self.polar_overlap, geometry.ellipse)
+            hu = polar_slice(hu, self.image_size, self.polar_overlap, geometry.ellipse, geometry.trace)
         return prepare_slice(hu, self.image_size, self.windows)
 
     def geometry(self, shape: tuple[int, ...], ring: HeadRing | None) -> InputGeometry:
@@ -367,7 +458,8 @@ class SlicePrep:
         h, w = int(shape[0]), int(shape[1])
         if self.head_crop and ring is not None:
             box = head_box(ring, (h, w), self.crop_margin, self.crop_min_side, self.crop_stretch)
-            return InputGeometry((h, w), box, self.polar, self.polar_overlap, ellipse=self.crop_stretch)
+            trace = inner_table(ring, box, self.crop_stretch) if self.polar_trace else None
+            return InputGeometry((h, w), box, self.polar, self.polar_overlap, ellipse=self.crop_stretch, trace=trace)
         return InputGeometry((h, w), None, self.polar, self.polar_overlap)
 
     def per_slice(self) -> SlicePrep:
@@ -379,6 +471,7 @@ class SlicePrep:
         ``context``: the stack is assembled from per-slice entries, so every context shares a cache)."""
         crop = f"-crop{self.crop_margin:g}m{self.crop_min_side:g}{'s' if self.crop_stretch else ''}" if self.head_crop else ""
         polar = (f"-polar{self.polar_overlap:g}" if self.polar_overlap else "-polar") if self.polar else ""
+        polar += "-trace" if self.polar_trace else ""
         return f"{self.image_size}px-{self.windows.key()}{crop}{polar}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -386,7 +479,7 @@ class SlicePrep:
             "version": PREPROCESS_VERSION, "image_size": self.image_size, "windows": self.windows.to_list(),
             "head_crop": self.head_crop, "crop_margin": self.crop_margin, "crop_min_side": self.crop_min_side,
             "context": self.context, "polar": self.polar, "polar_overlap": self.polar_overlap,
-            "crop_stretch": self.crop_stretch,
+            "crop_stretch": self.crop_stretch, "polar_trace": self.polar_trace,
         }
 
     @classmethod
@@ -403,6 +496,7 @@ class SlicePrep:
             polar=bool(values.get("polar", False)),
             polar_overlap=float(values.get("polar_overlap", 0.0)),
             crop_stretch=bool(values.get("crop_stretch", False)),
+            polar_trace=bool(values.get("polar_trace", False)),
         )
 
 

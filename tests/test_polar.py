@@ -26,6 +26,8 @@ def test_config_refuses_a_polar_that_is_not_a_boolean():
     for bad in ("yes", 1):
         with pytest.raises(ConfigError, match="crop_stretch"):
             TrainConfig(crop_stretch=bad)
+        with pytest.raises(ConfigError, match="polar_trace"):
+            TrainConfig(polar_trace=bad)
     for bad in (-0.1, 0.3, True, "0.1"):
         with pytest.raises(ConfigError, match="polar_overlap"):
             TrainConfig(polar=True, polar_overlap=bad)
@@ -36,14 +38,16 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
 
     data = tmp_path / "data"
     write_tiny_set(data, n_patients=6, slices_per_patient=4)
-    stage1 = fit(tiny_config(data, tmp_path / "runs", polar=True, polar_overlap=0.125, crop_stretch=True, image_size=48))
+    stage1 = fit(tiny_config(data, tmp_path / "runs", polar=True, polar_overlap=0.125, crop_stretch=True,
+                              polar_trace=True, image_size=48))
     stage2 = fit(tiny_config(data, tmp_path / "runs", stage=2, init_from=str(stage1), input_size=None))
     path = next(stage2.glob("checkpoints/best*.pt"))
     ckpt = load_checkpoint(path)
     assert ckpt.prep.polar and ckpt.config["polar"] is True  # stage 2 inherits it from stage 1
     assert ckpt.prep.polar_overlap == ckpt.config["polar_overlap"] == 0.125  # and the overlap
     assert ckpt.prep.crop_stretch and ckpt.config["crop_stretch"] is True  # and the stretched crop
-    assert ckpt.prep.key().endswith("s-polar0.125")
+    assert ckpt.prep.polar_trace and ckpt.config["polar_trace"] is True  # and the traced frame
+    assert ckpt.prep.key().endswith("s-polar0.125-trace")
     predictor = Predictor.from_checkpoint(path)
     file = next((data / "stage_2_train").glob("*.dcm"))
     hu = read_slice(file).hu

@@ -19,6 +19,7 @@ from hemorrhage_core.preprocess import (
     crop_box,
     find_skull_ring,
     head_square,
+    inner_table,
     polar_slice,
     prepare_slice,
 )
@@ -281,6 +282,71 @@ def test_a_stretched_crop_makes_an_oval_skull_one_row_in_polar_and_maps_back():
     assert SlicePrep(SIZE, DEFAULT_STACK, crop_stretch=True) == SlicePrep(SIZE, DEFAULT_STACK)
 
 
+def _egg_head(size: int = 256, tilt: float = 0.5) -> np.ndarray:
+    """A head no box straightens: egg-shaped (wider at the back), turned by ``tilt`` radians in the
+    slice, a 7 px skull, brain at 35 HU, a calcified choroid plexus (bone density) inside it."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    dy, dx = yy - 128.0, xx - 128.0
+    along = dy * np.cos(tilt) - dx * np.sin(tilt)  # the head's front-back axis, + to the back
+    across = dy * np.sin(tilt) + dx * np.cos(tilt)
+    half_width = 62.0 + 8.0 * np.clip(along / 90.0, -1.0, 1.0)  # egg: 54 px at the front, 70 at the back
+    r = np.hypot(along / 90.0, across / half_width)
+    hu = np.full((size, size), -1000.0, np.float32)
+    hu[r < 1.0] = 1200.0
+    hu[r < 1.0 - 7.0 / 70.0] = 35.0
+    hu[np.hypot(dy - 10.0, dx - 12.0) < 3.0] = 900.0  # the choroid plexus: no ray may stop there
+    return hu
+
+
+def _inner_rows(image: np.ndarray) -> np.ndarray:
+    """The first bone row past the middle of a polar image, column by column (the inner table)."""
+    bone = image[2] > 128
+    half = image.shape[1] // 2
+    return np.array([half + np.flatnonzero(bone[half:, c])[0] for c in range(image.shape[2])])
+
+
+def test_a_traced_polar_frame_lays_the_inner_table_on_one_row_and_maps_back():
+    hu = _egg_head()
+    ring = find_skull_ring(hu)
+    stretched = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, crop_stretch=True)
+    traced = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, crop_stretch=True, polar_trace=True)
+    # the tilted egg waves over a tenth of the rows even in the stretched box; traced, one row
+    assert int(np.ptp(_inner_rows(stretched(hu)))) >= SIZE // 10
+    assert int(np.ptp(_inner_rows(traced(hu)))) <= 1
+    # the square crop's frame is traced as well, and the trace is of the table, not of the plexus
+    square = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_trace=True)
+    assert int(np.ptp(_inner_rows(square(hu)))) <= 1
+    geometry = traced.geometry(hu.shape, ring)
+    assert geometry.trace is not None and geometry.trace[0] == 1.0 and len(geometry.trace) == 13
+    assert geometry.box == stretched.geometry(hu.shape, ring).box  # the crop is the same
+    # blood at the egg's wide back comes back where it was, and nothing beyond the traced frame
+    bled = _lens(hu, (128.0, 128.0), 88.0, np.pi / 2 + 0.5)
+    geometry = traced.geometry(bled.shape, find_skull_ring(bled))
+    back = geometry.to_slice(traced(bled)[0] / 255.0)
+    assert float(back[np.abs(bled - 75.0) < 1.0].mean() - back[np.abs(bled - 35.0) < 1.0].mean()) > 0.3
+    assert float(back[hu < -500.0].mean()) < 0.05  # air around the head stays (nearly) empty
+    # without a cavity to read there is no trace, and the frame is the plain one
+    bare = type(ring)(ring.top, ring.left, ring.bottom, ring.right, ring.enclosed_fraction, ring.enclosed_hu)
+    assert bare == ring and inner_table(bare, geometry.box, True) is None
+    np.testing.assert_array_equal(traced.apply_at(hu, traced.geometry(hu.shape, bare)), stretched(hu))
+    # without polar or without the crop it means nothing
+    assert SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar_trace=True) == SlicePrep(SIZE, DEFAULT_STACK, head_crop=True)
+    assert SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_trace=True) == SlicePrep(SIZE, DEFAULT_STACK, polar=True)
+
+
+def test_a_trace_follows_a_round_skull_as_a_circle():
+    hu = _head(256, (128.0, 128.0), 60.0)
+    ring = find_skull_ring(hu)
+    prep = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_trace=True)
+    trace = prep.geometry(hu.shape, ring).trace
+    # a circle about the crop's centre: every harmonic near zero (the search copy's pixel staircase
+    # leaves under 1%), so the image is the plain frame's but for edges moved by part of a row
+    assert trace is not None and max(abs(c) for c in trace[1:]) < 0.01
+    plain = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True)
+    assert float(np.abs(prep(hu).astype(int) - plain(hu).astype(int)).mean()) < 1.0
+    assert int(np.abs(_inner_rows(prep(hu)) - _inner_rows(plain(hu))).max()) <= 1
+
+
 def test_slice_prep_round_trips_and_names_its_crop():
     prep = SlicePrep(96, DEFAULT_STACK, head_crop=True, crop_margin=0.1)
     assert SlicePrep.from_dict(prep.to_dict()) == prep
@@ -296,6 +362,10 @@ def test_slice_prep_round_trips_and_names_its_crop():
     assert SlicePrep.from_dict(oval.to_dict()) == oval and oval.key() == prep.key() + "s-polar"
     older = {k: v for k, v in oval.to_dict().items() if k != "crop_stretch"}
     assert SlicePrep.from_dict(older) == polar  # a checkpoint from before the stretch cropped squares
+    traced = SlicePrep(96, DEFAULT_STACK, head_crop=True, crop_margin=0.1, polar=True, crop_stretch=True, polar_trace=True)
+    assert SlicePrep.from_dict(traced.to_dict()) == traced and traced.key() == oval.key() + "-trace"
+    older = {k: v for k, v in traced.to_dict().items() if k != "polar_trace"}
+    assert SlicePrep.from_dict(older) == oval  # a checkpoint from before the trace had none
     assert prep.to_dict()["version"] >= 3
     assert prep.key() != SlicePrep(96, DEFAULT_STACK).key()
     # a mapping from before the crop (image_size and windows only) means no crop
@@ -337,6 +407,12 @@ def test_the_checkpoint_carries_the_prep_and_the_predictor_applies_it(tmp_path):
     predictor = Predictor.from_checkpoint(path)
     assert predictor.prep == prep
     np.testing.assert_array_equal(predictor.prepare(file).image, prep(read_slice(file).hu))
+    # a traced polar frame travels the same way, and the Predictor finds the phantom's trace
+    traced = SlicePrep(48, head_crop=True, polar=True, crop_stretch=True, polar_trace=True)
+    predictor = Predictor.from_checkpoint(save_checkpoint(tmp_path / "t.pt", model, prep=traced))
+    prepared, hu = predictor.prepare(file), read_slice(file).hu
+    assert predictor.prep == traced and prepared.geometry.trace is not None
+    np.testing.assert_array_equal(prepared.image, traced(hu))
     # an older checkpoint (no prep entry) loads as the uncropped preprocessing it was trained with
     raw = torch.load(path, weights_only=True)
     del raw["prep"]

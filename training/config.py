@@ -50,6 +50,7 @@ class TrainConfig:
     context: int = 0  # 2.5D input: neighbours on each side in the series stacked as channels (0: 2D)
     polar: bool = False  # resample each (cropped) slice in polar coordinates around its centre (SlicePrep)
     polar_overlap: float = 0.0  # with polar: share of a turn repeated past each side of the seam (SlicePrep)
+    polar_trace: bool = False  # with polar and head_crop: the polar frame follows the skull's inner table
     cache: bool = True  # preprocessed uint8 cache, built once and reused
     num_workers: int = 0
     augment: bool = True  # random flips / small affine jitter on training slices only
@@ -128,6 +129,7 @@ class TrainConfig:
                "context", self.context, f"must be a whole number of slices from 0 to {MAX_CONTEXT}")
         _check(isinstance(self.polar, bool), "polar", self.polar, "must be true or false")
         _check(isinstance(self.crop_stretch, bool), "crop_stretch", self.crop_stretch, "must be true or false")
+        _check(isinstance(self.polar_trace, bool), "polar_trace", self.polar_trace, "must be true or false")
         _check(isinstance(self.polar_overlap, (int, float)) and not isinstance(self.polar_overlap, bool)
                and 0.0 <= self.polar_overlap <= MAX_POLAR_OVERLAP,
                "polar_overlap", self.polar_overlap, f"must be a number from 0 to {MAX_POLAR_OVERLAP} (of a turn)")

@@ -143,7 +143,8 @@ def slice_prep(config: TrainConfig):
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
     return SlicePrep(config.image_size, windows, head_crop=config.head_crop, context=config.context,
-                     polar=config.polar, polar_overlap=config.polar_overlap, crop_stretch=config.crop_stretch)
+                     polar=config.polar, polar_overlap=config.polar_overlap, crop_stretch=config.crop_stretch,
+                     polar_trace=config.polar_trace)
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
@@ -362,6 +363,7 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "polar": ckpt.prep.polar,
         "polar_overlap": ckpt.prep.polar_overlap,
         "crop_stretch": ckpt.prep.crop_stretch,
+        "polar_trace": ckpt.prep.polar_trace,
         "input_size": ckpt.spec.input_size,
         "stn": ckpt.spec.stn,
     }
