@@ -9,7 +9,7 @@ import pytest
 from train_fixtures import tiny_config, write_tiny_set
 
 from hemorrhage_core.checkpoint import load_checkpoint
-from hemorrhage_core.dashboard.common import polar_caption, run_is_polar, run_polar_overlap
+from hemorrhage_core.dashboard.common import polar_caption, run_is_polar, run_polar_overlap, run_polar_trace
 from hemorrhage_core.dicom import read_slice
 from hemorrhage_core.inference import Predictor
 from hemorrhage_core.preprocess import find_skull_ring
@@ -70,3 +70,7 @@ def test_the_dashboard_knows_a_polar_run_and_its_overlap_from_its_config():
     assert run_polar_overlap(summary({"polar": True})) == 0.0 and run_polar_overlap(None) == 0.0
     assert "from the back;" in polar_caption(0.0) and "repeated" not in polar_caption(0.0)
     assert "from the back, with the back of the head repeated at both edges;" in polar_caption(0.125)
+    assert "inner edge is one straight row" in polar_caption(0.125, traced=True)
+    assert "straight" not in polar_caption(0.125)
+    assert run_polar_trace(summary({"polar": True, "polar_trace": True}))
+    assert not run_polar_trace(summary({"polar": True})) and not run_polar_trace(None)

@@ -180,18 +180,25 @@ def chosen_run_table(
 
 
 # What a polar model's input looks like, for a reader who expects a head.
-def polar_caption(overlap: float = 0.0) -> str:
-    """The caption of a polar model's input, saying so when the back of the head is repeated at the edges."""
+def polar_caption(overlap: float = 0.0, traced: bool = False) -> str:
+    """The caption of a polar model's input, saying so when the back of the head is repeated at the edges
+    and when each angle's rows follow the skull (``polar_trace``)."""
     repeated = ", with the back of the head repeated at both edges" if overlap > 0 else ""
+    rows = ", each column's rows scaled so the skull's inner edge is one straight row" if traced else ""
     return (
         "polar input: rows run from the centre of the head (top) out past the skull (bottom), columns once "
-        f"around the head from the back{repeated}; blood under the skull is a band along it"
+        f"around the head from the back{repeated}{rows}; blood under the skull is a band along it"
     )
 
 
 def run_is_polar(summary: RunSummary | None) -> bool:
     """Whether a run reads its slices in polar coordinates (its config's ``polar``)."""
     return summary is not None and (summary.config or {}).get("polar") is True
+
+
+def run_polar_trace(summary: RunSummary | None) -> bool:
+    """Whether a polar run's frame follows the skull's inner table (its config's ``polar_trace``)."""
+    return summary is not None and (summary.config or {}).get("polar_trace") is True
 
 
 def run_polar_overlap(summary: RunSummary | None) -> float:
