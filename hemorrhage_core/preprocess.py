@@ -37,11 +37,11 @@ _POLAR_OVERSAMPLE = 4
 _POLAR_START = math.pi / 2  # image rows grow downwards: +pi/2 points to the bottom, the back of the head
 MAX_POLAR_OVERLAP = 0.25  # of a turn on each side: the image then spans 1.5 turns
 
-# Skull-traced polar frame (SlicePrep.polar_trace): the inner table's radius over angle, cast along this
-# many rays from the crop's centre, kept as a Fourier series this many harmonics long: two are an
-# ellipse, three an egg; six follow a skull's frontal and occipital bulges, while a lens inside the
-# table or a suture a few degrees wide cannot bend it. Fewer rays than the share below finding the
-# table (a cavity open to the centre's side) means no trace; the scale stays within the limits.
+# Skull-traced polar frame (SlicePrep.polar_trace): the inner table's radius over the angle, found along
+# this many rays from the crop's centre and kept as a Fourier series this many harmonics long: two are an
+# ellipse, three an egg; six follow a skull's frontal and occipital bulges, while a suture a few degrees
+# wide cannot bend it. When fewer than this share of the rays find the table (the crop's centre outside
+# the cavity, say) there is no trace; the scale is clamped to these limits of its mean.
 _TRACE_RAYS = 180
 _TRACE_HARMONICS = 6
 _TRACE_MIN_FOUND = 0.75
