@@ -119,7 +119,7 @@ def head_box(
     input, the stretched box makes the skull's ellipse a circle: in polar coordinates the skull then
     runs nearly straight, instead of a wave as deep as a large epidural lens is thick (its inner table
     spans a median 34 of 192 rows on the phantoms, 16 with the stretch: their egg shape and in-plane
-    rotation remain)."""
+    rotation remain, which the traced frame, ``inner_table``, straightens)."""
     height, width = ring.bottom - ring.top, ring.right - ring.left
     if not stretch:
         height = width = max(height, width)

@@ -191,14 +191,19 @@ def polar_caption(overlap: float = 0.0, traced: bool = False) -> str:
     )
 
 
+def _config_true(summary: RunSummary | None, key: str) -> bool:
+    """Whether a run's config sets ``key`` to true (absent, not a boolean or no run: false)."""
+    return summary is not None and (summary.config or {}).get(key) is True
+
+
 def run_is_polar(summary: RunSummary | None) -> bool:
     """Whether a run reads its slices in polar coordinates (its config's ``polar``)."""
-    return summary is not None and (summary.config or {}).get("polar") is True
+    return _config_true(summary, "polar")
 
 
 def run_polar_trace(summary: RunSummary | None) -> bool:
     """Whether a polar run's frame follows the skull's inner table (its config's ``polar_trace``)."""
-    return summary is not None and (summary.config or {}).get("polar_trace") is True
+    return _config_true(summary, "polar_trace")
 
 
 def run_polar_overlap(summary: RunSummary | None) -> float:
