@@ -148,7 +148,36 @@ def evaluation_metrics(frame: pd.DataFrame, thresholds: Mapping[str, Any], *, st
     out["consistent"] = consistent_report(y_true, y_prob)
     out["auc_given_any"] = subtype_auc_given_any(y_true, y_prob)
     out["subtype_pairs"] = subtype_pair_auc(y_true, y_prob)
+    out["along_z"] = along_z(frame)
     return out
+
+
+def along_z(frame: pd.DataFrame, label: str = "any") -> dict[str, Any]:
+    """Whether ``label``'s probability rises on a series' bleed slices: over every series holding both
+    slices with and without it, ``n_series``, ``rising`` (how many score their bleed slices higher on
+    average), ``separated`` (how many score every bleed slice above every other slice), and the means
+    of the within-series AUC and of the gap (mean over bleed slices minus mean over the others).
+
+    A slice-level AUC pools all patients, so a model could reach it by scoring patients, not slices;
+    this asks the clinician's question, whether the curve along z peaks where the blood is."""
+    n = rising = separated = 0
+    aucs: list[float] = []
+    gaps: list[float] = []
+    for _, part in frame.groupby("series", sort=True):
+        truth = part[f"true_{label}"].to_numpy() == 1
+        prob = part[f"prob_{label}"].to_numpy(dtype=np.float64)
+        if truth.all() or not truth.any():
+            continue
+        n += 1
+        gap = float(prob[truth].mean() - prob[~truth].mean())
+        rising += gap > 0
+        separated += bool(prob[truth].min() > prob[~truth].max())
+        aucs.append(metrics.roc_auc(truth.astype(np.int64), prob))
+        gaps.append(gap)
+    return {
+        "label": label, "n_series": n, "rising": rising, "separated": separated,
+        "auc_mean": float(np.mean(aucs)) if aucs else None, "gap_mean": float(np.mean(gaps)) if gaps else None,
+    }
 
 
 def subtype_auc_given_any(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float | None]:

@@ -28,6 +28,7 @@ from hemorrhage_core.evaluations import (
     VALIDATION,
     EvaluationData,
     EvaluationError,
+    along_z,
     arrays,
     calibration_report,
     load_evaluation,
@@ -412,6 +413,25 @@ def subtype_pairs_table(content: ReportContent) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def along_z_table(content: ReportContent) -> pd.DataFrame:
+    """Whether ``any`` rises on each series' bleed slices (``evaluations.along_z``), per run and data
+    set: the curve along z a clinician reads, which a pooled slice AUC does not show."""
+    rows = []
+    for item, name, data in _ordered_data(content):
+        out = along_z(data.predictions)
+        rows.append({
+            "run": item.run.name,
+            "run id": item.run.id,
+            "data": data_label(name),
+            "series with and without blood": out["n_series"],
+            "rising": out["rising"],
+            "separated": out["separated"],
+            "within-series AUC (mean)": out["auc_mean"],
+            "gap (mean)": out["gap_mean"],
+        })
+    return pd.DataFrame(rows)
+
+
 COMPARISON_COLUMNS = ("level", "label", "positives", "AUC A", "AUC B", "A − B", "95% CI low", "95% CI high",
                       "p (DeLong)", "p (Holm)")
 
@@ -518,6 +538,10 @@ _TABLES = {
     "subtype_pairs": ("Which type each subtype output takes for its own", subtype_pairs_table,
                       "A subtype's output on its own slices against the slices of one other type without it; "
                       "under 0.5 it rates the other type's slices higher."),
+    "along_z": ("Along z: does any rise on each series' bleed slices", along_z_table,
+                "Over the series holding slices with and without blood: rising, their bleed slices score higher "
+                "on average; separated, every bleed slice above every other slice; the gap is the mean over "
+                "the bleed slices minus the mean over the others."),
     "comparison": ("Paired comparison of the final models (A minus B)", comparison_table, ""),
     "calibration": ("Calibration", calibration_table, ""),
     "thresholds": ("Operating points", thresholds_table,

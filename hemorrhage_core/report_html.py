@@ -162,7 +162,8 @@ def _roc_section(content: ReportContent, tables: Mapping[str, ReportTable]) -> s
 
     parts = ['<h2 id="roc">Discrimination: ROC per class</h2>', table_html(tables["auc"]),
              f"<h3>{_e(tables['subtypes'].title)}</h3>", table_html(tables["subtypes"]),
-             f"<h3>{_e(tables['subtype_pairs'].title)}</h3>", table_html(tables["subtype_pairs"])]
+             f"<h3>{_e(tables['subtype_pairs'].title)}</h3>", table_html(tables["subtype_pairs"]),
+             f"<h3>{_e(tables['along_z'].title)}</h3>", table_html(tables["along_z"])]
     for name in dict.fromkeys([content.evaluation, VALIDATION]):
         shown = [(item, item.data[name]) for item in content.runs if name in item.data]
         if not shown:

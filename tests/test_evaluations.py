@@ -143,6 +143,34 @@ def test_subtype_pairs_score_each_output_against_each_other_type():
     assert ev.subtype_pair_auc(*ev.arrays(no_edh))["epidural"]["subdural"] is None
 
 
+def test_along_z_asks_whether_each_series_peaks_on_its_bleed_slices():
+    rows = []
+    # s1 rises and separates (AUC 1, gap .7 - .1); s2 rises without separating; s3 falls (AUC 0);
+    # s4 has no blood and s5 blood on every slice: neither counts.
+    series = {
+        "s1": ([0, 1, 1, 0], [0.1, 0.8, 0.6, 0.1]),
+        "s2": ([0, 1, 1, 0], [0.5, 0.9, 0.4, 0.2]),
+        "s3": ([1, 0, 0], [0.1, 0.5, 0.6]),
+        "s4": ([0, 0], [0.9, 0.1]),
+        "s5": ([1, 1], [0.9, 0.1]),
+    }
+    for name, (truth, prob) in series.items():
+        for k, (t, p) in enumerate(zip(truth, prob, strict=True)):
+            row = {"image_id": f"{name}-{k}", "patient": name, "series": name, "z": float(k)}
+            row.update({f"true_{label}": 0 for label in LABELS} | {"true_any": t})
+            row.update({f"prob_{label}": 0.0 for label in LABELS} | {"prob_any": p})
+            rows.append(row)
+    out = ev.along_z(pd.DataFrame(rows))
+    assert (out["n_series"], out["rising"], out["separated"]) == (3, 2, 1)
+    # s2: bleed .9 and .4 against .5 and .2: pairs won 3 of 4; gap .65 - .35 = .3; s3: gap .1 - .55.
+    assert out["auc_mean"] == pytest.approx((1.0 + 0.75 + 0.0) / 3)
+    assert out["gap_mean"] == pytest.approx((0.6 + 0.3 - 0.45) / 3)
+    full = ev.evaluation_metrics(pd.DataFrame(rows), ev.choose_thresholds(pd.DataFrame(rows)), stage=2)
+    assert full["along_z"] == out
+    empty = ev.along_z(pd.DataFrame(rows[-4:]))  # s4 and s5 only
+    assert empty == {"label": "any", "n_series": 0, "rising": 0, "separated": 0, "auc_mean": None, "gap_mean": None}
+
+
 def test_a_label_with_one_class_gets_the_default_threshold_and_says_so():
     frame = predictions()
     frame["true_epidural"] = 0

@@ -161,6 +161,22 @@ def test_subtype_pair_rows_are_the_evaluations_pair_aucs(pipeline):
     assert 'id="table-subtype_pairs"' in html and 'id="table-subtypes"' in html
 
 
+def test_along_z_rows_count_the_series_that_rise_on_their_bleed_slices(pipeline):
+    content = collect_report(pipeline["runs"], n_resamples=20)
+    table = {t.key: t for t in report_tables(content)}["along_z"].frame
+    assert list(table["data"]) == ["test (held out)"] * 4 + ["validation (optimistic)"] * 4
+    for _, row in table.iterrows():
+        name = TEST if row["data"].startswith(TEST) else "validation"
+        frame = load_evaluation(pipeline["runs"] / row["run id"], name).predictions
+        mixed = [part for _, part in frame.groupby("series") if part["true_any"].nunique() == 2]
+        rising = sum(part.loc[part["true_any"] == 1, "prob_any"].mean()
+                     > part.loc[part["true_any"] == 0, "prob_any"].mean() for part in mixed)
+        assert row["series with and without blood"] == len(mixed) > 0
+        assert row["rising"] == rising and 0 <= row["separated"] <= rising
+    html = build_report(pipeline["runs"], n_resamples=20)
+    assert 'id="table-along_z"' in html
+
+
 def test_subtype_rows_score_the_bleed_slices_of_each_evaluation(pipeline):
     content = collect_report(pipeline["runs"], n_resamples=20)
     table = {t.key: t for t in report_tables(content)}["subtypes"].frame

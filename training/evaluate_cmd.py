@@ -9,7 +9,8 @@ validation predictions first). ``--json`` prints one object with the keys ``n_im
 J), ``sensitivity, specificity, ppv, npv`` (at that threshold), ``n_patients``, ``n_studies``, ``study``
 (the same maps with one row per series, the maximum over its slices), ``calibration`` (applied or not;
 Brier, ECE and log loss before and after), ``zsmoothed``, ``flagged``, ``auc_given_any``,
-``subtype_pairs`` (``{A: {B: AUC}}``, ``hemorrhage_core.evaluations.subtype_pair_auc``) and the run's
+``subtype_pairs`` (``{A: {B: AUC}}``, ``hemorrhage_core.evaluations.subtype_pair_auc``), ``along_z``
+(whether ``any`` rises on each series' bleed slices, ``hemorrhage_core.evaluations.along_z``) and the run's
 ``run``/``backbone``/``stage``; with ``--by-size`` (synthetic sets) also ``by_size``: per label a list
 of three groups of its positives by blood area, each ``{n, area_mm2: [min, max], auc, auc_given_any}``
 (``hemorrhage_core.evaluations.auc_by_size``). ``--save NAME`` also writes RUN/evaluations/NAME/ (predictions.csv,
