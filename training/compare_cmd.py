@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from training.exits import EXIT_OK, CommandError
+from training.numbers import fmt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,10 +51,6 @@ def compare(run_a: str, run_b: str, *, evaluation: str = "test", resamples: int 
     return {**result, "evaluation": evaluation, "a": names["a"], "b": names["b"]}
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _print_table(result: dict[str, Any], stream) -> None:
     from hemorrhage_core.comparison import summary_sentences
 
@@ -65,9 +62,9 @@ def _print_table(result: dict[str, Any], stream) -> None:
         print(f"{'label':<18}{'pos':>6}{'AUC A':>8}{'AUC B':>8}{'A - B':>8}{'95% CI':>18}{'p':>9}{'p Holm':>9}",
               file=stream)
         for label, row in rows.items():
-            ci = f"[{_fmt(row['ci'][0])}, {_fmt(row['ci'][1])}]"
-            print(f"{label:<18}{row['positives']:>6}{_fmt(row['auc_a']):>8}{_fmt(row['auc_b']):>8}"
-                  f"{_fmt(row['diff']):>8}{ci:>18}{_fmt(row['p_value'], 4):>9}{_fmt(row['p_holm'], 4):>9}",
+            ci = f"[{fmt(row['ci'][0])}, {fmt(row['ci'][1])}]"
+            print(f"{label:<18}{row['positives']:>6}{fmt(row['auc_a']):>8}{fmt(row['auc_b']):>8}"
+                  f"{fmt(row['diff']):>8}{ci:>18}{fmt(row['p_value'], 4):>9}{fmt(row['p_holm'], 4):>9}",
                   file=stream)
         # "A (backbone)": two runs of one backbone (a recipe against another) stay told apart.
         names = (f"A ({a['backbone']})", f"B ({b['backbone']})")

@@ -26,6 +26,7 @@ import sys
 from typing import Any
 
 from training.exits import EXIT_OK, CommandError
+from training.numbers import fmt
 
 SPLITS = ("all", "test")
 
@@ -57,10 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _print_report(result: dict[str, Any], stream) -> None:
     from hemorrhage_core.labels import LABELS
 
@@ -72,19 +69,24 @@ def _print_report(result: dict[str, Any], stream) -> None:
         print(f"{'label':<18}{'pos':>6}{'AUC':>8}{'AP':>8}{'Brier':>8}{'ECE':>8}{'thresh':>8}{'sens':>8}"
               f"{'spec':>8}{'PPV':>8}{'NPV':>8}", file=stream)
         for label in LABELS:
-            cells = [_fmt(block[key][label], 3) for key in
+            cells = [fmt(block[key][label], 3) for key in
                      ("auc", "average_precision", "brier", "ece", "threshold", "sensitivity", "specificity", "ppv", "npv")]
             print(f"{label:<18}{block['positives'][label]:>6}" + "".join(f"{c:>8}" for c in cells), file=stream)
-        print(f"weighted log loss {_fmt(block['weighted_log_loss'])}", file=stream)
-    print(f"\nz-smoothed: weighted log loss {_fmt(result['zsmoothed']['weighted_log_loss'])}, "
-          f"AUC any {_fmt(result['zsmoothed']['auc']['any'])}", file=stream)
-    print(f"accuracy {_fmt(result['accuracy'])} ({result['accuracy_kind']})", file=stream)
+        print(f"weighted log loss {fmt(block['weighted_log_loss'], 4)}", file=stream)
+    print(f"\nz-smoothed: weighted log loss {fmt(result['zsmoothed']['weighted_log_loss'], 4)}, "
+          f"AUC any {fmt(result['zsmoothed']['auc']['any'], 4)}", file=stream)
+    print(f"accuracy {fmt(result['accuracy'], 4)} ({result['accuracy_kind']})", file=stream)
     _print_pairs(result["subtype_pairs"], stream)
+    z = result["along_z"]
+    if z["n_series"]:
+        print(f"\nalong z ({z['label']}): {z['rising']} of {z['n_series']} series with and without blood rise on "
+              f"their bleed slices, {z['separated']} separate them; within-series AUC {fmt(z['auc_mean'])}, "
+              f"gap {fmt(z['gap_mean'])}", file=stream)
     cal = result.get("calibration") or {}
     if cal.get("applied"):
         before, after = cal["before"], cal["after"]
         print(f"calibrated (temperature per label, fitted on validation): weighted log loss "
-              f"{_fmt(before['weighted_log_loss'])} -> {_fmt(after['weighted_log_loss'])}", file=stream)
+              f"{fmt(before['weighted_log_loss'], 4)} -> {fmt(after['weighted_log_loss'], 4)}", file=stream)
     if result.get("by_size"):
         _print_by_size(result["by_size"], stream)
     if result["skipped"]:
@@ -100,7 +102,7 @@ def _print_pairs(pairs: dict[str, dict[str, float | None]], stream) -> None:
           "under 0.5: taken for that type", file=stream)
     print(f"{'':<18}" + "".join(f"{b[:8]:>10}" for b in SUBTYPES), file=stream)
     for a in SUBTYPES:
-        print(f"{a:<18}" + "".join(f"{'-' if b == a else _fmt(pairs[a][b], 3):>10}" for b in SUBTYPES), file=stream)
+        print(f"{a:<18}" + "".join(f"{'-' if b == a else fmt(pairs[a][b], 3):>10}" for b in SUBTYPES), file=stream)
 
 
 def _print_by_size(by_size: dict[str, Any], stream) -> None:
@@ -110,7 +112,7 @@ def _print_by_size(by_size: dict[str, Any], stream) -> None:
         if not groups:
             print(f"{label:<18}-", file=stream)
             continue
-        cells = [f"{g['area_mm2'][0]:.0f}-{g['area_mm2'][1]:.0f} (n {g['n']}) {_fmt(g['auc'], 3)} / {_fmt(g['auc_given_any'], 3)}"
+        cells = [f"{g['area_mm2'][0]:.0f}-{g['area_mm2'][1]:.0f} (n {g['n']}) {fmt(g['auc'], 3)} / {fmt(g['auc_given_any'], 3)}"
                  for g in groups]
         print(f"{label:<18}" + "   ".join(cells), file=stream)
 

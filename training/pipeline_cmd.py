@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.exits import EXIT_FAILED, EXIT_OK, CommandError, run_exit_code
+from training.numbers import fmt
 
 if TYPE_CHECKING:
     from training.config import PipelinePreset, TrainConfig
@@ -169,12 +170,8 @@ def evaluate_on_test(root: Path, record: dict[str, Any], config, test_data: str 
             result = evaluate(str(run_dir), data_dir, index=index, rows=rows, split=split, save=TEST,
                               batch_size=config.effective_eval_batch_size)
             log.info("pipeline %s %s test: AUC any %s on %d images", phase, stage,
-                     _fmt(result["auc"]["any"]), result["n_images"])
+                     fmt(result["auc"]["any"]), result["n_images"])
     return entry
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 class PipelineStopped(CommandError):

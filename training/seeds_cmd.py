@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from training.exits import EXIT_OK, CommandError
+from training.numbers import fmt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,10 +86,6 @@ def seeds(runs: list[str], *, against: list[str] | None = None, evaluation: str 
     return result
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _print_group(name: str, group: dict[str, Any], stream) -> None:
     from hemorrhage_core.labels import LABELS, SHORT_NAMES
 
@@ -99,12 +96,12 @@ def _print_group(name: str, group: dict[str, Any], stream) -> None:
     print(f"{'label':<18}{'mean':>7}{'sd':>7}{'min':>7}{'max':>7}{'bar':>7}{'below':>7}", file=stream)
     for label, row in summary["labels"].items():
         below = "-" if row["below"] is None else str(row["below"])
-        print(f"{label:<18}{_fmt(row['mean']):>7}{_fmt(row['sd']):>7}{_fmt(row['min']):>7}{_fmt(row['max']):>7}"
-              f"{_fmt(row['bar'], 2):>7}{below:>7}", file=stream)
+        print(f"{label:<18}{fmt(row['mean']):>7}{fmt(row['sd']):>7}{fmt(row['min']):>7}{fmt(row['max']):>7}"
+              f"{fmt(row['bar'], 2):>7}{below:>7}", file=stream)
     print(f"{'seed':>6}  " + " ".join(f"{SHORT_NAMES[label]:>7}" for label in LABELS) + "  run", file=stream)
     for run, row in zip(runs, summary["runs"], strict=True):
         seed = "?" if run["seed"] is None else str(run["seed"])
-        values = " ".join(f"{_fmt(row['auc'][label]):>7}" for label in LABELS)
+        values = " ".join(f"{fmt(row['auc'][label]):>7}" for label in LABELS)
         missed = "" if row["meets_bars"] is None else ("  meets the bars" if row["meets_bars"]
                                                        else f"  below on {', '.join(row['missed'])}")
         print(f"{seed:>6}  {values}  {run['run']}{missed}", file=stream)
@@ -123,8 +120,8 @@ def _print_tables(result: dict[str, Any], stream) -> None:
           file=stream)
     print(f"{'label':<18}{'A - B':>8}{'95% CI':>18}{'p':>9}", file=stream)
     for label, row in difference["labels"].items():
-        ci = f"[{_fmt(row['ci'][0])}, {_fmt(row['ci'][1])}]"
-        print(f"{label:<18}{_fmt(row['diff']):>8}{ci:>18}{_fmt(row['p_value'], 4):>9}", file=stream)
+        ci = f"[{fmt(row['ci'][0])}, {fmt(row['ci'][1])}]"
+        print(f"{label:<18}{fmt(row['diff']):>8}{ci:>18}{fmt(row['p_value'], 4):>9}", file=stream)
 
 
 def run(args: argparse.Namespace) -> int:
