@@ -105,6 +105,12 @@ def test_the_report_names_every_run_and_says_research_use_only(html, pipeline):
     assert not any(p in html for p in patients)  # not even hashed
 
 
+def _row_predictions(pipeline, row):
+    """The saved predictions a report table's row was built from (its run and data set)."""
+    name = TEST if row["data"].startswith(TEST) else "validation"
+    return load_evaluation(pipeline["runs"] / row["run id"], name).predictions
+
+
 def test_the_comparison_numbers_are_paired_comparisons(html, pipeline):
     a = load_evaluation(pipeline["phase1_stage2"], TEST).predictions
     b = load_evaluation(pipeline["phase2_stage2"], TEST).predictions
@@ -135,8 +141,7 @@ def test_auc_rows_put_the_held_out_test_first_and_mark_validation_optimistic(pip
     assert list(auc["data"]) == ["test (held out)"] * 4 + ["validation (optimistic)"] * 4
     assert list(auc["run id"][:4]) == [pipeline[r].name for r in ROLES]
     for _, row in auc.iterrows():
-        name = TEST if row["data"].startswith(TEST) else "validation"
-        frame = load_evaluation(pipeline["runs"] / row["run id"], name).predictions
+        frame = _row_predictions(pipeline, row)
         for label in LABELS:
             assert row[f"AUC {label}"] == pytest.approx(roc_auc_score(frame[f"true_{label}"], frame[f"prob_{label}"]))
     html = build_report(pipeline["runs"], n_resamples=20)
@@ -152,8 +157,7 @@ def test_subtype_pair_rows_are_the_evaluations_pair_aucs(pipeline):
     table = {t.key: t for t in report_tables(content)}["subtype_pairs"].frame
     assert len(table) == 8 * len(SUBTYPES) and list(table["output"][:5]) == list(SUBTYPES)
     for _, row in table.iterrows():
-        name = TEST if row["data"].startswith(TEST) else "validation"
-        pairs = subtype_pair_auc(*arrays(load_evaluation(pipeline["runs"] / row["run id"], name).predictions))
+        pairs = subtype_pair_auc(*arrays(_row_predictions(pipeline, row)))
         for other in SUBTYPES:
             value, expected = row[f"against {other}"], pairs[row["output"]].get(other)
             assert (value is None or np.isnan(value)) if expected is None else value == pytest.approx(expected)
@@ -166,8 +170,7 @@ def test_along_z_rows_count_the_series_that_rise_on_their_bleed_slices(pipeline)
     table = {t.key: t for t in report_tables(content)}["along_z"].frame
     assert list(table["data"]) == ["test (held out)"] * 4 + ["validation (optimistic)"] * 4
     for _, row in table.iterrows():
-        name = TEST if row["data"].startswith(TEST) else "validation"
-        frame = load_evaluation(pipeline["runs"] / row["run id"], name).predictions
+        frame = _row_predictions(pipeline, row)
         mixed = [part for _, part in frame.groupby("series") if part["true_any"].nunique() == 2]
         rising = sum(part.loc[part["true_any"] == 1, "prob_any"].mean()
                      > part.loc[part["true_any"] == 0, "prob_any"].mean() for part in mixed)
@@ -182,8 +185,7 @@ def test_subtype_rows_score_the_bleed_slices_of_each_evaluation(pipeline):
     table = {t.key: t for t in report_tables(content)}["subtypes"].frame
     assert list(table["data"]) == ["test (held out)"] * 4 + ["validation (optimistic)"] * 4
     for _, row in table.iterrows():
-        name = TEST if row["data"].startswith(TEST) else "validation"
-        frame = load_evaluation(pipeline["runs"] / row["run id"], name).predictions
+        frame = _row_predictions(pipeline, row)
         bleeds = frame[frame["true_any"] == 1]
         assert row["bleed slices"] == len(bleeds)
         for label in LABELS[:-1]:
