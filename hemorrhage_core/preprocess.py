@@ -36,6 +36,7 @@ PREPROCESS_VERSION = 3
 _POLAR_OVERSAMPLE = 4
 _POLAR_START = math.pi / 2  # image rows grow downwards: +pi/2 points to the bottom, the back of the head
 MAX_POLAR_OVERLAP = 0.25  # of a turn on each side: the image then spans 1.5 turns
+MAX_POLAR_FOLD = 4  # panels of the folded polar image (SlicePrep.polar_fold)
 
 # Skull-traced polar frame (SlicePrep.polar_trace): the inner table's radius over the angle, found along
 # this many rays from the crop's centre and kept as a Fourier series this many harmonics long: two are an
@@ -228,7 +229,7 @@ def _polar_radii(h: int, w: int, ellipse: bool) -> tuple[float, float]:
 
 def polar_grid(
     shape: tuple[int, int], size: int, columns: int, overlap: float = 0.0, ellipse: bool = False,
-    trace: tuple[float, ...] | None = None,
+    trace: tuple[float, ...] | None = None, fold: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Slice coordinates (rows, cols), each (size, columns), of the polar image of a slice of ``shape``:
     row i at radius (i + 0.5) / size of the half side from the slice's centre, column j at angle
@@ -237,30 +238,41 @@ def polar_grid(
     after it, so what lies across the seam is also seen whole. ``ellipse``: the radius is that share
     of each half side along its own axis (the ellipse inscribed in the slice), else of the shorter one.
     ``trace``: each column's radii are scaled by the inner table's radius at its angle over the mean
-    (``inner_table``), so the table runs along one row."""
+    (``inner_table``), so the table runs along one row.
+    ``fold`` > 1: the turn is cut into ``fold`` equal arcs, each with ``overlap`` of a turn repeated on
+    both sides, laid out as panels of ``size / fold`` rows stacked from the top: the same pixels with
+    ``fold`` times the columns per turn and 1 / ``fold`` the rows per radius."""
     h, w = shape
-    unit = (np.arange(size, dtype=np.float64) + 0.5) / size
+    if fold < 1 or size % fold:
+        raise ValueError(f"a polar image of {size} rows cannot hold {fold} panels of whole rows")
+    panel_rows = size // fold
+    panel = np.arange(size) // panel_rows  # which arc each row belongs to
+    unit = (np.arange(size, dtype=np.float64) % panel_rows + 0.5) / panel_rows
     half_h, half_w = _polar_radii(h, w, ellipse)
-    turns = (1.0 + 2.0 * overlap) * (np.arange(columns, dtype=np.float64) + 0.5) / columns - overlap
+    arc = (1.0 / fold + 2.0 * overlap) * (np.arange(columns, dtype=np.float64) + 0.5) / columns - overlap
+    turns = panel[:, None] / fold + arc[None, :]
     angle = _POLAR_START + 2.0 * math.pi * turns
-    radius = unit[:, None] * _trace_scale(trace, angle)[None, :]
-    rows = (h - 1) / 2.0 + half_h * radius * np.sin(angle)[None, :]
-    cols = (w - 1) / 2.0 + half_w * radius * np.cos(angle)[None, :]
+    radius = unit[:, None] * _trace_scale(trace, angle)
+    rows = (h - 1) / 2.0 + half_h * radius * np.sin(angle)
+    cols = (w - 1) / 2.0 + half_w * radius * np.cos(angle)
     return rows, cols
 
 
 def polar_slice(
     hu: np.ndarray, size: int, overlap: float = 0.0, ellipse: bool = False, trace: tuple[float, ...] | None = None,
+    fold: int = 1,
 ) -> np.ndarray:
     """HU (H, W) -> HU (size, ``_POLAR_OVERSAMPLE`` size) in polar coordinates around the slice's centre
     (bilinear; air beyond the slice): rows the distance from the centre out to half the shorter side
     (with ``ellipse``, out to the inscribed ellipse: half of each side along its axis), columns the
     angle (``polar_grid``). With the head crop the centre is the skull's, so the skull runs along the
     rows near the bottom and blood under it (epidural, subdural) is a band along the skull whose length
-    and thickness profile read the same at every angle. ``overlap``, ``ellipse``, ``trace``: see
+    and thickness profile read the same at every angle. ``overlap``, ``ellipse``, ``trace``, ``fold``: see
     ``polar_grid`` (an ellipse on a stretched crop, ``head_box``; a trace from ``inner_table``)."""
     h, w = hu.shape
-    rows, cols = polar_grid((h, w), size, _POLAR_OVERSAMPLE * size, overlap, ellipse, trace)
+    # Folded, each panel is sampled at ``size`` rows too and averaged down in blocks of ``fold``, so the
+    # radius is averaged like the angle and no row mixes two panels.
+    rows, cols = polar_grid((h, w), size * fold, _POLAR_OVERSAMPLE * size, overlap, ellipse, trace, fold)
     # grid_sample (about 2x scipy's map_coordinates here) on HU above air, whose zero padding is then air.
     grid = np.stack([cols * (2.0 / max(w - 1, 1)) - 1.0, rows * (2.0 / max(h - 1, 1)) - 1.0], axis=-1)
     above_air = np.nan_to_num(np.asarray(hu, dtype=np.float32), nan=AIR_HU) - AIR_HU
@@ -268,7 +280,10 @@ def polar_slice(
         torch.from_numpy(above_air)[None, None], torch.from_numpy(grid.astype(np.float32))[None],
         mode="bilinear", padding_mode="zeros", align_corners=True,
     )
-    return out[0, 0].numpy() + np.float32(AIR_HU)
+    polar = out[0, 0].numpy()
+    if fold > 1:
+        polar = polar.reshape(size, fold, -1).mean(axis=1)
+    return polar + np.float32(AIR_HU)
 
 
 def prepare_slice(hu: np.ndarray, image_size: int, windows: WindowStack = DEFAULT_STACK) -> np.ndarray:
@@ -310,6 +325,7 @@ class InputGeometry:
     polar_overlap: float = 0.0
     ellipse: bool = False
     trace: tuple[float, ...] | None = None  # the polar frame follows the inner table (``inner_table``)
+    polar_fold: int = 1  # the polar turn in this many stacked panels (``polar_grid``)
 
     def to_slice(self, values: np.ndarray) -> np.ndarray:
         """float32 (S, S) on the input grid -> float32 (H, W) on the slice, 0 where the input did not
@@ -321,7 +337,7 @@ class InputGeometry:
         h, w = self.shape
         frame = (h, w) if self.box is None else (self.box[2], self.box[3])
         if self.polar:
-            back = _from_polar(values, frame, self.polar_overlap, self.ellipse, self.trace)
+            back = _from_polar(values, frame, self.polar_overlap, self.ellipse, self.trace, self.polar_fold)
         else:
             x = torch.from_numpy(np.ascontiguousarray(values))[None, None]
             back = F.interpolate(x, size=frame, mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -337,24 +353,39 @@ class InputGeometry:
 
 def _from_polar(
     values: np.ndarray, frame: tuple[int, int], overlap: float = 0.0, ellipse: bool = False,
-    trace: tuple[float, ...] | None = None,
+    trace: tuple[float, ...] | None = None, fold: int = 1,
 ) -> np.ndarray:
     """The inverse of ``polar_slice`` followed by the resize: (S, S) polar -> ``frame`` (H, W). With an
-    overlap each slice pixel is read from the middle turn (the columns past the seam are its copies)."""
+    overlap each slice pixel is read from the middle turn (the columns past the seam are its copies);
+    folded, from the panel whose own arc holds its angle."""
     size = values.shape[0]
     h, w = frame
     half_h, half_w = _polar_radii(h, w, ellipse)
     yy, xx = np.mgrid[:h, :w].astype(np.float64)
     dy, dx = (yy - (h - 1) / 2.0) / half_h, (xx - (w - 1) / 2.0) / half_w  # on the unit circle's scale
     angle = np.arctan2(dy, dx)
-    row = np.hypot(dy, dx) / _trace_scale(trace, angle) * size - 0.5
+    radius = np.hypot(dy, dx) / _trace_scale(trace, angle)
     turn = np.mod(angle - _POLAR_START, 2.0 * math.pi) / (2.0 * math.pi)
-    col = (turn + overlap) / (1.0 + 2.0 * overlap) * size - 0.5
-    # Without overlap the angle wraps: a copy of the last column before the first and of the first after
-    # the last (with it, the middle turn lies inside the columns and the copies are never read).
-    wrapped = np.concatenate([values[:, -1:], values, values[:, :1]], axis=1)
-    out = ndimage.map_coordinates(wrapped, [row, col + 1.0], order=1, mode="nearest").astype(np.float32)
-    out[row > size - 0.5] = 0.0  # beyond the circle the polar image reached
+    if fold == 1:
+        row = radius * size - 0.5
+        col = (turn + overlap) / (1.0 + 2.0 * overlap) * size - 0.5
+        # Without overlap the angle wraps: a copy of the last column before the first and of the first
+        # after the last (with it, the middle turn lies inside the columns and the copies are never read).
+        wrapped = np.concatenate([values[:, -1:], values, values[:, :1]], axis=1)
+        out = ndimage.map_coordinates(wrapped, [row, col + 1.0], order=1, mode="nearest").astype(np.float32)
+        out[row > size - 0.5] = 0.0  # beyond the circle the polar image reached
+        return out
+    panel_rows = size // fold
+    row = radius * panel_rows - 0.5
+    panel = np.minimum((turn * fold).astype(np.int64), fold - 1)
+    out = np.zeros((h, w), dtype=np.float32)
+    for p in range(fold):
+        here = panel == p
+        col = (turn[here] - p / fold + overlap) / (1.0 / fold + 2.0 * overlap) * size - 0.5
+        # Each panel on its own, so the bilinear read never reaches into the next panel's rows.
+        block = values[p * panel_rows:(p + 1) * panel_rows]
+        out[here] = ndimage.map_coordinates(block, [row[here], col], order=1, mode="nearest")
+    out[row > panel_rows - 0.5] = 0.0
     return out
 
 
@@ -383,6 +414,10 @@ class SlicePrep:
     ``polar_trace``: with polar and the crop, scale each angle's radii by the inner table's radius there
     over its mean (``inner_table``), so the table runs along one row whatever the skull's shape and
     turn in the slice, which no box can straighten (an egg, a rotated oval).
+    ``polar_fold``: with polar, cut the turn into this many arcs (each with the overlap on both sides)
+    stacked as panels, so the same pixels hold ``polar_fold`` times the columns per turn and
+    1 / ``polar_fold`` the rows per radius: unfolded, a 192 px image samples the radius every 0.5 mm
+    and the convexity every 3 mm; in two panels about 1 mm and 2 mm (``polar_grid``).
     The geometry (``geometry``) maps the input grid back onto the slice either way.
     """
 
@@ -396,6 +431,7 @@ class SlicePrep:
     polar_overlap: float = 0.0  # with polar: share of a turn repeated past each side of the seam
     crop_stretch: bool = False  # with head_crop: crop the skull's box, not its square (``head_box``)
     polar_trace: bool = False  # with polar and head_crop: the frame follows the inner table (``inner_table``)
+    polar_fold: int = 1  # with polar: the turn in this many stacked panels (``polar_grid``)
 
     def __post_init__(self) -> None:
         if int(self.image_size) < 1:
@@ -420,6 +456,13 @@ class SlicePrep:
         object.__setattr__(self, "crop_min_side", float(self.crop_min_side))
         # The trace needs the ring (the crop) and a polar frame to bend.
         object.__setattr__(self, "polar_trace", bool(self.polar_trace) and self.polar and self.head_crop)
+        if isinstance(self.polar_fold, bool) or int(self.polar_fold) != self.polar_fold \
+                or not 1 <= int(self.polar_fold) <= MAX_POLAR_FOLD:
+            raise ValueError(f"polar_fold must be a whole number of panels from 1 to {MAX_POLAR_FOLD}, got {self.polar_fold!r}")
+        fold = int(self.polar_fold) if self.polar else 1  # without polar there is nothing to fold
+        if self.image_size % fold:
+            raise ValueError(f"polar_fold {fold} needs an image_size it divides, got {self.image_size}")
+        object.__setattr__(self, "polar_fold", fold)
 
     @property
     def channels(self) -> int:
@@ -450,7 +493,7 @@ class SlicePrep:
         if geometry.box is not None:
             hu = crop_box(hu, *geometry.box)
         if self.polar:
-            hu = polar_slice(hu, self.image_size, self.polar_overlap, geometry.ellipse, geometry.trace)
+            hu = polar_slice(hu, self.image_size, self.polar_overlap, geometry.ellipse, geometry.trace, self.polar_fold)
         return prepare_slice(hu, self.image_size, self.windows)
 
     def geometry(self, shape: tuple[int, ...], ring: HeadRing | None) -> InputGeometry:
@@ -459,8 +502,9 @@ class SlicePrep:
         if self.head_crop and ring is not None:
             box = head_box(ring, (h, w), self.crop_margin, self.crop_min_side, self.crop_stretch)
             trace = inner_table(ring, box, self.crop_stretch) if self.polar_trace else None
-            return InputGeometry((h, w), box, self.polar, self.polar_overlap, ellipse=self.crop_stretch, trace=trace)
-        return InputGeometry((h, w), None, self.polar, self.polar_overlap)
+            return InputGeometry((h, w), box, self.polar, self.polar_overlap, ellipse=self.crop_stretch, trace=trace,
+                                 polar_fold=self.polar_fold)
+        return InputGeometry((h, w), None, self.polar, self.polar_overlap, polar_fold=self.polar_fold)
 
     def per_slice(self) -> SlicePrep:
         """This preprocessing without the context: what one slice's cache entry holds."""
@@ -472,6 +516,7 @@ class SlicePrep:
         crop = f"-crop{self.crop_margin:g}m{self.crop_min_side:g}{'s' if self.crop_stretch else ''}" if self.head_crop else ""
         polar = (f"-polar{self.polar_overlap:g}" if self.polar_overlap else "-polar") if self.polar else ""
         polar += "-trace" if self.polar_trace else ""
+        polar += f"-fold{self.polar_fold}" if self.polar_fold > 1 else ""
         return f"{self.image_size}px-{self.windows.key()}{crop}{polar}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -479,7 +524,7 @@ class SlicePrep:
             "version": PREPROCESS_VERSION, "image_size": self.image_size, "windows": self.windows.to_list(),
             "head_crop": self.head_crop, "crop_margin": self.crop_margin, "crop_min_side": self.crop_min_side,
             "context": self.context, "polar": self.polar, "polar_overlap": self.polar_overlap,
-            "crop_stretch": self.crop_stretch, "polar_trace": self.polar_trace,
+            "crop_stretch": self.crop_stretch, "polar_trace": self.polar_trace, "polar_fold": self.polar_fold,
         }
 
     @classmethod
@@ -497,6 +542,7 @@ class SlicePrep:
             polar_overlap=float(values.get("polar_overlap", 0.0)),
             crop_stretch=bool(values.get("crop_stretch", False)),
             polar_trace=bool(values.get("polar_trace", False)),
+            polar_fold=int(values.get("polar_fold", 1)),
         )
 
 

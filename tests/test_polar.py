@@ -9,7 +9,13 @@ import pytest
 from train_fixtures import tiny_config, write_tiny_set
 
 from hemorrhage_core.checkpoint import load_checkpoint
-from hemorrhage_core.dashboard.common import polar_caption, run_is_polar, run_polar_overlap, run_polar_trace
+from hemorrhage_core.dashboard.common import (
+    polar_caption,
+    run_is_polar,
+    run_polar_fold,
+    run_polar_overlap,
+    run_polar_trace,
+)
 from hemorrhage_core.dicom import read_slice
 from hemorrhage_core.inference import Predictor
 from hemorrhage_core.preprocess import find_skull_ring
@@ -31,6 +37,12 @@ def test_config_refuses_a_polar_that_is_not_a_boolean():
     for bad in (-0.1, 0.3, True, "0.1"):
         with pytest.raises(ConfigError, match="polar_overlap"):
             TrainConfig(polar=True, polar_overlap=bad)
+    for bad in (0, 5, True, 2.0):
+        with pytest.raises(ConfigError, match="polar_fold"):
+            TrainConfig(polar=True, polar_fold=bad)
+    with pytest.raises(ConfigError, match="polar_fold.*whole rows"):
+        TrainConfig(polar=True, polar_fold=3, image_size=128)
+    assert TrainConfig(polar_fold=3, image_size=128).polar_fold == 3  # without polar nothing is folded
 
 
 def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_path):
@@ -39,7 +51,7 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
     data = tmp_path / "data"
     write_tiny_set(data, n_patients=6, slices_per_patient=4)
     stage1 = fit(tiny_config(data, tmp_path / "runs", polar=True, polar_overlap=0.125, crop_stretch=True,
-                              polar_trace=True, image_size=48))
+                              polar_trace=True, polar_fold=2, image_size=48))
     stage2 = fit(tiny_config(data, tmp_path / "runs", stage=2, init_from=str(stage1), input_size=None))
     path = next(stage2.glob("checkpoints/best*.pt"))
     ckpt = load_checkpoint(path)
@@ -47,13 +59,15 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
     assert ckpt.prep.polar_overlap == ckpt.config["polar_overlap"] == 0.125  # and the overlap
     assert ckpt.prep.crop_stretch and ckpt.config["crop_stretch"] is True  # and the stretched crop
     assert ckpt.prep.polar_trace and ckpt.config["polar_trace"] is True  # and the traced frame
-    assert ckpt.prep.key().endswith("s-polar0.125-trace")
+    assert ckpt.prep.polar_fold == ckpt.config["polar_fold"] == 2  # and the folded panels
+    assert ckpt.prep.key().endswith("s-polar0.125-trace-fold2")
     predictor = Predictor.from_checkpoint(path)
     file = next((data / "stage_2_train").glob("*.dcm"))
     hu = read_slice(file).hu
     prepared = predictor.prepare(file)
     np.testing.assert_array_equal(prepared.image, ckpt.prep(hu))
     assert prepared.geometry == ckpt.prep.geometry(hu.shape, find_skull_ring(hu)) and prepared.geometry.polar
+    assert prepared.geometry.polar_fold == 2
     result = predictor.predict(file, saliency_label="any")
     assert result.heatmap is not None and result.heatmap.shape == hu.shape  # back on the slice
 
@@ -74,3 +88,10 @@ def test_the_dashboard_knows_a_polar_run_and_its_overlap_from_its_config():
     assert "straight" not in polar_caption(0.125)
     assert run_polar_trace(summary({"polar": True, "polar_trace": True}))
     assert not run_polar_trace(summary({"polar": True})) and not run_polar_trace(None)
+    # and when the turn is cut into panels (runs from before polar_fold read as one)
+    assert run_polar_fold(summary({"polar": True, "polar_fold": 2})) == 2
+    assert run_polar_fold(summary({"polar": True})) == 1 and run_polar_fold(None) == 1
+    assert run_polar_fold(summary({"polar_fold": True})) == 1
+    folded = polar_caption(0.125, traced=True, fold=2)
+    assert folded.startswith("polar input in 2 panels, one above the other") and "straight row" in folded
+    assert "repeating a little past both its ends" in folded and "panels" not in polar_caption(0.125)

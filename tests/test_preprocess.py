@@ -239,6 +239,51 @@ def test_polar_overlap_shows_blood_across_the_seam_whole_and_maps_back():
     assert SlicePrep(SIZE, DEFAULT_STACK, polar_overlap=0.125).polar_overlap == 0.0  # nothing without polar
 
 
+def test_a_folded_polar_image_holds_the_turn_in_two_panels_and_maps_back():
+    hu = _head(256, (128.0, 128.0), 60.0)
+    plain = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_overlap=0.125)
+    folded = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_overlap=0.125, polar_fold=2)
+    image = folded(hu)
+    assert image.shape == (3, SIZE, SIZE) and folded.key() == plain.key() + "-fold2"
+    # each panel is the plain image's frame at half the rows: the skull a band at the same share of them
+    half = SIZE // 2
+    for panel in (image[2, :half], image[2, half:]):
+        first = np.array([np.flatnonzero(panel[:, c] > 128)[0] for c in range(SIZE)])
+        assert int(np.ptp(first)) <= 1
+        assert abs(first.mean() / half - _inner_rows(plain(hu))[0] / SIZE) < 0.05
+    # panel 0 holds turns -1/8 to 5/8 from the back, panel 1 turns 3/8 to 9/8: blood on the left
+    # (turn 1/4) is in the top panel, on the right (turn 3/4) in the bottom one, both mid-width
+    for angle, top in ((np.pi, True), (0.0, False)):
+        bled = _lens(hu, (128.0, 128.0), 60.0, angle)
+        blood = (folded(bled)[0].astype(int) - image[0].astype(int)) > 40
+        rows, cols = np.flatnonzero(blood.any(axis=1)), np.flatnonzero(blood.any(axis=0))
+        assert (rows.max() < half) == top and (rows.min() >= half) == (not top)
+        assert rows.min() % half > half / 2  # near the skull, far from the centre
+        assert abs(cols.mean() - (SIZE / 2 - 0.5)) <= 1.5
+        # the round trip reads each angle from its own panel and lands on the blood
+        geometry = folded.geometry(bled.shape, find_skull_ring(bled))
+        assert geometry.polar_fold == 2
+        back = geometry.to_slice(folded(bled)[0] / 255.0)
+        assert float(back[np.abs(bled - 75.0) < 1.0].mean() - back[np.abs(bled - 35.0) < 1.0].mean()) > 0.3
+        windowed, inside = np.clip(bled / 80.0, 0.0, 1.0), back > 0
+        assert float(np.corrcoef(back[inside], windowed[inside])[0, 1]) > 0.9
+    # the frame: 48 columns over 3/4 of a turn, so panel 1's columns 0-15 are panel 0's 32-47
+    frame = polar_slice(_lens(hu, (128.0, 128.0), 60.0, np.pi / 2), 12, overlap=0.125, fold=2)
+    assert frame.shape == (12, 48)
+    np.testing.assert_allclose(frame[:6, 32:48], frame[6:, :16], atol=1e-2)
+    np.testing.assert_allclose(frame[[0, 6]], 35.0, atol=1e-3)  # each panel starts at the centre
+    # one panel is the unfolded frame
+    np.testing.assert_array_equal(polar_slice(hu, 12, 0.125, fold=1), polar_slice(hu, 12, 0.125))
+    for bad in (0, 5, True, 1.5):
+        with pytest.raises(ValueError, match="polar_fold"):
+            SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_fold=bad)
+    with pytest.raises(ValueError, match="polar_fold 3 needs an image_size"):
+        SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_fold=3)
+    assert SlicePrep(SIZE, DEFAULT_STACK, polar_fold=2) == SlicePrep(SIZE, DEFAULT_STACK)  # nothing without polar
+    assert SlicePrep.from_dict(folded.to_dict()) == folded
+    assert SlicePrep.from_dict({k: v for k, v in plain.to_dict().items() if k != "polar_fold"}) == plain
+
+
 def _oval_head(size: int = 256, centre=(128.0, 128.0), radii=(84.0, 60.0)) -> np.ndarray:
     """A head longer than it is wide (as heads are: about 1.2 front to back on the phantoms): air, a
     6 px skull, brain at 35 HU."""

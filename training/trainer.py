@@ -144,7 +144,7 @@ def slice_prep(config: TrainConfig):
         raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
     return SlicePrep(config.image_size, windows, head_crop=config.head_crop, context=config.context,
                      polar=config.polar, polar_overlap=config.polar_overlap, crop_stretch=config.crop_stretch,
-                     polar_trace=config.polar_trace)
+                     polar_trace=config.polar_trace, polar_fold=config.polar_fold)
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
@@ -364,6 +364,7 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "polar_overlap": ckpt.prep.polar_overlap,
         "crop_stretch": ckpt.prep.crop_stretch,
         "polar_trace": ckpt.prep.polar_trace,
+        "polar_fold": ckpt.prep.polar_fold,
         "input_size": ckpt.spec.input_size,
         "stn": ckpt.spec.stn,
     }

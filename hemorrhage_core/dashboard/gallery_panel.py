@@ -26,6 +26,7 @@ from hemorrhage_core.dashboard.common import (
     message,
     polar_caption,
     run_is_polar,
+    run_polar_fold,
     run_polar_overlap,
     run_polar_trace,
 )
@@ -229,7 +230,7 @@ def gallery_server(input, output, session, ctx: AppContext) -> None:
                 kind="warning",
             ),
             ui.p(f"{len(frame)} of {len(item.frame)} gallery slices match.", class_="text-muted"),
-            *([ui.p(polar_caption(run_polar_overlap(run), run_polar_trace(run)), class_="small")] if run_is_polar(run) else []),
+            *([ui.p(polar_caption(run_polar_overlap(run), run_polar_trace(run), run_polar_fold(run)), class_="small")] if run_is_polar(run) else []),
         )
 
     @render.ui
