@@ -9,6 +9,7 @@ from pydicom.data import get_testdata_file
 
 from hemorrhage_core.checkpoint import load_checkpoint, save_checkpoint
 from hemorrhage_core.data import SliceCache, SliceDataset, build_index
+from hemorrhage_core.data.augment import AugmentConfig, SliceAugment
 from hemorrhage_core.dicom import read_slice
 from hemorrhage_core.inference import Predictor, head_flags
 from hemorrhage_core.models import ModelSpec, build_model
@@ -274,6 +275,15 @@ def test_a_folded_polar_image_holds_the_turn_in_two_panels_and_maps_back():
     np.testing.assert_allclose(frame[[0, 6]], 35.0, atol=1e-3)  # each panel starts at the centre
     # one panel is the unfolded frame
     np.testing.assert_array_equal(polar_slice(hu, 12, 0.125, fold=1), polar_slice(hu, 12, 0.125))
+    # the training flip of a folded image (each panel mirrored, their order reversed) is the mirrored head
+    # (to one grey level, as unfolded), and a flip that kept the panels' order would not be
+    whole = SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_overlap=0.125, polar_fold=2)
+    bled = _lens(hu, (128.0, 128.0), 60.0, np.pi)
+    flip = SliceAugment(AugmentConfig(hflip_p=1.0, affine_p=0.0, brightness=0.0, contrast=0.0), panels=2)
+    flipped = (flip(torch.from_numpy(whole(bled)).float() / 255.0) * 255.0).round().int().numpy()
+    mirrored = whole(np.fliplr(bled).copy()).astype(int)
+    assert int(np.abs(flipped - mirrored).max()) <= 1
+    assert int(np.abs(whole(bled)[:, :, ::-1].astype(int) - mirrored).max()) > 40
     for bad in (0, 5, True, 1.5):
         with pytest.raises(ValueError, match="polar_fold"):
             SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_fold=bad)

@@ -274,10 +274,11 @@ def augmenter(config: TrainConfig):
         return None
     from hemorrhage_core.data import AugmentConfig, SliceAugment
 
+    panels = config.polar_fold if config.polar else 1  # a flip of a folded polar image swaps its panels
     if config.augment is True:
-        return SliceAugment(AugmentConfig())
+        return SliceAugment(AugmentConfig(), panels)
     try:
-        return SliceAugment(AugmentConfig(**dict(config.augment)))
+        return SliceAugment(AugmentConfig(**dict(config.augment)), panels)
     except TypeError as exc:
         raise ConfigError(f"config augment: {exc}") from None
 

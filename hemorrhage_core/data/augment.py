@@ -34,10 +34,15 @@ class SliceAugment:
 
     Draws from its own generator once ``reseed`` was called (make_loader does so from the loader's
     seed, in the main process and in each worker), else from torch's global RNG.
+
+    ``panels``: the image is a folded polar one (``SlicePrep.polar_fold``), whose turn runs on from
+    each panel into the next: a flip then also reverses the panels' order, so the flipped image is the
+    mirrored head's (each panel's arc mirrors onto the other's), as a flip of an unfolded one is.
     """
 
-    def __init__(self, config: AugmentConfig | None = None) -> None:
+    def __init__(self, config: AugmentConfig | None = None, panels: int = 1) -> None:
         self.config = config or AugmentConfig()
+        self.panels = int(panels)
         self._generator: torch.Generator | None = None
 
     def reseed(self, seed: int) -> None:
@@ -49,6 +54,8 @@ class SliceAugment:
         c = self.config
         if c.hflip_p > 0 and self._draw() < c.hflip_p:
             image = image.flip(-1)
+            if self.panels > 1:
+                image = image.unflatten(-2, (self.panels, -1)).flip(-3).flatten(-3, -2)
         if c.affine_p > 0 and self._draw() < c.affine_p:
             image = self._affine(image)
         if c.contrast > 0 or c.brightness > 0:
@@ -82,5 +89,5 @@ class SliceAugment:
         )
 
     def __repr__(self) -> str:
-        return f"SliceAugment({self.config})"
+        return f"SliceAugment({self.config}, panels={self.panels})"
 
