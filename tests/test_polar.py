@@ -43,6 +43,10 @@ def test_config_refuses_a_polar_that_is_not_a_boolean():
     with pytest.raises(ConfigError, match="polar_fold.*whole rows"):
         TrainConfig(polar=True, polar_fold=3, image_size=128)
     assert TrainConfig(polar_fold=3, image_size=128).polar_fold == 3  # without polar nothing is folded
+    for bad in (-0.01, 0.6, True, "0.02"):
+        with pytest.raises(ConfigError, match="crop_margin"):
+            TrainConfig(crop_margin=bad)
+    assert TrainConfig().crop_margin == 0.08  # the margin the crop had before it could be set
 
 
 def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_path):
@@ -51,7 +55,7 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
     data = tmp_path / "data"
     write_tiny_set(data, n_patients=6, slices_per_patient=4)
     stage1 = fit(tiny_config(data, tmp_path / "runs", polar=True, polar_overlap=0.125, crop_stretch=True,
-                              polar_trace=True, polar_fold=2, image_size=48))
+                              polar_trace=True, polar_fold=2, crop_margin=0.03, image_size=48))
     stage2 = fit(tiny_config(data, tmp_path / "runs", stage=2, init_from=str(stage1), input_size=None))
     path = next(stage2.glob("checkpoints/best*.pt"))
     ckpt = load_checkpoint(path)
@@ -60,7 +64,8 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
     assert ckpt.prep.crop_stretch and ckpt.config["crop_stretch"] is True  # and the stretched crop
     assert ckpt.prep.polar_trace and ckpt.config["polar_trace"] is True  # and the traced frame
     assert ckpt.prep.polar_fold == ckpt.config["polar_fold"] == 2  # and the folded panels
-    assert ckpt.prep.key().endswith("s-polar0.125-trace-fold2")
+    assert ckpt.prep.crop_margin == ckpt.config["crop_margin"] == 0.03  # and the crop's margin
+    assert ckpt.prep.key().endswith("-crop0.03m0.4s-polar0.125-trace-fold2")
     predictor = Predictor.from_checkpoint(path)
     file = next((data / "stage_2_train").glob("*.dcm"))
     hu = read_slice(file).hu

@@ -47,6 +47,7 @@ class TrainConfig:
     windows: list = field(default_factory=lambda: ["brain", "subdural", "bone"])
     head_crop: bool = True  # crop each slice to the skull's box before resizing (preprocess.SlicePrep)
     crop_stretch: bool = False  # with head_crop: the skull's own box stretched to the square, not its square
+    crop_margin: float = 0.08  # with head_crop: the box widened by this share of its side at each end (SlicePrep)
     context: int = 0  # 2.5D input: neighbours on each side in the series stacked as channels (0: 2D)
     polar: bool = False  # resample each (cropped) slice in polar coordinates around its centre (SlicePrep)
     polar_overlap: float = 0.0  # with polar: share of a turn repeated past each side of the seam (SlicePrep)
@@ -130,6 +131,9 @@ class TrainConfig:
                "context", self.context, f"must be a whole number of slices from 0 to {MAX_CONTEXT}")
         _check(isinstance(self.polar, bool), "polar", self.polar, "must be true or false")
         _check(isinstance(self.crop_stretch, bool), "crop_stretch", self.crop_stretch, "must be true or false")
+        _check(isinstance(self.crop_margin, (int, float)) and not isinstance(self.crop_margin, bool)
+               and 0.0 <= self.crop_margin <= 0.5,
+               "crop_margin", self.crop_margin, "must be a number from 0 to 0.5 (of the box's side, at each end)")
         _check(isinstance(self.polar_trace, bool), "polar_trace", self.polar_trace, "must be true or false")
         _check(isinstance(self.polar_overlap, (int, float)) and not isinstance(self.polar_overlap, bool)
                and 0.0 <= self.polar_overlap <= MAX_POLAR_OVERLAP,

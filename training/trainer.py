@@ -142,7 +142,8 @@ def slice_prep(config: TrainConfig):
         windows = WindowStack.from_list(config.windows)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
-    return SlicePrep(config.image_size, windows, head_crop=config.head_crop, context=config.context,
+    return SlicePrep(config.image_size, windows, head_crop=config.head_crop, crop_margin=config.crop_margin,
+                     context=config.context,
                      polar=config.polar, polar_overlap=config.polar_overlap, crop_stretch=config.crop_stretch,
                      polar_trace=config.polar_trace, polar_fold=config.polar_fold)
 
@@ -360,6 +361,7 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "image_size": ckpt.image_size,
         "windows": ckpt.windows.to_list(),
         "head_crop": ckpt.prep.head_crop,
+        "crop_margin": ckpt.prep.crop_margin,
         "context": ckpt.prep.context,
         "polar": ckpt.prep.polar,
         "polar_overlap": ckpt.prep.polar_overlap,
