@@ -77,11 +77,9 @@ def _print_report(result: dict[str, Any], stream) -> None:
           f"AUC any {fmt(result['zsmoothed']['auc']['any'], 4)}", file=stream)
     print(f"accuracy {fmt(result['accuracy'], 4)} ({result['accuracy_kind']})", file=stream)
     _print_pairs(result["subtype_pairs"], stream)
-    z = result["along_z"]
-    if z["n_series"]:
-        print(f"\nalong z ({z['label']}): {z['rising']} of {z['n_series']} series with and without blood rise on "
-              f"their bleed slices, {z['separated']} separate them; within-series AUC {fmt(z['auc_mean'])}, "
-              f"gap {fmt(z['gap_mean'])}", file=stream)
+    line = along_z_line(result["along_z"])
+    if line:
+        print(f"\n{line}", file=stream)
     cal = result.get("calibration") or {}
     if cal.get("applied"):
         before, after = cal["before"], cal["after"]
@@ -93,6 +91,16 @@ def _print_report(result: dict[str, Any], stream) -> None:
         shown = ", ".join(result["skipped"][:10])
         more = f" and {len(result['skipped']) - 10} more" if len(result["skipped"]) > 10 else ""
         print(f"skipped: {shown}{more}", file=stream)
+
+
+def along_z_line(z: dict[str, Any]) -> str | None:
+    """The along-z summary (``evaluations.along_z``) in one line; None when no series holds slices both
+    with and without blood."""
+    if not z["n_series"]:
+        return None
+    return (f"along z ({z['label']}): {z['rising']} of {z['n_series']} series with and without blood rise on "
+            f"their bleed slices, {z['separated']} separate them; mean within-series AUC {fmt(z['auc_mean'])}, "
+            f"mean gap {fmt(z['gap_mean'])} (bleed slices' mean {z['label']} minus the others')")
 
 
 def _print_pairs(pairs: dict[str, dict[str, float | None]], stream) -> None:
