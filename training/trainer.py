@@ -143,9 +143,8 @@ def slice_prep(config: TrainConfig):
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
     return SlicePrep(config.image_size, windows, head_crop=config.head_crop, crop_margin=config.crop_margin,
-                     context=config.context,
-                     polar=config.polar, polar_overlap=config.polar_overlap, crop_stretch=config.crop_stretch,
-                     polar_trace=config.polar_trace, polar_fold=config.polar_fold)
+                     crop_stretch=config.crop_stretch, context=config.context, polar=config.polar,
+                     polar_overlap=config.polar_overlap, polar_trace=config.polar_trace, polar_fold=config.polar_fold)
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
