@@ -37,6 +37,9 @@ _POLAR_OVERSAMPLE = 4
 _POLAR_START = math.pi / 2  # image rows grow downwards: +pi/2 points to the bottom, the back of the head
 MAX_POLAR_OVERLAP = 0.25  # of a turn on each side: the image then spans 1.5 turns
 MAX_POLAR_FOLD = 4  # panels of the folded polar image (SlicePrep.polar_fold)
+# Where the polar turn starts and ends (SlicePrep.polar_seam), as an angle past _POLAR_START: only these two
+# keep a flip of the polar image (its columns reversed) the head mirrored left to right.
+POLAR_SEAMS = {"back": 0.0, "front": math.pi}
 
 # Skull-traced polar frame (SlicePrep.polar_trace): the inner table's radius over the angle, found along
 # this many rays from the crop's centre and kept as a Fourier series this many harmonics long: two are an
@@ -227,9 +230,16 @@ def _polar_radii(h: int, w: int, ellipse: bool) -> tuple[float, float]:
     return (h / 2.0, w / 2.0) if ellipse else (min(h, w) / 2.0, min(h, w) / 2.0)
 
 
+def _seam_start(seam: str) -> float:
+    """The angle at which a polar turn with its seam at ``seam`` (``POLAR_SEAMS``) begins."""
+    if seam not in POLAR_SEAMS:
+        raise ValueError(f"polar_seam must be one of {', '.join(POLAR_SEAMS)}, got {seam!r}")
+    return _POLAR_START + POLAR_SEAMS[seam]
+
+
 def polar_grid(
     shape: tuple[int, int], size: int, columns: int, overlap: float = 0.0, ellipse: bool = False,
-    trace: tuple[float, ...] | None = None, fold: int = 1,
+    trace: tuple[float, ...] | None = None, fold: int = 1, seam: str = "back",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Slice coordinates (rows, cols), each (size, columns), of the polar image of a slice of ``shape``:
     row i at radius (i + 0.5) / size of the half side from the slice's centre, column j at angle
@@ -241,7 +251,9 @@ def polar_grid(
     (``inner_table``), so the table runs along one row.
     ``fold`` > 1: the turn is cut into ``fold`` equal arcs, each with ``overlap`` of a turn repeated on
     both sides, laid out as panels of ``size / fold`` rows stacked from the top: the same pixels with
-    ``fold`` times the columns per turn and 1 / ``fold`` the rows per radius."""
+    ``fold`` times the columns per turn and 1 / ``fold`` the rows per radius.
+    ``seam``: where the turn starts and ends (``POLAR_SEAMS``): the back of the head, or half a turn on,
+    the front."""
     h, w = shape
     if fold < 1 or size % fold:
         raise ValueError(f"a polar image of {size} rows cannot hold {fold} panels of whole rows")
@@ -251,7 +263,7 @@ def polar_grid(
     half_h, half_w = _polar_radii(h, w, ellipse)
     arc = (1.0 / fold + 2.0 * overlap) * (np.arange(columns, dtype=np.float64) + 0.5) / columns - overlap
     turns = panel[:, None] / fold + arc[None, :]
-    angle = _POLAR_START + 2.0 * math.pi * turns
+    angle = _seam_start(seam) + 2.0 * math.pi * turns
     radius = unit[:, None] * _trace_scale(trace, angle)
     rows = (h - 1) / 2.0 + half_h * radius * np.sin(angle)
     cols = (w - 1) / 2.0 + half_w * radius * np.cos(angle)
@@ -260,19 +272,19 @@ def polar_grid(
 
 def polar_slice(
     hu: np.ndarray, size: int, overlap: float = 0.0, ellipse: bool = False, trace: tuple[float, ...] | None = None,
-    fold: int = 1,
+    fold: int = 1, seam: str = "back",
 ) -> np.ndarray:
     """HU (H, W) -> HU (size, ``_POLAR_OVERSAMPLE`` size) in polar coordinates around the slice's centre
     (bilinear; air beyond the slice): rows the distance from the centre out to half the shorter side
     (with ``ellipse``, out to the inscribed ellipse: half of each side along its axis), columns the
     angle (``polar_grid``). With the head crop the centre is the skull's, so the skull runs along the
     rows near the bottom and blood under it (epidural, subdural) is a band along the skull whose length
-    and thickness profile read the same at every angle. ``overlap``, ``ellipse``, ``trace``, ``fold``: see
-    ``polar_grid`` (an ellipse on a stretched crop, ``head_box``; a trace from ``inner_table``)."""
+    and thickness profile read the same at every angle. ``overlap``, ``ellipse``, ``trace``, ``fold``,
+    ``seam``: see ``polar_grid`` (an ellipse on a stretched crop, ``head_box``; a trace from ``inner_table``)."""
     h, w = hu.shape
     # Folded, each panel is sampled at ``size`` rows too and averaged down in blocks of ``fold``, so the
     # radius is averaged like the angle and no row mixes two panels.
-    rows, cols = polar_grid((h, w), size * fold, _POLAR_OVERSAMPLE * size, overlap, ellipse, trace, fold)
+    rows, cols = polar_grid((h, w), size * fold, _POLAR_OVERSAMPLE * size, overlap, ellipse, trace, fold, seam)
     # grid_sample (about 2x scipy's map_coordinates here) on HU above air, whose zero padding is then air.
     grid = np.stack([cols * (2.0 / max(w - 1, 1)) - 1.0, rows * (2.0 / max(h - 1, 1)) - 1.0], axis=-1)
     above_air = np.nan_to_num(np.asarray(hu, dtype=np.float32), nan=AIR_HU) - AIR_HU
@@ -326,6 +338,7 @@ class InputGeometry:
     ellipse: bool = False
     trace: tuple[float, ...] | None = None  # the polar frame follows the inner table (``inner_table``)
     polar_fold: int = 1  # the polar turn in this many stacked panels (``polar_grid``)
+    polar_seam: str = "back"  # where the polar turn starts and ends (``POLAR_SEAMS``)
 
     def to_slice(self, values: np.ndarray) -> np.ndarray:
         """float32 (S, S) on the input grid -> float32 (H, W) on the slice, 0 where the input did not
@@ -337,7 +350,8 @@ class InputGeometry:
         h, w = self.shape
         frame = (h, w) if self.box is None else (self.box[2], self.box[3])
         if self.polar:
-            back = _from_polar(values, frame, self.polar_overlap, self.ellipse, self.trace, self.polar_fold)
+            back = _from_polar(values, frame, self.polar_overlap, self.ellipse, self.trace, self.polar_fold,
+                               self.polar_seam)
         else:
             x = torch.from_numpy(np.ascontiguousarray(values))[None, None]
             back = F.interpolate(x, size=frame, mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -353,7 +367,7 @@ class InputGeometry:
 
 def _from_polar(
     values: np.ndarray, frame: tuple[int, int], overlap: float = 0.0, ellipse: bool = False,
-    trace: tuple[float, ...] | None = None, fold: int = 1,
+    trace: tuple[float, ...] | None = None, fold: int = 1, seam: str = "back",
 ) -> np.ndarray:
     """The inverse of ``polar_slice`` followed by the resize: (S, S) polar -> ``frame`` (H, W). With an
     overlap each slice pixel is read from the middle turn (the columns past the seam are its copies);
@@ -365,7 +379,7 @@ def _from_polar(
     dy, dx = (yy - (h - 1) / 2.0) / half_h, (xx - (w - 1) / 2.0) / half_w  # on the unit circle's scale
     angle = np.arctan2(dy, dx)
     radius = np.hypot(dy, dx) / _trace_scale(trace, angle)
-    turn = np.mod(angle - _POLAR_START, 2.0 * math.pi) / (2.0 * math.pi)
+    turn = np.mod(angle - _seam_start(seam), 2.0 * math.pi) / (2.0 * math.pi)
     if fold == 1:
         row = radius * size - 0.5
         col = (turn + overlap) / (1.0 + 2.0 * overlap) * size - 0.5
@@ -418,6 +432,8 @@ class SlicePrep:
     stacked as panels, so the same pixels hold ``polar_fold`` times the columns per turn and
     1 / ``polar_fold`` the rows per radius: unfolded, a 192 px image samples the radius every 0.5 mm
     and the convexity every 3 mm; in two panels about 1 mm and 2 mm (``polar_grid``).
+    ``polar_seam``: where the turn starts and ends, at the back of the head or at the front
+    (``POLAR_SEAMS``): what lies at the seam sits near the image's side edges, the rest whole inside.
     The geometry (``geometry``) maps the input grid back onto the slice either way.
     """
 
@@ -432,6 +448,7 @@ class SlicePrep:
     crop_stretch: bool = False  # with head_crop: crop the skull's box, not its square (``head_box``)
     polar_trace: bool = False  # with polar and head_crop: the frame follows the inner table (``inner_table``)
     polar_fold: int = 1  # with polar: the turn in this many stacked panels (``polar_grid``)
+    polar_seam: str = "back"  # with polar: where the turn starts and ends (``POLAR_SEAMS``)
 
     def __post_init__(self) -> None:
         if int(self.image_size) < 1:
@@ -463,6 +480,9 @@ class SlicePrep:
         if self.image_size % fold:
             raise ValueError(f"polar_fold {fold} needs an image_size it divides, got {self.image_size}")
         object.__setattr__(self, "polar_fold", fold)
+        _seam_start(self.polar_seam)  # refuses an unknown seam
+        # Without polar there is no seam: keep the default so equal preprocessings compare equal.
+        object.__setattr__(self, "polar_seam", self.polar_seam if self.polar else "back")
 
     @property
     def channels(self) -> int:
@@ -493,7 +513,8 @@ class SlicePrep:
         if geometry.box is not None:
             hu = crop_box(hu, *geometry.box)
         if self.polar:
-            hu = polar_slice(hu, self.image_size, self.polar_overlap, geometry.ellipse, geometry.trace, self.polar_fold)
+            hu = polar_slice(hu, self.image_size, self.polar_overlap, geometry.ellipse, geometry.trace, self.polar_fold,
+                             self.polar_seam)
         return prepare_slice(hu, self.image_size, self.windows)
 
     def geometry(self, shape: tuple[int, ...], ring: HeadRing | None) -> InputGeometry:
@@ -503,8 +524,9 @@ class SlicePrep:
             box = head_box(ring, (h, w), self.crop_margin, self.crop_min_side, self.crop_stretch)
             trace = inner_table(ring, box, self.crop_stretch) if self.polar_trace else None
             return InputGeometry((h, w), box, self.polar, self.polar_overlap, ellipse=self.crop_stretch, trace=trace,
-                                 polar_fold=self.polar_fold)
-        return InputGeometry((h, w), None, self.polar, self.polar_overlap, polar_fold=self.polar_fold)
+                                 polar_fold=self.polar_fold, polar_seam=self.polar_seam)
+        return InputGeometry((h, w), None, self.polar, self.polar_overlap, polar_fold=self.polar_fold,
+                             polar_seam=self.polar_seam)
 
     def per_slice(self) -> SlicePrep:
         """This preprocessing without the context: what one slice's cache entry holds."""
@@ -517,6 +539,7 @@ class SlicePrep:
         polar = (f"-polar{self.polar_overlap:g}" if self.polar_overlap else "-polar") if self.polar else ""
         polar += "-trace" if self.polar_trace else ""
         polar += f"-fold{self.polar_fold}" if self.polar_fold > 1 else ""
+        polar += f"-seam{self.polar_seam}" if self.polar_seam != "back" else ""
         return f"{self.image_size}px-{self.windows.key()}{crop}{polar}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -525,6 +548,7 @@ class SlicePrep:
             "head_crop": self.head_crop, "crop_margin": self.crop_margin, "crop_min_side": self.crop_min_side,
             "context": self.context, "polar": self.polar, "polar_overlap": self.polar_overlap,
             "crop_stretch": self.crop_stretch, "polar_trace": self.polar_trace, "polar_fold": self.polar_fold,
+            "polar_seam": self.polar_seam,
         }
 
     @classmethod
@@ -543,6 +567,7 @@ class SlicePrep:
             crop_stretch=bool(values.get("crop_stretch", False)),
             polar_trace=bool(values.get("polar_trace", False)),
             polar_fold=int(values.get("polar_fold", 1)),
+            polar_seam=str(values.get("polar_seam", "back")),
         )
 
 

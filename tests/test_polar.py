@@ -14,6 +14,7 @@ from hemorrhage_core.dashboard.common import (
     run_is_polar,
     run_polar_fold,
     run_polar_overlap,
+    run_polar_seam,
     run_polar_trace,
 )
 from hemorrhage_core.dicom import read_slice
@@ -47,6 +48,10 @@ def test_config_refuses_a_polar_that_is_not_a_boolean():
         with pytest.raises(ConfigError, match="crop_margin"):
             TrainConfig(crop_margin=bad)
     assert TrainConfig().crop_margin == 0.08  # the margin the crop had before it could be set
+    for bad in ("left", "", None, 1):
+        with pytest.raises(ConfigError, match="polar_seam"):
+            TrainConfig(polar=True, polar_seam=bad)
+    assert TrainConfig().polar_seam == "back"  # where the seam was before it could be moved
 
 
 def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_path):
@@ -55,7 +60,8 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
     data = tmp_path / "data"
     write_tiny_set(data, n_patients=6, slices_per_patient=4)
     stage1 = fit(tiny_config(data, tmp_path / "runs", polar=True, polar_overlap=0.125, crop_stretch=True,
-                              polar_trace=True, polar_fold=2, crop_margin=0.03, image_size=48))
+                              polar_trace=True, polar_fold=2, crop_margin=0.03, polar_seam="front",
+                              image_size=48))
     stage2 = fit(tiny_config(data, tmp_path / "runs", stage=2, init_from=str(stage1), input_size=None))
     path = next(stage2.glob("checkpoints/best*.pt"))
     ckpt = load_checkpoint(path)
@@ -65,14 +71,15 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
     assert ckpt.prep.polar_trace and ckpt.config["polar_trace"] is True  # and the traced frame
     assert ckpt.prep.polar_fold == ckpt.config["polar_fold"] == 2  # and the folded panels
     assert ckpt.prep.crop_margin == ckpt.config["crop_margin"] == 0.03  # and the crop's margin
-    assert ckpt.prep.key().endswith("-crop0.03m0.4s-polar0.125-trace-fold2")
+    assert ckpt.prep.polar_seam == ckpt.config["polar_seam"] == "front"  # and the seam's place
+    assert ckpt.prep.key().endswith("-crop0.03m0.4s-polar0.125-trace-fold2-seamfront")
     predictor = Predictor.from_checkpoint(path)
     file = next((data / "stage_2_train").glob("*.dcm"))
     hu = read_slice(file).hu
     prepared = predictor.prepare(file)
     np.testing.assert_array_equal(prepared.image, ckpt.prep(hu))
     assert prepared.geometry == ckpt.prep.geometry(hu.shape, find_skull_ring(hu)) and prepared.geometry.polar
-    assert prepared.geometry.polar_fold == 2
+    assert prepared.geometry.polar_fold == 2 and prepared.geometry.polar_seam == "front"
     result = predictor.predict(file, saliency_label="any")
     assert result.heatmap is not None and result.heatmap.shape == hu.shape  # back on the slice
 
@@ -100,3 +107,9 @@ def test_the_dashboard_knows_a_polar_run_and_its_overlap_from_its_config():
     folded = polar_caption(0.125, traced=True, fold=2)
     assert folded.startswith("polar input in 2 panels, one above the other") and "straight row" in folded
     assert "repeating a little past both its ends" in folded and "panels" not in polar_caption(0.125)
+    # and where the seam is (runs from before polar_seam read the back)
+    assert run_polar_seam(summary({"polar": True, "polar_seam": "front"})) == "front"
+    assert run_polar_seam(summary({"polar": True})) == "back" and run_polar_seam(None) == "back"
+    assert "from the front, with the front of the head repeated at both edges;" in polar_caption(0.125, seam="front")
+    assert "from the front of the head round the image's right side" in polar_caption(0.0, fold=2, seam="front")
+    assert "from the back of the head round the image's left side" in polar_caption(0.0, fold=2)

@@ -294,6 +294,52 @@ def test_a_folded_polar_image_holds_the_turn_in_two_panels_and_maps_back():
     assert SlicePrep.from_dict({k: v for k, v in plain.to_dict().items() if k != "polar_fold"}) == plain
 
 
+def test_a_polar_seam_at_the_front_turns_the_frame_by_half_a_turn_and_maps_back():
+    hu = _head(256, (128.0, 128.0), 60.0)
+    back_lens = _lens(hu, (128.0, 128.0), 60.0, np.pi / 2)  # blood at the back of the head
+    # without overlap the front-seam frame is the back-seam frame turned by half its columns
+    frame = polar_slice(back_lens, 20)
+    np.testing.assert_allclose(polar_slice(back_lens, 20, seam="front"), np.roll(frame, -40, axis=1), atol=1e-3)
+    np.testing.assert_array_equal(polar_slice(back_lens, 20, seam="back"), frame)  # the default
+    front = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_overlap=0.125, polar_seam="front")
+    plain = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_overlap=0.125)
+    assert front.key() == plain.key() + "-seamfront"
+    # blood at the back, which the back seam shows twice near the edges, is once whole mid-width
+    blood = ((front(back_lens)[0].astype(int) - front(hu)[0].astype(int)) > 40).any(axis=0)
+    runs = _runs(blood)
+    assert len(runs) == 1 and abs(sum(runs[0]) / 2 - (SIZE / 2 - 0.5)) <= 1.5
+    # and blood at the front sits at the edges, at turns 0 and 1 of the 1.25 the image spans
+    front_lens = _lens(hu, (128.0, 128.0), 60.0, -np.pi / 2)
+    runs = _runs(((front(front_lens)[0].astype(int) - front(hu)[0].astype(int)) > 40).any(axis=0))
+    assert len(runs) == 2
+    for (a, b), turn in zip(runs, (0.0, 1.0), strict=True):
+        assert abs((a + b) / 2 - ((turn + 0.125) / 1.25 * SIZE - 0.5)) <= 1.5
+    # the round trip reads the middle turn and lands on the blood
+    geometry = front.geometry(back_lens.shape, find_skull_ring(back_lens))
+    assert geometry.polar_seam == "front"
+    back = geometry.to_slice(front(back_lens)[0] / 255.0)
+    windowed, inside = np.clip(back_lens / 80.0, 0.0, 1.0), back > 0
+    assert float(np.corrcoef(back[inside], windowed[inside])[0, 1]) > 0.9
+    # as sharp as the back seam's own round trip, which reads the same blood near the image's edges
+    seen = plain.geometry(back_lens.shape, find_skull_ring(back_lens)).to_slice(plain(back_lens)[0] / 255.0)
+
+    def contrast(values: np.ndarray) -> float:
+        return float(values[np.abs(back_lens - 75.0) < 1.0].mean() - values[np.abs(back_lens - 35.0) < 1.0].mean())
+
+    assert contrast(back) > 0.25 and abs(contrast(back) - contrast(seen)) < 0.03
+    # the training flip (columns reversed) is still the head mirrored left to right
+    whole = SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_overlap=0.125, polar_seam="front")
+    side_lens = _lens(hu, (128.0, 128.0), 60.0, np.pi * 0.8)
+    flipped, mirrored = whole(np.fliplr(side_lens).copy()).astype(int), whole(side_lens)[:, :, ::-1].astype(int)
+    assert int(np.abs(flipped - mirrored).max()) <= 1
+    for bad in ("left", "Front", None, 1):
+        with pytest.raises(ValueError, match="polar_seam"):
+            SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_seam=bad)
+    assert SlicePrep(SIZE, DEFAULT_STACK, polar_seam="front") == SlicePrep(SIZE, DEFAULT_STACK)  # nothing without polar
+    assert SlicePrep.from_dict(front.to_dict()) == front
+    assert SlicePrep.from_dict({k: v for k, v in plain.to_dict().items() if k != "polar_seam"}) == plain
+
+
 def _oval_head(size: int = 256, centre=(128.0, 128.0), radii=(84.0, 60.0)) -> np.ndarray:
     """A head longer than it is wide (as heads are: about 1.2 front to back on the phantoms): air, a
     6 px skull, brain at 35 HU."""

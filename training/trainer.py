@@ -144,7 +144,8 @@ def slice_prep(config: TrainConfig):
         raise ConfigError(f"config windows={config.windows!r}: {exc}") from None
     return SlicePrep(config.image_size, windows, head_crop=config.head_crop, crop_margin=config.crop_margin,
                      crop_stretch=config.crop_stretch, context=config.context, polar=config.polar,
-                     polar_overlap=config.polar_overlap, polar_trace=config.polar_trace, polar_fold=config.polar_fold)
+                     polar_overlap=config.polar_overlap, polar_trace=config.polar_trace, polar_fold=config.polar_fold,
+                     polar_seam=config.polar_seam)
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
@@ -367,6 +368,7 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "crop_stretch": ckpt.prep.crop_stretch,
         "polar_trace": ckpt.prep.polar_trace,
         "polar_fold": ckpt.prep.polar_fold,
+        "polar_seam": ckpt.prep.polar_seam,
         "input_size": ckpt.spec.input_size,
         "stn": ckpt.spec.stn,
     }

@@ -180,23 +180,26 @@ def chosen_run_table(
 
 
 # What a polar model's input looks like, for a reader who expects a head.
-def polar_caption(overlap: float = 0.0, traced: bool = False, fold: int = 1) -> str:
-    """The caption of a polar model's input, saying so when the back of the head is repeated at the edges,
-    when each angle's rows follow the skull (``polar_trace``) and when the turn is cut into panels
-    (``polar_fold``)."""
+def polar_caption(overlap: float = 0.0, traced: bool = False, fold: int = 1, seam: str = "back") -> str:
+    """The caption of a polar model's input, saying so when the seam's side of the head (the back, or the
+    front: ``polar_seam``) is repeated at the edges, when each angle's rows follow the skull
+    (``polar_trace``) and when the turn is cut into panels (``polar_fold``)."""
+    seam = "front" if seam == "front" else "back"
+    # Clockwise on screen from the seam: from the back the turn goes round the image's left side first.
+    first, then = ("left", "right") if seam == "back" else ("right", "left")
     rows = ", each column's rows scaled so the skull's inner edge is one straight row" if traced else ""
     if fold > 1:
         ends = ", each repeating a little past both its ends" if overlap > 0 else ""
         return (
             f"polar input in {fold} panels, one above the other: in each, rows run from the centre of the head "
-            "(top) out past the skull (bottom); the top panel's columns go from the back of the head round the "
-            f"image's left side, the next panels on round the right side to the back{ends}{rows}; blood under "
+            f"(top) out past the skull (bottom); the top panel's columns go from the {seam} of the head round the "
+            f"image's {first} side, the next panels on round the {then} side to the {seam}{ends}{rows}; blood under "
             "the skull is a band along it"
         )
-    repeated = ", with the back of the head repeated at both edges" if overlap > 0 else ""
+    repeated = f", with the {seam} of the head repeated at both edges" if overlap > 0 else ""
     return (
         "polar input: rows run from the centre of the head (top) out past the skull (bottom), columns once "
-        f"around the head from the back{repeated}{rows}; blood under the skull is a band along it"
+        f"around the head from the {seam}{repeated}{rows}; blood under the skull is a band along it"
     )
 
 
@@ -219,6 +222,12 @@ def run_polar_fold(summary: RunSummary | None) -> int:
     """How many panels a polar run's turn is cut into (its config's ``polar_fold``; 1 before it)."""
     value = (summary.config or {}).get("polar_fold", 1) if summary is not None else 1
     return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+
+def run_polar_seam(summary: RunSummary | None) -> str:
+    """Where a polar run's turn starts and ends (its config's ``polar_seam``; the back before it)."""
+    value = (summary.config or {}).get("polar_seam", "back") if summary is not None else "back"
+    return "front" if value == "front" else "back"
 
 
 def run_polar_overlap(summary: RunSummary | None) -> float:

@@ -681,6 +681,7 @@ def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
         run_id=request.record_id or request.run_id,
         origin=request.origin,
         context=int(getattr(predictor, "context", 0) or 0),
-        polar_note=polar_caption(prep.polar_overlap, getattr(prep, "polar_trace", False), getattr(prep, "polar_fold", 1))
+        polar_note=polar_caption(prep.polar_overlap, getattr(prep, "polar_trace", False), getattr(prep, "polar_fold", 1),
+                                 getattr(prep, "polar_seam", "back"))
         if getattr(prep, "polar", False) else None,
     )
