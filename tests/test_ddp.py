@@ -66,13 +66,21 @@ def _last_line(result: subprocess.CompletedProcess) -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
+def private_tmp(tmp_path: Path) -> Path:
+    """A temporary folder for a launched command: torchrun's agent makes a ``torchelastic_*`` log folder
+    in it (under the system's /tmp it outlives the test; under tmp_path pytest removes it)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.mark.ddp
 @pytest.mark.slow
 @pytest.mark.parametrize("sampling", [[], ["--set", "repeat_threshold=0.5"]], ids=["shuffle", "repeat_factor"])
 def test_two_processes_match_one_process_with_the_equivalent_batch(tmp_path, sampling):
     data = tmp_path / "data"
     write_tiny_set(data)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(private_tmp(tmp_path))}
     two = subprocess.run(
         [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "training", *COMMON, *sampling,
          "--data", str(data), "--batch-size", "2", "--runs-dir", str(tmp_path / "two")],
@@ -113,7 +121,7 @@ def test_a_held_trunk_under_two_processes_takes_the_single_process_steps(tmp_pat
     be told (find_unused_parameters); both epochs, held and not, match one process of the same batch."""
     data = tmp_path / "data"
     write_tiny_set(data)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(private_tmp(tmp_path))}
     stage1 = _last_line(subprocess.run(
         [sys.executable, "-m", "training", *COMMON, "--data", str(data), "--batch-size", "4",
          "--runs-dir", str(tmp_path / "s1")], cwd=REPO, capture_output=True, text=True, timeout=600, env=env))
@@ -169,11 +177,12 @@ def free_port() -> int:
 
 
 def worker_env(tmp_path: Path, runs: Path | None, **extra: str) -> dict[str, str]:
-    """CPU only, one thread; the workers import tests/ddp_site/sitecustomize.py, which logs their
-    writes under ``runs`` (unless None) to tmp_path/writes.<rank>."""
+    """CPU only, one thread, temporary files under tmp_path; the workers import
+    tests/ddp_site/sitecustomize.py, which logs their writes under ``runs`` (unless None) to
+    tmp_path/writes.<rank>."""
     path = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH", "")) if p)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HEMORRHAGE_TEST_", "HEMORRHAGE_DIST_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path, **extra)
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path, TMPDIR=str(private_tmp(tmp_path)), **extra)
     if runs is not None:
         env.update(HEMORRHAGE_TEST_WATCH=str(runs), HEMORRHAGE_TEST_WRITES_LOG=str(tmp_path / "writes"))
     return env
