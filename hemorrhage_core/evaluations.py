@@ -241,6 +241,35 @@ def auc_by_size(frame: pd.DataFrame, areas: pd.DataFrame, bins: int = 3) -> dict
     return out
 
 
+def auc_by_site(frame: pd.DataFrame, sites: pd.DataFrame) -> dict[str, list[dict[str, Any]] | None]:
+    """Each subtype's AUC with its positive slices grouped by where the blood lies.
+
+    ``frame``: an evaluation's predictions; ``sites``: per slice and subtype the site of its blood, ""
+    where the label is 0 (``synthetic.truth.lesion_sites``: phantoms only). Each site's positives are
+    scored against every negative slice (``auc``) and against the negatives that bleed
+    (``auc_given_any``), as ``auc_by_size`` does; the sites in order of their count, largest first (ties
+    by name). None for a subtype without positives or negatives; ``any`` has no site and is left out.
+    """
+    named = sites.rename(columns={label: f"{label}_site" for label in SUBTYPES})
+    merged = frame.merge(named, on="image_id", how="inner", validate="one_to_one")
+    out: dict[str, list[dict[str, Any]] | None] = {}
+    for label in SUBTYPES:
+        truth = merged[f"true_{label}"].to_numpy()
+        pos, neg = merged[truth == 1], merged[truth == 0]
+        if pos.empty or neg.empty:
+            out[label] = None
+            continue
+        bleeding = neg[neg["true_any"] == 1]
+        counts = pos[f"{label}_site"].value_counts()
+        order = sorted(counts.index, key=lambda site: (-int(counts[site]), str(site)))
+        out[label] = [
+            {"site": str(site), "n": int(counts[site]), "auc": _auc_against(pos[pos[f"{label}_site"] == site], neg, label),
+             "auc_given_any": _auc_against(pos[pos[f"{label}_site"] == site], bleeding, label)}
+            for site in order
+        ]
+    return out
+
+
 def _auc_against(positives: pd.DataFrame, negatives: pd.DataFrame | None, label: str) -> float | None:
     """AUC of ``label``'s probability for these positives against these negatives (None: no negatives)."""
     if negatives is None or negatives.empty:

@@ -1,5 +1,5 @@
-"""Blood areas of a synthetic set re-rendered from its synth.json, AUC by blood area, and
-``evaluate --by-size`` end to end on a written set and a real (untrained, tiny) model."""
+"""Blood areas and lesion sites of a synthetic set read back from its synth.json, AUC by blood area and
+by site, and ``evaluate --by-size --by-site`` end to end on a written set and a real (untrained, tiny) model."""
 
 from __future__ import annotations
 
@@ -12,10 +12,17 @@ import pandas as pd
 import pytest
 
 from hemorrhage_core.errors import HemorrhageError
-from hemorrhage_core.evaluations import auc_by_size
+from hemorrhage_core.evaluations import auc_by_site, auc_by_size
 from hemorrhage_core.labels import LABELS, SUBTYPES
 from hemorrhage_core.synthetic import write_dataset
-from hemorrhage_core.synthetic.truth import blood_areas
+from hemorrhage_core.synthetic.lesions import (
+    Epidural,
+    Intraparenchymal,
+    Intraventricular,
+    Subarachnoid,
+    Subdural,
+)
+from hemorrhage_core.synthetic.truth import SEVERAL, blood_areas, lesion_site, lesion_sites
 from training import cli
 
 
@@ -70,6 +77,65 @@ def test_refusals(synthetic, tmp_path):
     image_id = table.loc[row, "ID"].rsplit("_", 1)[0]
     with pytest.raises(HemorrhageError, match="generator has changed"):
         blood_areas(changed, [image_id])
+
+
+def test_lesion_sites_name_the_region_around_the_head_and_the_subarachnoid_site():
+    z = {"h_center_mm": 0.0, "h_half_mm": 10.0, "blood_hu": 70.0}
+    # theta: degrees from the anterior midline on the lesion's side
+    assert [lesion_site(Epidural(**z, theta_deg=t)) for t in (20.0, 60.0, 90.0, 150.0)] == ["front", "front", "side", "back"]
+    assert lesion_site(Subdural(**z, theta_deg=121.0)) == "back"
+    assert lesion_site(Subarachnoid(**z, site="convexity", theta_deg=100.0)) == "convexity, side"
+    assert lesion_site(Subarachnoid(**z, site="interhemispheric", theta_deg=30.0)) == "interhemispheric, front"
+    assert lesion_site(Subarachnoid(**z, site="interhemispheric", theta_deg=150.0)) == "interhemispheric, back"
+    assert lesion_site(Subarachnoid(**z, site="sylvian", theta_deg=30.0)) == "sylvian"
+    # a clot by the angle of its centre (x to the patient's left, y backwards): ahead, beside, behind
+    assert [lesion_site(Intraparenchymal(**z, x_mm=x, y_mm=y)) for x, y in ((5.0, -30.0), (-22.0, -3.0), (11.0, 11.0))] \
+        == ["front", "side", "back"]
+    assert [lesion_site(Intraventricular(**z, cast=c)) for c in (True, False)] == ["cast", "fluid level"]
+
+
+def test_sites_are_named_exactly_where_the_set_is_labelled(synthetic, tmp_path):
+    sites = lesion_sites(synthetic).set_index("image_id")
+    labels = _labels(synthetic).loc[sites.index]
+    assert len(sites) == 30
+    known = {"front", "side", "back", "cast", "fluid level", "sylvian", SEVERAL,
+             *(f"convexity, {r}" for r in ("front", "side", "back")), "interhemispheric, front", "interhemispheric, back"}
+    for label in SUBTYPES:
+        assert ((sites[label] != "") == (labels[label] == 1)).all(), label
+        assert set(sites[label]) <= known | {""}, label
+    asked = list(sites.index[::-7])  # a subset, in the order asked
+    assert lesion_sites(synthetic, asked)["image_id"].tolist() == asked
+    with pytest.raises(HemorrhageError, match="synthetic sets"):
+        lesion_sites(tmp_path)
+    with pytest.raises(HemorrhageError, match="not slices of this synthetic set"):
+        lesion_sites(synthetic, ["ID_000000000"])
+    # a positive label with no lesion of its type cut by the slice: another generator wrote the set
+    changed = tmp_path / "changed"
+    shutil.copytree(synthetic, changed)
+    table = pd.read_csv(changed / "stage_2_train.csv")
+    negative = labels.index[labels["epidural"] == 0][0]
+    table.loc[table["ID"] == f"{negative}_epidural", "Label"] = 1
+    table.to_csv(changed / "stage_2_train.csv", index=False)
+    with pytest.raises(HemorrhageError, match="generator has changed"):
+        lesion_sites(changed, [negative])
+
+
+def test_auc_by_site_against_hand_counts():
+    frame, _ = _frame([
+        ("e1", {"epidural": 1}, 0.9), ("e2", {"epidural": 1}, 0.8), ("e3", {"epidural": 1}, 0.3),
+        ("s1", {"subdural": 1}, 0.4), ("n1", {}, 0.2), ("n2", {}, 0.5),
+    ])
+    sites = pd.DataFrame([{"image_id": i, **{s: "" for s in SUBTYPES}} for i in frame["image_id"]])
+    sites.loc[:2, "epidural"] = ["side", "side", "back"]
+    sites.loc[3, "subdural"] = "front"
+    by_site = auc_by_site(frame, sites)
+    # sites by count, largest first; pairs won against every negative (0.4, 0.2, 0.5) and the bleeding one (0.4)
+    assert [(g["site"], g["n"]) for g in by_site["epidural"]] == [("side", 2), ("back", 1)]
+    assert [g["auc"] for g in by_site["epidural"]] == [pytest.approx(1.0), pytest.approx(1 / 3)]
+    assert [g["auc_given_any"] for g in by_site["epidural"]] == [pytest.approx(1.0), pytest.approx(0.0)]
+    # subdural's output is 0.5 everywhere: ties, against the epidural slices too
+    assert by_site["subdural"] == [{"site": "front", "n": 1, "auc": pytest.approx(0.5), "auc_given_any": pytest.approx(0.5)}]
+    assert by_site["intraparenchymal"] is None and "any" not in by_site
 
 
 def _frame(rows: list[tuple[str, dict[str, int], float]]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -129,7 +195,7 @@ def test_evaluate_by_size_scores_the_saved_predictions_by_their_areas(synthetic,
     from hemorrhage_core.evaluations import load_evaluation
 
     run = _tiny_run(tmp_path / "runs")
-    code = cli.main(["evaluate", "--run", str(run), "--data", str(synthetic), "--by-size", "--json",
+    code = cli.main(["evaluate", "--run", str(run), "--data", str(synthetic), "--by-size", "--by-site", "--json",
                      "--save", "sized", "--workers", "1"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -137,15 +203,23 @@ def test_evaluate_by_size_scores_the_saved_predictions_by_their_areas(synthetic,
     saved = load_evaluation(run, "sized").predictions
     expected = auc_by_size(saved, blood_areas(synthetic, saved["image_id"].tolist()))
     assert result["by_size"] == json.loads(json.dumps(expected))
+    by_site = auc_by_site(saved, lesion_sites(synthetic, saved["image_id"].tolist()))
+    assert result["by_site"] == json.loads(json.dumps(by_site))
     positives = _labels(synthetic).loc[saved["image_id"]]
     for label in LABELS:
         if result["by_size"][label] is not None:
             assert sum(g["n"] for g in result["by_size"][label]) == int(positives[label].sum())
+    for label in SUBTYPES:
+        groups = result["by_site"][label] or []
+        assert sum(g["n"] for g in groups) == int(positives[label].sum())
     # The table form prints the groups; a set without synth.json is refused with exit code 2.
-    assert cli.main(["evaluate", "--run", str(run), "--data", str(synthetic), "--by-size", "--workers", "1"]) == 0
-    assert "by blood area" in capsys.readouterr().out
+    assert cli.main(["evaluate", "--run", str(run), "--data", str(synthetic), "--by-size", "--by-site",
+                     "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "by blood area" in out and "by site: each subtype's positives by where the blood lies" in out
     plain = tmp_path / "plain"
     shutil.copytree(synthetic, plain)
     (plain / "synth.json").unlink()
     assert cli.main(["evaluate", "--run", str(run), "--data", str(plain), "--by-size", "--workers", "1"]) == 2
+    assert cli.main(["evaluate", "--run", str(run), "--data", str(plain), "--by-site", "--workers", "1"]) == 2
     assert "synthetic sets" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``evaluate --run RUN_DIR --data DIR [--split all|test] [--save NAME] [--calibrate] [--by-size] [--json]``.
+"""``evaluate --run RUN_DIR --data DIR [--split all|test] [--save NAME] [--calibrate] [--by-size] [--by-site]
+[--json]``.
 
 A run's model on every usable image of a data set (``--split test``: only the patients the run held
 out as its test set). Labels and file paths come from the data set's index; the probabilities from the
@@ -13,7 +14,9 @@ Brier, ECE and log loss before and after), ``zsmoothed``, ``flagged``, ``auc_giv
 (whether ``any`` rises on each series' bleed slices, ``hemorrhage_core.evaluations.along_z``) and the run's
 ``run``/``backbone``/``stage``; with ``--by-size`` (synthetic sets) also ``by_size``: per label a list
 of three groups of its positives by blood area, each ``{n, area_mm2: [min, max], auc, auc_given_any}``
-(``hemorrhage_core.evaluations.auc_by_size``). ``--save NAME`` also writes RUN/evaluations/NAME/ (predictions.csv,
+(``hemorrhage_core.evaluations.auc_by_size``); with ``--by-site`` (synthetic sets) also ``by_site``: per
+subtype a list of its positives grouped by where the blood lies, each ``{site, n, auc, auc_given_any}``
+(``hemorrhage_core.evaluations.auc_by_site``). ``--save NAME`` also writes RUN/evaluations/NAME/ (predictions.csv,
 metrics.json) atomically. The work is ``training.evaluation.evaluate``. Exit 0 on success, 2 when the
 run or the data set cannot be used (``training.exits``).
 """
@@ -47,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--by-size", action="store_true",
         help="synthetic sets only: also score each label with its positive slices in three groups by blood "
              "area (re-rendered from synth.json)",
+    )
+    parser.add_argument(
+        "--by-site", action="store_true",
+        help="synthetic sets only: also score each subtype with its positive slices grouped by where the blood "
+             "lies (region around the head; subarachnoid: convexity, Sylvian or interhemispheric fissure)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
@@ -87,6 +95,8 @@ def _print_report(result: dict[str, Any], stream) -> None:
               f"{fmt(before['weighted_log_loss'], 4)} -> {fmt(after['weighted_log_loss'], 4)}", file=stream)
     if result.get("by_size"):
         _print_by_size(result["by_size"], stream)
+    if result.get("by_site"):
+        _print_by_site(result["by_site"], stream)
     if result["skipped"]:
         shown = ", ".join(result["skipped"][:10])
         more = f" and {len(result['skipped']) - 10} more" if len(result["skipped"]) > 10 else ""
@@ -125,6 +135,17 @@ def _print_by_size(by_size: dict[str, Any], stream) -> None:
         print(f"{label:<18}" + "   ".join(cells), file=stream)
 
 
+def _print_by_site(by_site: dict[str, Any], stream) -> None:
+    print("\nby site: each subtype's positives by where the blood lies (n), AUC against every negative slice / "
+          "against the negatives that bleed", file=stream)
+    for label, groups in by_site.items():
+        if not groups:
+            print(f"{label:<18}-", file=stream)
+            continue
+        cells = [f"{g['site']} (n {g['n']}) {fmt(g['auc'], 3)} / {fmt(g['auc_given_any'], 3)}" for g in groups]
+        print(f"{label:<18}" + "   ".join(cells), file=stream)
+
+
 def run(args: argparse.Namespace) -> int:
     from training.evaluation import evaluate
 
@@ -132,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--batch-size must be at least 1")
     result = evaluate(args.run, args.data, batch_size=args.batch_size, workers=args.workers,
                       split=args.split, calibrate=args.calibrate, save=args.save, device=args.device,
-                      by_size=args.by_size)
+                      by_size=args.by_size, by_site=args.by_site)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=False))
     else:

@@ -67,13 +67,16 @@ def evaluate(
     rows=None,
     device: str = "auto",
     by_size: bool = False,
+    by_site: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run's model on a data set and return the JSON object ``evaluate --json`` prints
     (its keys: ``training.evaluate_cmd``).
 
     ``index`` (the data set's DataIndex) and ``rows`` (the index rows to evaluate) let a caller that
     evaluates several runs on one data set build them once. ``by_size`` (a synthetic set only) adds
-    ``by_size``: each label's AUC by blood-area group of its positives (``evaluations.auc_by_size``).
+    ``by_size``: each label's AUC by blood-area group of its positives (``evaluations.auc_by_size``);
+    ``by_site`` (a synthetic set only) adds ``by_site``: each subtype's AUC by where its blood lies
+    (``evaluations.auc_by_site``).
     """
     import numpy as np
 
@@ -139,6 +142,10 @@ def evaluate(
 
         areas = blood_areas(data_dir, frame["image_id"].astype(str).tolist())
         result["by_size"] = ev.auc_by_size(frame, areas)
+    if by_site:
+        from hemorrhage_core.synthetic.truth import lesion_sites
+
+        result["by_site"] = ev.auc_by_site(frame, lesion_sites(data_dir, frame["image_id"].astype(str).tolist()))
     if save is not None:
         folder = ev.write_evaluation(record.path, save, frame, result)
         log.info("saved the evaluation in %s", folder)
