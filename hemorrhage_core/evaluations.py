@@ -262,11 +262,12 @@ def auc_by_site(frame: pd.DataFrame, sites: pd.DataFrame) -> dict[str, list[dict
         bleeding = neg[neg["true_any"] == 1]
         counts = pos[f"{label}_site"].value_counts()
         order = sorted(counts.index, key=lambda site: (-int(counts[site]), str(site)))
-        out[label] = [
-            {"site": str(site), "n": int(counts[site]), "auc": _auc_against(pos[pos[f"{label}_site"] == site], neg, label),
-             "auc_given_any": _auc_against(pos[pos[f"{label}_site"] == site], bleeding, label)}
-            for site in order
-        ]
+        rows = []
+        for site in order:
+            here = pos[pos[f"{label}_site"] == site]
+            rows.append({"site": str(site), "n": int(len(here)), "auc": _auc_against(here, neg, label),
+                         "auc_given_any": _auc_against(here, bleeding, label)})
+        out[label] = rows
     return out
 
 

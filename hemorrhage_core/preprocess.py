@@ -232,7 +232,7 @@ def _polar_radii(h: int, w: int, ellipse: bool) -> tuple[float, float]:
 
 def _seam_start(seam: str) -> float:
     """The angle at which a polar turn with its seam at ``seam`` (``POLAR_SEAMS``) begins."""
-    if seam not in POLAR_SEAMS:
+    if not isinstance(seam, str) or seam not in POLAR_SEAMS:
         raise ValueError(f"polar_seam must be one of {', '.join(POLAR_SEAMS)}, got {seam!r}")
     return _POLAR_START + POLAR_SEAMS[seam]
 

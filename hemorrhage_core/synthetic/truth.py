@@ -4,7 +4,9 @@ lies, by subtype.
 The areas are re-rendered from the set's synth.json (seed, patients, slices per patient, size and the
 generator's configuration), so a set written before this module existed has them too. The re-rendered
 labels must equal the set's label CSV: where they differ, the generator has changed since the set was
-written and the areas would describe other slices, so they are refused.
+written and the areas would describe other slices, so they are refused. The sites are read from the
+phantoms' parameters without rendering; a positive label without a lesion of its type there is refused
+the same way.
 """
 
 from __future__ import annotations
@@ -90,10 +92,10 @@ def _read_set(folder: Path, image_ids: Iterable[str] | None, what: str) -> tuple
     return _SetPlan(seed, per_patient, size, config, where), wanted
 
 
-def _changed_generator(iid: str) -> HemorrhageError:
+def _changed_generator(what: str) -> HemorrhageError:
     return HemorrhageError(
-        f"re-rendering {iid} gives other labels than {LABELS_CSV}: the phantom generator has changed since this "
-        "set was written; write the set again (training synth) to know its blood"
+        f"{what}: the phantom generator has changed since this set was written; write the set again "
+        "(training synth) to know its blood areas and sites"
     )
 
 
@@ -114,7 +116,7 @@ def blood_areas(data_dir: str | PathLike, image_ids: Iterable[str] | None = None
             rendered = render_slice(patient, s, size=plan.size, config=plan.config)
             given = labels.loc[iid, list(LABELS)].tolist() if iid in labels.index else None
             if [rendered.labels[k] for k in LABELS] != given:
-                raise _changed_generator(iid)
+                raise _changed_generator(f"re-rendering {iid} gives other labels than {LABELS_CSV}")
             pixel_mm2 = rendered.pixel_mm**2
             union = np.zeros_like(rendered.blood[SUBTYPES[0]])
             row: dict[str, object] = {"image_id": iid}
@@ -175,7 +177,8 @@ def lesion_sites(data_dir: str | PathLike, image_ids: Iterable[str] | None = Non
                 positive = iid in labels.index and int(labels.loc[iid, name]) == 1
                 sites = {lesion_site(lesion) for lesion in cut if lesion.subtype == name}
                 if positive and not sites:
-                    raise _changed_generator(iid)
+                    raise _changed_generator(f"{LABELS_CSV} labels {iid} {name}, but no {name} lesion of its phantom "
+                                             "reaches the slice")
                 row[name] = (sites.pop() if len(sites) == 1 else SEVERAL) if positive else ""
             rows[iid] = row
     return pd.DataFrame([rows[iid] for iid in wanted], columns=["image_id", *SUBTYPES])
