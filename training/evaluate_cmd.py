@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from training.exits import EXIT_OK, CommandError
@@ -94,9 +95,11 @@ def _print_report(result: dict[str, Any], stream) -> None:
         print(f"calibrated (temperature per label, fitted on validation): weighted log loss "
               f"{fmt(before['weighted_log_loss'], 4)} -> {fmt(after['weighted_log_loss'], 4)}", file=stream)
     if result.get("by_size"):
-        _print_by_size(result["by_size"], stream)
+        _print_groups("by blood area: each label's positives in three equal groups (mm²)", result["by_size"],
+                      lambda g: f"{g['area_mm2'][0]:.0f}-{g['area_mm2'][1]:.0f}", stream)
     if result.get("by_site"):
-        _print_by_site(result["by_site"], stream)
+        _print_groups("by site: each subtype's positives by where the blood lies (n)", result["by_site"],
+                      lambda g: g["site"], stream)
     if result["skipped"]:
         shown = ", ".join(result["skipped"][:10])
         more = f" and {len(result['skipped']) - 10} more" if len(result["skipped"]) > 10 else ""
@@ -123,26 +126,15 @@ def _print_pairs(pairs: dict[str, dict[str, float | None]], stream) -> None:
         print(f"{a:<18}" + "".join(f"{'-' if b == a else fmt(pairs[a][b], 3):>10}" for b in SUBTYPES), file=stream)
 
 
-def _print_by_size(by_size: dict[str, Any], stream) -> None:
-    print("\nby blood area: each label's positives in three equal groups (mm²), AUC against every negative "
-          "slice / against the negatives that bleed", file=stream)
-    for label, groups in by_size.items():
+def _print_groups(title: str, by_label: dict[str, Any], name: Callable[[dict[str, Any]], str], stream) -> None:
+    """One line per label of its positives' groups (``by_size`` or ``by_site``): each group's ``name``,
+    count and AUC against every negative / against the negatives that bleed."""
+    print(f"\n{title}, AUC against every negative slice / against the negatives that bleed", file=stream)
+    for label, groups in by_label.items():
         if not groups:
             print(f"{label:<18}-", file=stream)
             continue
-        cells = [f"{g['area_mm2'][0]:.0f}-{g['area_mm2'][1]:.0f} (n {g['n']}) {fmt(g['auc'], 3)} / {fmt(g['auc_given_any'], 3)}"
-                 for g in groups]
-        print(f"{label:<18}" + "   ".join(cells), file=stream)
-
-
-def _print_by_site(by_site: dict[str, Any], stream) -> None:
-    print("\nby site: each subtype's positives by where the blood lies (n), AUC against every negative slice / "
-          "against the negatives that bleed", file=stream)
-    for label, groups in by_site.items():
-        if not groups:
-            print(f"{label:<18}-", file=stream)
-            continue
-        cells = [f"{g['site']} (n {g['n']}) {fmt(g['auc'], 3)} / {fmt(g['auc_given_any'], 3)}" for g in groups]
+        cells = [f"{name(g)} (n {g['n']}) {fmt(g['auc'], 3)} / {fmt(g['auc_given_any'], 3)}" for g in groups]
         print(f"{label:<18}" + "   ".join(cells), file=stream)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -32,7 +32,7 @@ from hemorrhage_core.synthetic.lesions import (
     Lesion,
     Subarachnoid,
 )
-from hemorrhage_core.synthetic.phantom import PhantomConfig, render_slice, sample_patient
+from hemorrhage_core.synthetic.phantom import PatientPhantom, PhantomConfig, render_slice, sample_patient
 
 ANY = "any"  # the union of the subtypes' blood (overlapping lesions counted once)
 
@@ -61,18 +61,23 @@ class _SetPlan:
     config: PhantomConfig
     where: dict[str, tuple[int, int]]  # image id -> (patient index, slice index)
 
-    def patients(self, image_ids: list[str]) -> dict[int, list[tuple[int, str]]]:
-        """The asked slices grouped by patient, each patient's (slice index, image id) in order."""
+    def slices(self, image_ids: list[str]) -> Iterator[tuple[PatientPhantom, int, str]]:
+        """(phantom, slice index, image id) of the asked slices, patient by patient (each phantom drawn
+        once), each patient's slices in order."""
         by_patient: dict[int, list[tuple[int, str]]] = {}
         for iid in image_ids:
             p, s = self.where[iid]
             by_patient.setdefault(p, []).append((s, iid))
-        return {p: sorted(slices) for p, slices in sorted(by_patient.items())}
+        for p, slices in sorted(by_patient.items()):
+            patient = sample_patient(self.seed, p, self.per_patient, self.config)
+            for s, iid in sorted(slices):
+                yield patient, s, iid
 
 
-def _read_set(folder: Path, image_ids: Iterable[str] | None, what: str) -> tuple[_SetPlan, list[str]]:
-    """The set's plan from its synth.json and the ids asked for (default: every slice); refuses a folder
-    without synth.json (``what`` is known only for synthetic sets) and ids that are not its slices."""
+def _read_set(folder: Path, image_ids: Iterable[str] | None, what: str) -> tuple[_SetPlan, list[str], pd.DataFrame]:
+    """The set's plan from its synth.json, the ids asked for (default: every slice) and its labels;
+    refuses a folder without synth.json (``what`` is known only for synthetic sets) and ids that are not
+    its slices."""
     try:
         record = json.loads((folder / SUMMARY_JSON).read_text(encoding="utf-8"))
         params = record["parameters"]
@@ -89,7 +94,7 @@ def _read_set(folder: Path, image_ids: Iterable[str] | None, what: str) -> tuple
     unknown = [i for i in wanted if i not in where]
     if unknown:
         raise HemorrhageError(f"{len(unknown)} images are not slices of this synthetic set (for example {unknown[:3]})")
-    return _SetPlan(seed, per_patient, size, config, where), wanted
+    return _SetPlan(seed, per_patient, size, config, where), wanted, read_labels(folder / LABELS_CSV).frame
 
 
 def _changed_generator(what: str) -> HemorrhageError:
@@ -106,25 +111,21 @@ def blood_areas(data_dir: str | PathLike, image_ids: Iterable[str] | None = None
     part of the set is refused. Raises HemorrhageError for a folder without synth.json (not a
     synthetic set) and for re-rendered labels that differ from the set's.
     """
-    folder = Path(data_dir)
-    plan, wanted = _read_set(folder, image_ids, "blood areas")
-    labels = read_labels(folder / LABELS_CSV).frame
+    plan, wanted, labels = _read_set(Path(data_dir), image_ids, "blood areas")
     rows: dict[str, dict[str, object]] = {}
-    for p, slices in plan.patients(wanted).items():
-        patient = sample_patient(plan.seed, p, plan.per_patient, plan.config)
-        for s, iid in slices:
-            rendered = render_slice(patient, s, size=plan.size, config=plan.config)
-            given = labels.loc[iid, list(LABELS)].tolist() if iid in labels.index else None
-            if [rendered.labels[k] for k in LABELS] != given:
-                raise _changed_generator(f"re-rendering {iid} gives other labels than {LABELS_CSV}")
-            pixel_mm2 = rendered.pixel_mm**2
-            union = np.zeros_like(rendered.blood[SUBTYPES[0]])
-            row: dict[str, object] = {"image_id": iid}
-            for name in SUBTYPES:
-                row[name] = float(np.count_nonzero(rendered.blood[name])) * pixel_mm2
-                union |= rendered.blood[name]
-            row[ANY] = float(np.count_nonzero(union)) * pixel_mm2
-            rows[iid] = row
+    for patient, s, iid in plan.slices(wanted):
+        rendered = render_slice(patient, s, size=plan.size, config=plan.config)
+        given = labels.loc[iid, list(LABELS)].tolist() if iid in labels.index else None
+        if [rendered.labels[k] for k in LABELS] != given:
+            raise _changed_generator(f"re-rendering {iid} gives other labels than {LABELS_CSV}")
+        pixel_mm2 = rendered.pixel_mm**2
+        union = np.zeros_like(rendered.blood[SUBTYPES[0]])
+        row: dict[str, object] = {"image_id": iid}
+        for name in SUBTYPES:
+            row[name] = float(np.count_nonzero(rendered.blood[name])) * pixel_mm2
+            union |= rendered.blood[name]
+        row[ANY] = float(np.count_nonzero(union)) * pixel_mm2
+        rows[iid] = row
     # Rendered patient by patient (each phantom drawn once), returned in the order asked.
     return pd.DataFrame([rows[iid] for iid in wanted], columns=["image_id", *SUBTYPES, ANY])
 
@@ -164,21 +165,17 @@ def lesion_sites(data_dir: str | PathLike, image_ids: Iterable[str] | None = Non
     sites, "" when the slice's label for the type is 0. Read from the phantoms' parameters (nothing
     rendered, so quick). Refusals as ``blood_areas``; a positive label without a lesion of its type cut
     by the slice means the generator has changed since the set was written."""
-    folder = Path(data_dir)
-    plan, wanted = _read_set(folder, image_ids, "lesion sites")
-    labels = read_labels(folder / LABELS_CSV).frame
+    plan, wanted, labels = _read_set(Path(data_dir), image_ids, "lesion sites")
     rows: dict[str, dict[str, str]] = {}
-    for p, slices in plan.patients(wanted).items():
-        patient = sample_patient(plan.seed, p, plan.per_patient, plan.config)
-        for s, iid in slices:
-            cut = [lesion for lesion in patient.lesions if lesion.z_factor(patient.slice_h_mm[s]) > 0]
-            row = {"image_id": iid}
-            for name in SUBTYPES:
-                positive = iid in labels.index and int(labels.loc[iid, name]) == 1
-                sites = {lesion_site(lesion) for lesion in cut if lesion.subtype == name}
-                if positive and not sites:
-                    raise _changed_generator(f"{LABELS_CSV} labels {iid} {name}, but no {name} lesion of its phantom "
-                                             "reaches the slice")
-                row[name] = (sites.pop() if len(sites) == 1 else SEVERAL) if positive else ""
-            rows[iid] = row
+    for patient, s, iid in plan.slices(wanted):
+        cut = [lesion for lesion in patient.lesions if lesion.z_factor(patient.slice_h_mm[s]) > 0]
+        row = {"image_id": iid}
+        for name in SUBTYPES:
+            positive = iid in labels.index and int(labels.loc[iid, name]) == 1
+            sites = {lesion_site(lesion) for lesion in cut if lesion.subtype == name}
+            if positive and not sites:
+                raise _changed_generator(f"{LABELS_CSV} labels {iid} {name}, but no {name} lesion of its phantom "
+                                         "reaches the slice")
+            row[name] = (sites.pop() if len(sites) == 1 else SEVERAL) if positive else ""
+        rows[iid] = row
     return pd.DataFrame([rows[iid] for iid in wanted], columns=["image_id", *SUBTYPES])
