@@ -12,6 +12,7 @@ evaluate, predict and the dashboard feed the model identical tensors. The model 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,12 @@ MAX_POLAR_FOLD = 4  # panels of the folded polar image (SlicePrep.polar_fold)
 # Where the polar turn starts and ends (SlicePrep.polar_seam), as an angle past _POLAR_START: only these two
 # keep a flip of the polar image (its columns reversed) the head mirrored left to right.
 POLAR_SEAMS = {"back": 0.0, "front": math.pi}
+# Columns closer together at the midline (SlicePrep.polar_midline): the columns' density over the angle a
+# (from the back) is 1 + c exp(k (cos 2a - 1)), a bump at the front and one at the back, each at half its
+# height 25 degrees from the midline, wide enough for heads turned by up to 15 degrees in the slice.
+_MIDLINE_KAPPA = 1.8
+_MIDLINE_TABLE = 4096  # samples of one turn in the tabulated map between angle and column
+MAX_POLAR_MIDLINE = 2.5  # the midline's columns at most this many times as dense as without the option
 
 # Skull-traced polar frame (SlicePrep.polar_trace): the inner table's radius over the angle, found along
 # this many rays from the crop's centre and kept as a Fourier series this many harmonics long: two are an
@@ -237,9 +244,42 @@ def _seam_start(seam: str) -> float:
     return _POLAR_START + POLAR_SEAMS[seam]
 
 
+@functools.lru_cache(maxsize=8)
+def _midline_table(midline: float) -> tuple[np.ndarray, np.ndarray]:
+    """(angle, column) over one turn from the seam, both as shares of a turn from 0 to 1: where the column
+    share reaches each angle when the midline's columns are ``midline`` times as dense as the mean."""
+    if not 1.0 <= midline <= MAX_POLAR_MIDLINE:
+        raise ValueError(f"polar_midline must be from 1 to {MAX_POLAR_MIDLINE}, got {midline!r}")
+    angle = np.linspace(0.0, 1.0, _MIDLINE_TABLE + 1)
+    bump = np.exp(_MIDLINE_KAPPA * (np.cos(4.0 * math.pi * angle) - 1.0))  # 1 at the midlines, front and back
+    mean_bump = float(np.mean(bump[:-1]))
+    gain = (midline - 1.0) / (1.0 - midline * mean_bump)  # so that the density's peak over its mean is ``midline``
+    density = 1.0 + gain * bump
+    column = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2.0)])
+    return angle, column / column[-1]
+
+
+def _midline_columns(turns: np.ndarray, midline: float) -> np.ndarray:
+    """Angle (turns from the seam) -> column (share of a turn's columns from the seam), any number of turns."""
+    if midline == 1.0:
+        return turns
+    angle, column = _midline_table(float(midline))
+    whole = np.floor(turns)
+    return whole + np.interp(turns - whole, angle, column)
+
+
+def _midline_angles(columns: np.ndarray, midline: float) -> np.ndarray:
+    """The inverse of ``_midline_columns``: column share -> angle in turns from the seam."""
+    if midline == 1.0:
+        return columns
+    angle, column = _midline_table(float(midline))
+    whole = np.floor(columns)
+    return whole + np.interp(columns - whole, column, angle)
+
+
 def polar_grid(
     shape: tuple[int, int], size: int, columns: int, overlap: float = 0.0, ellipse: bool = False,
-    trace: tuple[float, ...] | None = None, fold: int = 1, seam: str = "back",
+    trace: tuple[float, ...] | None = None, fold: int = 1, seam: str = "back", midline: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Slice coordinates (rows, cols), each (size, columns), of the polar image of a slice of ``shape``:
     row i at radius (i + 0.5) / size of the half side from the slice's centre, column j at angle
@@ -253,7 +293,10 @@ def polar_grid(
     both sides, laid out as panels of ``size / fold`` rows stacked from the top: the same pixels with
     ``fold`` times the columns per turn and 1 / ``fold`` the rows per radius.
     ``seam``: where the turn starts and ends (``POLAR_SEAMS``): the back of the head, or half a turn on,
-    the front."""
+    the front.
+    ``midline`` > 1: the columns are spaced by angle unevenly, ``midline`` times as close as on average at
+    the front and back midlines (``_midline_table``) and further apart at the sides; the turns above
+    (and ``overlap``) then count columns, not angle."""
     h, w = shape
     if fold < 1 or size % fold:
         raise ValueError(f"a polar image of {size} rows cannot hold {fold} panels of whole rows")
@@ -263,7 +306,7 @@ def polar_grid(
     half_h, half_w = _polar_radii(h, w, ellipse)
     arc = (1.0 / fold + 2.0 * overlap) * (np.arange(columns, dtype=np.float64) + 0.5) / columns - overlap
     turns = panel[:, None] / fold + arc[None, :]
-    angle = _seam_start(seam) + 2.0 * math.pi * turns
+    angle = _seam_start(seam) + 2.0 * math.pi * _midline_angles(turns, midline)
     radius = unit[:, None] * _trace_scale(trace, angle)
     rows = (h - 1) / 2.0 + half_h * radius * np.sin(angle)
     cols = (w - 1) / 2.0 + half_w * radius * np.cos(angle)
@@ -272,7 +315,7 @@ def polar_grid(
 
 def polar_slice(
     hu: np.ndarray, size: int, overlap: float = 0.0, ellipse: bool = False, trace: tuple[float, ...] | None = None,
-    fold: int = 1, seam: str = "back",
+    fold: int = 1, seam: str = "back", midline: float = 1.0,
 ) -> np.ndarray:
     """HU (H, W) -> HU (size, ``_POLAR_OVERSAMPLE`` size) in polar coordinates around the slice's centre
     (bilinear; air beyond the slice): rows the distance from the centre out to half the shorter side
@@ -280,11 +323,12 @@ def polar_slice(
     angle (``polar_grid``). With the head crop the centre is the skull's, so the skull runs along the
     rows near the bottom and blood under it (epidural, subdural) is a band along the skull whose length
     and thickness profile read the same at every angle. ``overlap``, ``ellipse``, ``trace``, ``fold``,
-    ``seam``: see ``polar_grid`` (an ellipse on a stretched crop, ``head_box``; a trace from ``inner_table``)."""
+    ``seam``, ``midline``: see ``polar_grid`` (an ellipse on a stretched crop, ``head_box``; a trace from ``inner_table``)."""
     h, w = hu.shape
     # Folded, each panel is sampled at ``size`` rows too and averaged down in blocks of ``fold``, so the
     # radius is averaged like the angle and no row mixes two panels.
-    rows, cols = polar_grid((h, w), size * fold, _POLAR_OVERSAMPLE * size, overlap, ellipse, trace, fold, seam)
+    rows, cols = polar_grid((h, w), size * fold, _POLAR_OVERSAMPLE * size, overlap, ellipse, trace, fold, seam,
+                            midline)
     # grid_sample (about 2x scipy's map_coordinates here) on HU above air, whose zero padding is then air.
     grid = np.stack([cols * (2.0 / max(w - 1, 1)) - 1.0, rows * (2.0 / max(h - 1, 1)) - 1.0], axis=-1)
     above_air = np.nan_to_num(np.asarray(hu, dtype=np.float32), nan=AIR_HU) - AIR_HU
@@ -339,6 +383,7 @@ class InputGeometry:
     trace: tuple[float, ...] | None = None  # the polar frame follows the inner table (``inner_table``)
     polar_fold: int = 1  # the polar turn in this many stacked panels (``polar_grid``)
     polar_seam: str = "back"  # where the polar turn starts and ends (``POLAR_SEAMS``)
+    polar_midline: float = 1.0  # the columns this many times as close at the midline (``polar_grid``)
 
     def to_slice(self, values: np.ndarray) -> np.ndarray:
         """float32 (S, S) on the input grid -> float32 (H, W) on the slice, 0 where the input did not
@@ -351,7 +396,7 @@ class InputGeometry:
         frame = (h, w) if self.box is None else (self.box[2], self.box[3])
         if self.polar:
             back = _from_polar(values, frame, self.polar_overlap, self.ellipse, self.trace, self.polar_fold,
-                               self.polar_seam)
+                               self.polar_seam, self.polar_midline)
         else:
             x = torch.from_numpy(np.ascontiguousarray(values))[None, None]
             back = F.interpolate(x, size=frame, mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -367,7 +412,7 @@ class InputGeometry:
 
 def _from_polar(
     values: np.ndarray, frame: tuple[int, int], overlap: float = 0.0, ellipse: bool = False,
-    trace: tuple[float, ...] | None = None, fold: int = 1, seam: str = "back",
+    trace: tuple[float, ...] | None = None, fold: int = 1, seam: str = "back", midline: float = 1.0,
 ) -> np.ndarray:
     """The inverse of ``polar_slice`` followed by the resize: (S, S) polar -> ``frame`` (H, W). With an
     overlap each slice pixel is read from the middle turn (the columns past the seam are its copies);
@@ -379,7 +424,8 @@ def _from_polar(
     dy, dx = (yy - (h - 1) / 2.0) / half_h, (xx - (w - 1) / 2.0) / half_w  # on the unit circle's scale
     angle = np.arctan2(dy, dx)
     radius = np.hypot(dy, dx) / _trace_scale(trace, angle)
-    turn = np.mod(angle - _seam_start(seam), 2.0 * math.pi) / (2.0 * math.pi)
+    # The share of the turn's columns at each pixel's angle (the angle's own share without ``midline``).
+    turn = _midline_columns(np.mod(angle - _seam_start(seam), 2.0 * math.pi) / (2.0 * math.pi), midline)
     if fold == 1:
         row = radius * size - 0.5
         col = (turn + overlap) / (1.0 + 2.0 * overlap) * size - 0.5
@@ -434,6 +480,9 @@ class SlicePrep:
     and the convexity every 3 mm; in two panels about 1 mm and 2 mm (``polar_grid``).
     ``polar_seam``: where the turn starts and ends, at the back of the head or at the front
     (``POLAR_SEAMS``): what lies at the seam sits near the image's side edges, the rest whole inside.
+    ``polar_midline``: the columns ``polar_midline`` times as close together at the front and back
+    midlines as on average, further apart at the sides (``polar_grid``): the interhemispheric fissure,
+    a line along the radius 1 to 4 mm wide, spans more columns.
     The geometry (``geometry``) maps the input grid back onto the slice either way.
     """
 
@@ -449,6 +498,7 @@ class SlicePrep:
     polar_trace: bool = False  # with polar and head_crop: the frame follows the inner table (``inner_table``)
     polar_fold: int = 1  # with polar: the turn in this many stacked panels (``polar_grid``)
     polar_seam: str = "back"  # with polar: where the turn starts and ends (``POLAR_SEAMS``)
+    polar_midline: float = 1.0  # with polar: the columns this many times as close at the midline
 
     def __post_init__(self) -> None:
         if int(self.image_size) < 1:
@@ -483,6 +533,11 @@ class SlicePrep:
         _seam_start(self.polar_seam)  # refuses an unknown seam
         # Without polar there is no seam: keep the default so equal preprocessings compare equal.
         object.__setattr__(self, "polar_seam", self.polar_seam if self.polar else "back")
+        midline = self.polar_midline
+        if isinstance(midline, bool) or not isinstance(midline, int | float) \
+                or not 1.0 <= float(midline) <= MAX_POLAR_MIDLINE:
+            raise ValueError(f"polar_midline must be a number from 1 to {MAX_POLAR_MIDLINE}, got {midline!r}")
+        object.__setattr__(self, "polar_midline", float(midline) if self.polar else 1.0)
 
     @property
     def channels(self) -> int:
@@ -514,7 +569,7 @@ class SlicePrep:
             hu = crop_box(hu, *geometry.box)
         if self.polar:
             hu = polar_slice(hu, self.image_size, self.polar_overlap, geometry.ellipse, geometry.trace, self.polar_fold,
-                             self.polar_seam)
+                             self.polar_seam, self.polar_midline)
         return prepare_slice(hu, self.image_size, self.windows)
 
     def geometry(self, shape: tuple[int, ...], ring: HeadRing | None) -> InputGeometry:
@@ -524,9 +579,10 @@ class SlicePrep:
             box = head_box(ring, (h, w), self.crop_margin, self.crop_min_side, self.crop_stretch)
             trace = inner_table(ring, box, self.crop_stretch) if self.polar_trace else None
             return InputGeometry((h, w), box, self.polar, self.polar_overlap, ellipse=self.crop_stretch, trace=trace,
-                                 polar_fold=self.polar_fold, polar_seam=self.polar_seam)
+                                 polar_fold=self.polar_fold, polar_seam=self.polar_seam,
+                                 polar_midline=self.polar_midline)
         return InputGeometry((h, w), None, self.polar, self.polar_overlap, polar_fold=self.polar_fold,
-                             polar_seam=self.polar_seam)
+                             polar_seam=self.polar_seam, polar_midline=self.polar_midline)
 
     def per_slice(self) -> SlicePrep:
         """This preprocessing without the context: what one slice's cache entry holds."""
@@ -540,6 +596,7 @@ class SlicePrep:
         polar += "-trace" if self.polar_trace else ""
         polar += f"-fold{self.polar_fold}" if self.polar_fold > 1 else ""
         polar += f"-seam{self.polar_seam}" if self.polar_seam != "back" else ""
+        polar += f"-mid{self.polar_midline:g}" if self.polar_midline != 1.0 else ""
         return f"{self.image_size}px-{self.windows.key()}{crop}{polar}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -548,7 +605,7 @@ class SlicePrep:
             "head_crop": self.head_crop, "crop_margin": self.crop_margin, "crop_min_side": self.crop_min_side,
             "context": self.context, "polar": self.polar, "polar_overlap": self.polar_overlap,
             "crop_stretch": self.crop_stretch, "polar_trace": self.polar_trace, "polar_fold": self.polar_fold,
-            "polar_seam": self.polar_seam,
+            "polar_seam": self.polar_seam, "polar_midline": self.polar_midline,
         }
 
     @classmethod
@@ -568,6 +625,7 @@ class SlicePrep:
             polar_trace=bool(values.get("polar_trace", False)),
             polar_fold=int(values.get("polar_fold", 1)),
             polar_seam=str(values.get("polar_seam", "back")),
+            polar_midline=float(values.get("polar_midline", 1.0)),
         )
 
 

@@ -13,6 +13,7 @@ from hemorrhage_core.dashboard.common import (
     polar_caption,
     run_is_polar,
     run_polar_fold,
+    run_polar_midline,
     run_polar_overlap,
     run_polar_seam,
     run_polar_trace,
@@ -52,6 +53,10 @@ def test_config_refuses_a_polar_that_is_not_a_boolean():
         with pytest.raises(ConfigError, match="polar_seam"):
             TrainConfig(polar=True, polar_seam=bad)
     assert TrainConfig().polar_seam == "back"  # where the seam was before it could be moved
+    for bad in (0.5, 2.6, float("nan"), True, "1.5", None):
+        with pytest.raises(ConfigError, match="polar_midline"):
+            TrainConfig(polar=True, polar_midline=bad)
+    assert TrainConfig().polar_midline == 1.0  # columns evenly spaced, as before the option
 
 
 def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_path):
@@ -61,7 +66,7 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
     write_tiny_set(data, n_patients=6, slices_per_patient=4)
     stage1 = fit(tiny_config(data, tmp_path / "runs", polar=True, polar_overlap=0.125, crop_stretch=True,
                               polar_trace=True, polar_fold=2, crop_margin=0.03, polar_seam="front",
-                              image_size=48))
+                              polar_midline=1.5, image_size=48))
     stage2 = fit(tiny_config(data, tmp_path / "runs", stage=2, init_from=str(stage1), input_size=None))
     path = next(stage2.glob("checkpoints/best*.pt"))
     ckpt = load_checkpoint(path)
@@ -72,7 +77,8 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
     assert ckpt.prep.polar_fold == ckpt.config["polar_fold"] == 2  # and the folded panels
     assert ckpt.prep.crop_margin == ckpt.config["crop_margin"] == 0.03  # and the crop's margin
     assert ckpt.prep.polar_seam == ckpt.config["polar_seam"] == "front"  # and the seam's place
-    assert ckpt.prep.key().endswith("-crop0.03m0.4s-polar0.125-trace-fold2-seamfront")
+    assert ckpt.prep.polar_midline == ckpt.config["polar_midline"] == 1.5  # and the midline's columns
+    assert ckpt.prep.key().endswith("-crop0.03m0.4s-polar0.125-trace-fold2-seamfront-mid1.5")
     predictor = Predictor.from_checkpoint(path)
     file = next((data / "stage_2_train").glob("*.dcm"))
     hu = read_slice(file).hu
@@ -80,6 +86,7 @@ def test_a_polar_run_trains_stage2_follows_it_and_the_predictor_reads_polar(tmp_
     np.testing.assert_array_equal(prepared.image, ckpt.prep(hu))
     assert prepared.geometry == ckpt.prep.geometry(hu.shape, find_skull_ring(hu)) and prepared.geometry.polar
     assert prepared.geometry.polar_fold == 2 and prepared.geometry.polar_seam == "front"
+    assert prepared.geometry.polar_midline == 1.5
     result = predictor.predict(file, saliency_label="any")
     assert result.heatmap is not None and result.heatmap.shape == hu.shape  # back on the slice
 
@@ -113,3 +120,10 @@ def test_the_dashboard_knows_a_polar_run_and_its_overlap_from_its_config():
     assert "from the front, with the front of the head repeated at both edges;" in polar_caption(0.125, seam="front")
     assert "from the front of the head round the image's right side" in polar_caption(0.0, fold=2, seam="front")
     assert "from the back of the head round the image's left side" in polar_caption(0.0, fold=2)
+    # and when the columns lie closer at the midline (runs from before polar_midline: evenly spaced)
+    assert run_polar_midline(summary({"polar": True, "polar_midline": 1.5})) == 1.5
+    assert run_polar_midline(summary({"polar": True})) == 1.0 and run_polar_midline(None) == 1.0
+    assert run_polar_midline(summary({"polar_midline": True})) == 1.0
+    assert ("straight row, the columns 1.5 times as close together at the front and back midlines as on average;"
+            in polar_caption(0.125, traced=True, midline=1.5))
+    assert "midlines" not in polar_caption(0.125, traced=True)

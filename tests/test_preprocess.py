@@ -340,6 +340,69 @@ def test_a_polar_seam_at_the_front_turns_the_frame_by_half_a_turn_and_maps_back(
     assert SlicePrep.from_dict({k: v for k, v in plain.to_dict().items() if k != "polar_seam"}) == plain
 
 
+def _radial_line(hu: np.ndarray, centre, angle: float, half_width: float = 1.5) -> np.ndarray:
+    """A line of blood-dense tissue along the radius at ``angle`` (a thickened falx when on the midline)."""
+    yy, xx = np.mgrid[: hu.shape[0], : hu.shape[1]].astype(np.float64)
+    dy, dx = yy - centre[0], xx - centre[1]
+    along = dx * np.cos(angle) + dy * np.sin(angle)
+    across = np.abs(-dx * np.sin(angle) + dy * np.cos(angle))
+    out = hu.copy()
+    out[(across <= half_width) & (along > 10.0) & (along < 52.0)] = 75.0
+    return out
+
+
+def test_polar_midline_spreads_the_midline_over_more_columns_and_maps_back():
+    from hemorrhage_core.preprocess import _midline_columns
+
+    hu = _head(256, (128.0, 128.0), 60.0)
+    centre = (128.0, 128.0)
+
+    def columns_wide(line_angle: float, midline: float) -> float:
+        """The line's width in columns at 40 px from the centre: its blood summed across one row."""
+        frame = polar_slice(_radial_line(hu, centre, line_angle), 64, midline=midline)  # 64 rows, 256 columns
+        return float(np.clip((frame[int(40 / 128 * 64)] - 35.0) / 40.0, 0.0, None).sum())
+
+    # at the back and front midlines the columns are 1.5 times as close, at the sides 0.78 times
+    for angle in (np.pi / 2, -np.pi / 2):
+        assert columns_wide(angle, 1.5) / columns_wide(angle, 1.0) == pytest.approx(1.5, abs=0.08)
+    assert columns_wide(0.0, 1.5) / columns_wide(0.0, 1.0) == pytest.approx(0.775, abs=0.05)
+    np.testing.assert_array_equal(polar_slice(hu, 20, midline=1.0), polar_slice(hu, 20))  # the default
+    # blood at any angle lies in the column the map gives (a quarter turn from the seam stays a quarter)
+    prep = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_midline=1.5)
+    image = prep(hu)
+    for angle in (np.pi / 2 + 0.3, np.pi, np.pi / 2 + 2.2):
+        blood = ((prep(_lens(hu, centre, 60.0, angle))[0].astype(int) - image[0].astype(int)) > 40).any(axis=0)
+        column = float(_midline_columns(np.array((angle - np.pi / 2) / (2 * np.pi)), 1.5)) * SIZE
+        assert abs(np.flatnonzero(blood).mean() - (column - 0.5)) <= 1.5
+    # the round trip lands on the blood, as sharply as with evenly spaced columns
+    lens = _lens(hu, centre, 60.0, np.pi / 2 + 0.4)
+    dense = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_overlap=0.125, polar_midline=1.5)
+    even = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_overlap=0.125)
+    assert dense.key() == even.key() + "-mid1.5"
+    geometry = dense.geometry(lens.shape, find_skull_ring(lens))
+    assert geometry.polar_midline == 1.5
+    back = geometry.to_slice(dense(lens)[0] / 255.0)
+    windowed, inside = np.clip(lens / 80.0, 0.0, 1.0), back > 0
+    assert float(np.corrcoef(back[inside], windowed[inside])[0, 1]) > 0.9
+    seen = even.geometry(lens.shape, find_skull_ring(lens)).to_slice(even(lens)[0] / 255.0)
+
+    def contrast(values: np.ndarray) -> float:
+        return float(values[np.abs(lens - 75.0) < 1.0].mean() - values[np.abs(lens - 35.0) < 1.0].mean())
+
+    assert contrast(back) > 0.25 and abs(contrast(back) - contrast(seen)) < 0.03
+    # the spacing is the same on both sides of the midline, so the training flip is still the mirrored head
+    whole = SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_overlap=0.125, polar_midline=1.5)
+    side_lens = _lens(hu, centre, 60.0, np.pi * 0.8)
+    flipped, mirrored = whole(np.fliplr(side_lens).copy()).astype(int), whole(side_lens)[:, :, ::-1].astype(int)
+    assert int(np.abs(flipped - mirrored).max()) <= 1
+    for bad in (0.9, 2.6, float("nan"), True, "1.5", None):
+        with pytest.raises(ValueError, match="polar_midline"):
+            SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_midline=bad)
+    assert SlicePrep(SIZE, DEFAULT_STACK, polar_midline=2.0) == SlicePrep(SIZE, DEFAULT_STACK)  # nothing without polar
+    assert SlicePrep.from_dict(dense.to_dict()) == dense
+    assert SlicePrep.from_dict({k: v for k, v in even.to_dict().items() if k != "polar_midline"}) == even
+
+
 def _oval_head(size: int = 256, centre=(128.0, 128.0), radii=(84.0, 60.0)) -> np.ndarray:
     """A head longer than it is wide (as heads are: about 1.2 front to back on the phantoms): air, a
     6 px skull, brain at 35 HU."""

@@ -54,6 +54,7 @@ class TrainConfig:
     polar_trace: bool = False  # with polar and head_crop: the polar frame follows the skull's inner table
     polar_fold: int = 1  # with polar: the turn in this many stacked panels, more columns per turn (SlicePrep)
     polar_seam: str = "back"  # with polar: where the turn starts and ends, back or front of the head (SlicePrep)
+    polar_midline: float = 1.0  # with polar: the columns this many times as close at the midline (SlicePrep)
     cache: bool = True  # preprocessed uint8 cache, built once and reused
     num_workers: int = 0
     augment: bool = True  # random flips / small affine jitter on training slices only
@@ -126,7 +127,13 @@ class TrainConfig:
         _check(0.0 < self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "must be in (0, 0.5]")
         _check(0.0 <= self.test_fraction < 0.5, "test_fraction", self.test_fraction, "must be in [0, 0.5)")
         _check(self.image_size >= 32, "image_size", self.image_size, "must be >= 32 px")
-        from hemorrhage_core.preprocess import MAX_CONTEXT, MAX_POLAR_FOLD, MAX_POLAR_OVERLAP, POLAR_SEAMS
+        from hemorrhage_core.preprocess import (
+            MAX_CONTEXT,
+            MAX_POLAR_FOLD,
+            MAX_POLAR_MIDLINE,
+            MAX_POLAR_OVERLAP,
+            POLAR_SEAMS,
+        )
 
         _check(isinstance(self.context, int) and not isinstance(self.context, bool) and 0 <= self.context <= MAX_CONTEXT,
                "context", self.context, f"must be a whole number of slices from 0 to {MAX_CONTEXT}")
@@ -145,6 +152,9 @@ class TrainConfig:
         _check(not self.polar or self.image_size % self.polar_fold == 0, "polar_fold", self.polar_fold,
                f"must divide image_size ({self.image_size} px) into panels of whole rows")
         _check(isinstance(self.polar_seam, str) and self.polar_seam in POLAR_SEAMS, "polar_seam", self.polar_seam, f"must be one of {', '.join(POLAR_SEAMS)}")
+        _check(isinstance(self.polar_midline, (int, float)) and not isinstance(self.polar_midline, bool)
+               and 1.0 <= self.polar_midline <= MAX_POLAR_MIDLINE, "polar_midline", self.polar_midline,
+               f"must be a number from 1 (columns evenly spaced) to {MAX_POLAR_MIDLINE}")
         _check(self.input_size is None or self.input_size >= 32, "input_size", self.input_size, "must be >= 32 px")
         _check(self.fine_size is None or self.fine_size >= 32, "fine_size", self.fine_size, "must be >= 32 px")
         _check(self.stage == 2 or self.fine_size is None, "fine_size", self.fine_size, "is for stage 2 only")

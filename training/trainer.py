@@ -145,7 +145,7 @@ def slice_prep(config: TrainConfig):
     return SlicePrep(config.image_size, windows, head_crop=config.head_crop, crop_margin=config.crop_margin,
                      crop_stretch=config.crop_stretch, context=config.context, polar=config.polar,
                      polar_overlap=config.polar_overlap, polar_trace=config.polar_trace, polar_fold=config.polar_fold,
-                     polar_seam=config.polar_seam)
+                     polar_seam=config.polar_seam, polar_midline=config.polar_midline)
 
 
 def load_index(config: TrainConfig, env: D.DistEnv):
@@ -369,6 +369,7 @@ def adopt_parent(config: TrainConfig) -> TrainConfig:
         "polar_trace": ckpt.prep.polar_trace,
         "polar_fold": ckpt.prep.polar_fold,
         "polar_seam": ckpt.prep.polar_seam,
+        "polar_midline": ckpt.prep.polar_midline,
         "input_size": ckpt.spec.input_size,
         "stn": ckpt.spec.stn,
     }

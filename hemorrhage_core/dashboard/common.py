@@ -180,14 +180,18 @@ def chosen_run_table(
 
 
 # What a polar model's input looks like, for a reader who expects a head.
-def polar_caption(overlap: float = 0.0, traced: bool = False, fold: int = 1, seam: str = "back") -> str:
+def polar_caption(overlap: float = 0.0, traced: bool = False, fold: int = 1, seam: str = "back",
+                  midline: float = 1.0) -> str:
     """The caption of a polar model's input, saying so when the seam's side of the head (the back, or the
     front: ``polar_seam``) is repeated at the edges, when each angle's rows follow the skull
-    (``polar_trace``) and when the turn is cut into panels (``polar_fold``)."""
+    (``polar_trace``), when the turn is cut into panels (``polar_fold``) and when the columns lie closer
+    together at the midline (``polar_midline``)."""
     seam = "front" if seam == "front" else "back"
     # Clockwise on screen from the seam: from the back the turn goes round the image's left side first.
     first, then = ("left", "right") if seam == "back" else ("right", "left")
     rows = ", each column's rows scaled so the skull's inner edge is one straight row" if traced else ""
+    if midline > 1.0:  # the image is no longer even in angle: the midline's structures look widened
+        rows += f", the columns {midline:g} times as close together at the front and back midlines as on average"
     if fold > 1:
         ends = ", each repeating a little past both its ends" if overlap > 0 else ""
         return (
@@ -228,6 +232,12 @@ def run_polar_seam(summary: RunSummary | None) -> str:
     """Where a polar run's turn starts and ends (its config's ``polar_seam``; the back before it)."""
     value = (summary.config or {}).get("polar_seam", "back") if summary is not None else "back"
     return "front" if value == "front" else "back"
+
+
+def run_polar_midline(summary: RunSummary | None) -> float:
+    """How much closer a polar run's columns lie at the midline (its config's ``polar_midline``; 1 before it)."""
+    value = (summary.config or {}).get("polar_midline", 1.0) if summary is not None else 1.0
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1.0 else 1.0
 
 
 def run_polar_overlap(summary: RunSummary | None) -> float:

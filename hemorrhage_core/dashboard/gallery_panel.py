@@ -27,6 +27,7 @@ from hemorrhage_core.dashboard.common import (
     polar_caption,
     run_is_polar,
     run_polar_fold,
+    run_polar_midline,
     run_polar_overlap,
     run_polar_seam,
     run_polar_trace,
@@ -231,7 +232,8 @@ def gallery_server(input, output, session, ctx: AppContext) -> None:
                 kind="warning",
             ),
             ui.p(f"{len(frame)} of {len(item.frame)} gallery slices match.", class_="text-muted"),
-            *([ui.p(polar_caption(run_polar_overlap(run), run_polar_trace(run), run_polar_fold(run), run_polar_seam(run)),
+            *([ui.p(polar_caption(run_polar_overlap(run), run_polar_trace(run), run_polar_fold(run), run_polar_seam(run),
+                                  run_polar_midline(run)),
                     class_="small")] if run_is_polar(run) else []),
         )
 

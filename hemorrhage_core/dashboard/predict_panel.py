@@ -682,6 +682,6 @@ def _run_request(ctx: AppContext, request: PredictRequest) -> PredictBatch:
         origin=request.origin,
         context=int(getattr(predictor, "context", 0) or 0),
         polar_note=polar_caption(prep.polar_overlap, getattr(prep, "polar_trace", False), getattr(prep, "polar_fold", 1),
-                                 getattr(prep, "polar_seam", "back"))
+                                 getattr(prep, "polar_seam", "back"), getattr(prep, "polar_midline", 1.0))
         if getattr(prep, "polar", False) else None,
     )
