@@ -323,9 +323,11 @@ def bench_case(case: Case, runtime: Runtime, *, steps: int, warmup: int, chunk: 
     return result
 
 
-def _trainer_step(config: TrainConfig, case: Case, runtime: Runtime, *, force_bf16: bool = False) -> Callable[[], None]:
+def _trainer_step(config: TrainConfig, case: Case, runtime: Runtime, *, force_bf16: bool = False,
+                  memory_format: torch.memory_format | None = None) -> Callable[[], None]:
     """One optimizer step of the trainer built from ``config`` on a fixed random batch, as a callable.
-    ``force_bf16`` turns bf16 autocast + channels_last on even where the trainer would keep float32."""
+    ``force_bf16`` turns bf16 autocast + channels_last on even where the trainer would keep float32;
+    ``memory_format`` sets the layout of the model and its inputs whatever the trainer would choose."""
     torch.manual_seed(config.seed)
     if config.stage == 2:  # Model2 on a fresh Model1 trunk (build_network would read a stage-1 run)
         net = stage2_network(build_network(config.replace(stage=1, head_warmup_epochs=0.0)), config)
@@ -336,6 +338,9 @@ def _trainer_step(config: TrainConfig, case: Case, runtime: Runtime, *, force_bf
     if force_bf16 and not settings.amp:
         settings = dataclasses.replace(settings, amp=True, channels_last=True)
         loop.net.to(memory_format=torch.channels_last)
+    if memory_format is not None:
+        settings = dataclasses.replace(settings, channels_last=memory_format == torch.channels_last)
+        loop.net.to(memory_format=memory_format)
     batch = next(iter(loop.loader))
     loop.net.stn.output_size = loop.input_size_at(1)  # an early epoch's size where early_input_size is set
 
@@ -376,6 +381,17 @@ def bench_cpu_precision(case: Case, runtime: Runtime, *, steps: int, warmup: int
         "bf16": _trainer_step(case.config.replace(cpu_bf16=True), case, runtime, force_bf16=True),
     }
     return {"native_bf16": cpu_has_native_bf16(), **_pair_rates(case, runtime, steps_by_name, steps=steps, warmup=warmup)}
+
+
+def bench_layout(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict[str, Any]:
+    """The trainer's optimizer step at the case's precision with the model and its inputs in NCHW and in
+    channels_last (NHWC), timed round-robin on the same batch in this run; the ratio is channels_last
+    over NCHW images/s. With ``cpu_bf16=false`` it measures float32, what a CPU without native bf16 runs."""
+    steps_by_name = {
+        "nchw": _trainer_step(case.config, case, runtime, memory_format=torch.contiguous_format),
+        "channels_last": _trainer_step(case.config, case, runtime, memory_format=torch.channels_last),
+    }
+    return _pair_rates(case, runtime, steps_by_name, steps=steps, warmup=warmup)
 
 
 def bench_optimizer(case: Case, runtime: Runtime, *, steps: int, warmup: int) -> dict[str, Any]:
@@ -550,6 +566,12 @@ def main(argv: list[str] | None = None) -> int:
         help="on CPU: time each case's step in float32 and with cpu_bf16, round-robin, and print the ratio",
     )
     parser.add_argument(
+        "--channels-last-ratio",
+        action="store_true",
+        help="time each case's step with the model and inputs in NCHW and in channels_last, round-robin, "
+        "at the precision the trainer uses here (--set cpu_bf16=false: float32), and print the ratio",
+    )
+    parser.add_argument(
         "--optimizer-ratio",
         action="store_true",
         help="time each case's step with torch's default and the fused AdamW, round-robin, and print the ratio",
@@ -632,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
             "| bf16 / float32 |", "| --- | ---: | --- | ---: | ---: | ---: |",
             lambda r, c: f"{'yes' if r['native_bf16'] else 'no (emulated)'} | {c['float32_img_s']:.2f} "
             f"| {c['bf16_img_s']:.2f}", runtime=runtime, clock=clock, steps=args.steps, warmup=args.warmup)
+    if args.channels_last_ratio:
+        report["layout"] = pair_table(
+            cases, bench_layout, "| backbone | px | NCHW img/s | channels_last img/s | channels_last / NCHW |",
+            "| --- | ---: | ---: | ---: | ---: |", lambda r, c: f"{c['nchw_img_s']:.2f} | {c['channels_last_img_s']:.2f}",
+            runtime=runtime, clock=clock, steps=args.steps, warmup=args.warmup)
     if args.optimizer_ratio:
         report["optimizer"] = pair_table(
             cases, bench_optimizer, "| backbone | px | default AdamW img/s | fused AdamW img/s | fused / default |",

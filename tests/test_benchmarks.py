@@ -129,14 +129,16 @@ def test_a_step_is_forward_plus_backward(bench_train, tmp_path, trunk, low, high
 
 
 def test_ratio_tables_time_both_variants_of_the_same_step(bench_train, tmp_path, capsys):
-    """--cpu-bf16-ratio, --optimizer-ratio and --head-warmup-ratio: each variant's rate is the batch
+    """--cpu-bf16-ratio, --channels-last-ratio, --optimizer-ratio and --head-warmup-ratio: each variant's rate is the batch
     over its own median time, and the ratio is the second variant's rate over the first's."""
     out = tmp_path / "train.json"
     argv = ["--backbones", "resnet18", "--px", "32", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-            "--threads", "1", "--cpu-bf16-ratio", "--optimizer-ratio", "--head-warmup-ratio", "--json", str(out)]
+            "--threads", "1", "--cpu-bf16-ratio", "--channels-last-ratio", "--optimizer-ratio", "--head-warmup-ratio",
+            "--json", str(out)]
     assert bench_train.main(argv) == 0
     report = json.loads(out.read_text())
-    pairs = {"cpu_precision": ("float32", "bf16"), "optimizer": ("default", "fused"), "head_warmup": ("trained", "held")}
+    pairs = {"cpu_precision": ("float32", "bf16"), "layout": ("nchw", "channels_last"), "optimizer": ("default", "fused"),
+             "head_warmup": ("trained", "held")}
     for key, (a, b) in pairs.items():
         (r,) = report[key]
         assert (r["backbone"], r["px"]) == ("resnet18", 32)
@@ -146,7 +148,7 @@ def test_ratio_tables_time_both_variants_of_the_same_step(bench_train, tmp_path,
             assert c[f"{b}_img_s"] == pytest.approx(2 / s[b][clock])
             assert c["ratio"] == pytest.approx(s[a][clock] / s[b][clock])
     printed = capsys.readouterr().out
-    assert "fused / default" in printed and "held / trained" in printed
+    assert "fused / default" in printed and "held / trained" in printed and "channels_last / NCHW" in printed
 
 
 def test_early_size_and_batch_tables_time_each_variant_at_its_own_pixels_and_images(bench_train, tmp_path, capsys):
