@@ -150,3 +150,25 @@ def test_a_bf16_runs_gallery_shows_its_validation_probabilities(monkeypatch, tmp
     assert len(shown) == 8
     # Equal to the last digit written (a float32 forward differs by about 5e-4 here).
     np.testing.assert_allclose(shown.to_numpy(float), validated.to_numpy(float), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_a_run_says_when_it_falls_back_to_float32(monkeypatch, tmp_path, caplog, native):
+    """Asked for cpu_bf16 on a CPU without native bf16, a run trains in float32, records so in run.json
+    and says so on the console and in its log (the quick recipe then takes several times as long)."""
+    from train_fixtures import tiny_config, write_tiny_set
+
+    from hemorrhage_core.runs import read_run
+    from training.trainer import fit
+
+    monkeypatch.setenv("HEMORRHAGE_CPU_BF16", native)
+    write_tiny_set(tmp_path / "data")
+    with caplog.at_level("WARNING", logger="training.trainer"):
+        run_dir = fit(tiny_config(tmp_path / "data", tmp_path / "runs", cpu_bf16=True, epochs=1))
+    run = read_run(run_dir)
+    said = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    logged = "no native bf16" in (run_dir / "train.log").read_text(encoding="utf-8")
+    if native == "0":
+        assert run.info["precision"] == "float32" and len(said) == 1 and logged
+    else:
+        assert run.info["precision"] == "bfloat16 autocast" and not said and not logged

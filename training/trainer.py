@@ -715,6 +715,13 @@ def _fit(config: TrainConfig, runtime: Runtime, *, on_start, resume: Path | None
                 epochs_planned=config.epochs, device=device_label(device), world_size=env.world_size,
             )
             writer.update(precision=loop.settings.precision)
+            if config.cpu_bf16 and device.type == "cpu" and not loop.settings.amp:
+                # Said on the console too: on such a CPU the quick recipe takes several times as long.
+                note = ("cpu_bf16 is on, but this CPU has no native bf16 (AVX512-BF16 or AMX): training runs in "
+                        "float32, as emulated bf16 would be about ten times slower; expect each step to take 2-5x "
+                        "as long as on a CPU with it (docs/benchmarks.md)")
+                log.warning(note)
+                writer.log(note)
             writer.write_split(split_roles(data))
             writer.log(
                 f"{config.backbone} stage {config.stage}: {len(train_set)} training and {len(val_set)} "
