@@ -149,6 +149,8 @@ def evaluation_metrics(frame: pd.DataFrame, thresholds: Mapping[str, Any], *, st
     out["auc_given_any"] = subtype_auc_given_any(y_true, y_prob)
     out["subtype_pairs"] = subtype_pair_auc(y_true, y_prob)
     out["along_z"] = along_z(frame)
+    # Each subtype's output too: does it peak on the slices of its own type within a series?
+    out["along_z_subtypes"] = {label: along_z(frame, label) for label in SUBTYPES}
     return out
 
 

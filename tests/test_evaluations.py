@@ -14,7 +14,7 @@ from hemorrhage_core import evaluations as ev
 from hemorrhage_core import metrics
 from hemorrhage_core.calibration import Calibration
 from hemorrhage_core.data import split_test
-from hemorrhage_core.labels import LABELS
+from hemorrhage_core.labels import LABELS, SUBTYPES
 
 
 def predictions(n_patients: int = 30, slices: int = 6, seed: int = 0, signal: float = 2.0) -> pd.DataFrame:
@@ -167,6 +167,15 @@ def test_along_z_asks_whether_each_series_peaks_on_its_bleed_slices():
     assert out["gap_mean"] == pytest.approx((0.6 + 0.3 - 0.45) / 3)
     full = ev.evaluation_metrics(pd.DataFrame(rows), ev.choose_thresholds(pd.DataFrame(rows)), stage=2)
     assert full["along_z"] == out
+    # each subtype's own output along z: here only subdural, on s1's slices 1 and 2, scored .7 against .2
+    frame = pd.DataFrame(rows)
+    frame.loc[frame["image_id"].isin(["s1-1", "s1-2"]), "true_subdural"] = 1
+    frame["prob_subdural"] = np.where(frame["image_id"].isin(["s1-1", "s1-2"]), 0.7, 0.2)
+    by_type = ev.evaluation_metrics(frame, ev.choose_thresholds(frame), stage=2)["along_z_subtypes"]
+    assert list(by_type) == list(SUBTYPES)
+    assert by_type["subdural"] == {"label": "subdural", "n_series": 1, "rising": 1, "separated": 1,
+                                   "auc_mean": 1.0, "gap_mean": pytest.approx(0.5)}
+    assert all(by_type[label]["n_series"] == 0 for label in SUBTYPES if label != "subdural")
     empty = ev.along_z(pd.DataFrame(rows[-4:]))  # s4 and s5 only
     assert empty == {"label": "any", "n_series": 0, "rising": 0, "separated": 0, "auc_mean": None, "gap_mean": None}
 

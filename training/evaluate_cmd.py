@@ -89,6 +89,9 @@ def _print_report(result: dict[str, Any], stream) -> None:
     line = along_z_line(result["along_z"])
     if line:
         print(f"\n{line}", file=stream)
+    line = along_z_subtypes_line(result.get("along_z_subtypes") or {})
+    if line:
+        print(line, file=stream)
     cal = result.get("calibration") or {}
     if cal.get("applied"):
         before, after = cal["before"], cal["after"]
@@ -114,6 +117,17 @@ def along_z_line(z: dict[str, Any]) -> str | None:
     return (f"along z ({z['label']}): {z['rising']} of {z['n_series']} series with and without blood rise on "
             f"their bleed slices, {z['separated']} separate them; mean within-series AUC {fmt(z['auc_mean'])}, "
             f"mean gap {fmt(z['gap_mean'])} (bleed slices' mean {z['label']} minus the others')")
+
+
+def along_z_subtypes_line(by_label: dict[str, dict[str, Any]]) -> str | None:
+    """Each subtype's along-z summary (``evaluations.along_z`` of its own output and slices) in one line;
+    None when no series holds slices both with and without any subtype."""
+    cells = [f"{label} {z['rising']} of {z['n_series']} (AUC {fmt(z['auc_mean'], 3)})"
+             for label, z in by_label.items() if z["n_series"]]
+    if not cells:
+        return None
+    return "along z by subtype, series whose own type's slices score higher (mean within-series AUC): " + \
+        ", ".join(cells)
 
 
 def _print_pairs(pairs: dict[str, dict[str, float | None]], stream) -> None:
