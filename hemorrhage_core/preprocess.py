@@ -259,22 +259,25 @@ def _midline_table(midline: float) -> tuple[np.ndarray, np.ndarray]:
     return angle, column / column[-1]
 
 
-def _midline_columns(turns: np.ndarray, midline: float) -> np.ndarray:
-    """Angle (turns from the seam) -> column (share of a turn's columns from the seam), any number of turns."""
+def _midline_map(values: np.ndarray, midline: float, to_columns: bool) -> np.ndarray:
+    """Angle (turns from the seam) -> column (share of a turn's columns from the seam) with ``to_columns``,
+    else the inverse; any number of turns (the map repeats each turn). Unchanged at ``midline`` 1."""
     if midline == 1.0:
-        return turns
+        return values
     angle, column = _midline_table(float(midline))
-    whole = np.floor(turns)
-    return whole + np.interp(turns - whole, angle, column)
+    source, target = (angle, column) if to_columns else (column, angle)
+    whole = np.floor(values)
+    return whole + np.interp(values - whole, source, target)
+
+
+def _midline_columns(turns: np.ndarray, midline: float) -> np.ndarray:
+    """Angle in turns from the seam -> share of a turn's columns (``_midline_map``)."""
+    return _midline_map(turns, midline, to_columns=True)
 
 
 def _midline_angles(columns: np.ndarray, midline: float) -> np.ndarray:
-    """The inverse of ``_midline_columns``: column share -> angle in turns from the seam."""
-    if midline == 1.0:
-        return columns
-    angle, column = _midline_table(float(midline))
-    whole = np.floor(columns)
-    return whole + np.interp(columns - whole, column, angle)
+    """The inverse of ``_midline_columns``: share of a turn's columns -> angle in turns from the seam."""
+    return _midline_map(columns, midline, to_columns=False)
 
 
 def polar_grid(

@@ -294,6 +294,26 @@ def test_a_folded_polar_image_holds_the_turn_in_two_panels_and_maps_back():
     assert SlicePrep.from_dict({k: v for k, v in plain.to_dict().items() if k != "polar_fold"}) == plain
 
 
+def _assert_round_trip_as_sharp(prep: SlicePrep, reference: SlicePrep, hu: np.ndarray) -> None:
+    """Through ``prep``'s polar input and back the slice lands on its blood (correlation with the windowed
+    slice > 0.9), with the blood's contrast within 0.03 of ``reference``'s round trip."""
+    def through(p: SlicePrep) -> np.ndarray:
+        return p.geometry(hu.shape, find_skull_ring(hu)).to_slice(p(hu)[0] / 255.0)
+
+    def contrast(values: np.ndarray) -> float:
+        return float(values[np.abs(hu - 75.0) < 1.0].mean() - values[np.abs(hu - 35.0) < 1.0].mean())
+
+    back = through(prep)
+    windowed, inside = np.clip(hu / 80.0, 0.0, 1.0), back > 0
+    assert float(np.corrcoef(back[inside], windowed[inside])[0, 1]) > 0.9
+    assert contrast(back) > 0.25 and abs(contrast(back) - contrast(through(reference))) < 0.03
+
+
+def _flip_mismatch(prep: SlicePrep, hu: np.ndarray) -> int:
+    """The largest grey-level difference between the input of the mirrored slice and the input flipped."""
+    return int(np.abs(prep(np.fliplr(hu).copy()).astype(int) - prep(hu)[:, :, ::-1].astype(int)).max())
+
+
 def test_a_polar_seam_at_the_front_turns_the_frame_by_half_a_turn_and_maps_back():
     hu = _head(256, (128.0, 128.0), 60.0)
     back_lens = _lens(hu, (128.0, 128.0), 60.0, np.pi / 2)  # blood at the back of the head
@@ -315,23 +335,11 @@ def test_a_polar_seam_at_the_front_turns_the_frame_by_half_a_turn_and_maps_back(
     for (a, b), turn in zip(runs, (0.0, 1.0), strict=True):
         assert abs((a + b) / 2 - ((turn + 0.125) / 1.25 * SIZE - 0.5)) <= 1.5
     # the round trip reads the middle turn and lands on the blood
-    geometry = front.geometry(back_lens.shape, find_skull_ring(back_lens))
-    assert geometry.polar_seam == "front"
-    back = geometry.to_slice(front(back_lens)[0] / 255.0)
-    windowed, inside = np.clip(back_lens / 80.0, 0.0, 1.0), back > 0
-    assert float(np.corrcoef(back[inside], windowed[inside])[0, 1]) > 0.9
-    # as sharp as the back seam's own round trip, which reads the same blood near the image's edges
-    seen = plain.geometry(back_lens.shape, find_skull_ring(back_lens)).to_slice(plain(back_lens)[0] / 255.0)
-
-    def contrast(values: np.ndarray) -> float:
-        return float(values[np.abs(back_lens - 75.0) < 1.0].mean() - values[np.abs(back_lens - 35.0) < 1.0].mean())
-
-    assert contrast(back) > 0.25 and abs(contrast(back) - contrast(seen)) < 0.03
+    assert front.geometry(back_lens.shape, find_skull_ring(back_lens)).polar_seam == "front"
+    _assert_round_trip_as_sharp(front, plain, back_lens)  # as the back seam's, which reads it near the edges
     # the training flip (columns reversed) is still the head mirrored left to right
     whole = SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_overlap=0.125, polar_seam="front")
-    side_lens = _lens(hu, (128.0, 128.0), 60.0, np.pi * 0.8)
-    flipped, mirrored = whole(np.fliplr(side_lens).copy()).astype(int), whole(side_lens)[:, :, ::-1].astype(int)
-    assert int(np.abs(flipped - mirrored).max()) <= 1
+    assert _flip_mismatch(whole, _lens(hu, (128.0, 128.0), 60.0, np.pi * 0.8)) <= 1
     for bad in ("left", "Front", None, 1):
         with pytest.raises(ValueError, match="polar_seam"):
             SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_seam=bad)
@@ -379,22 +387,11 @@ def test_polar_midline_spreads_the_midline_over_more_columns_and_maps_back():
     dense = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_overlap=0.125, polar_midline=1.5)
     even = SlicePrep(SIZE, DEFAULT_STACK, head_crop=True, polar=True, polar_overlap=0.125)
     assert dense.key() == even.key() + "-mid1.5"
-    geometry = dense.geometry(lens.shape, find_skull_ring(lens))
-    assert geometry.polar_midline == 1.5
-    back = geometry.to_slice(dense(lens)[0] / 255.0)
-    windowed, inside = np.clip(lens / 80.0, 0.0, 1.0), back > 0
-    assert float(np.corrcoef(back[inside], windowed[inside])[0, 1]) > 0.9
-    seen = even.geometry(lens.shape, find_skull_ring(lens)).to_slice(even(lens)[0] / 255.0)
-
-    def contrast(values: np.ndarray) -> float:
-        return float(values[np.abs(lens - 75.0) < 1.0].mean() - values[np.abs(lens - 35.0) < 1.0].mean())
-
-    assert contrast(back) > 0.25 and abs(contrast(back) - contrast(seen)) < 0.03
+    assert dense.geometry(lens.shape, find_skull_ring(lens)).polar_midline == 1.5
+    _assert_round_trip_as_sharp(dense, even, lens)
     # the spacing is the same on both sides of the midline, so the training flip is still the mirrored head
     whole = SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_overlap=0.125, polar_midline=1.5)
-    side_lens = _lens(hu, centre, 60.0, np.pi * 0.8)
-    flipped, mirrored = whole(np.fliplr(side_lens).copy()).astype(int), whole(side_lens)[:, :, ::-1].astype(int)
-    assert int(np.abs(flipped - mirrored).max()) <= 1
+    assert _flip_mismatch(whole, _lens(hu, centre, 60.0, np.pi * 0.8)) <= 1
     for bad in (0.9, 2.6, float("nan"), True, "1.5", None):
         with pytest.raises(ValueError, match="polar_midline"):
             SlicePrep(SIZE, DEFAULT_STACK, polar=True, polar_midline=bad)
